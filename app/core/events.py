@@ -1,0 +1,125 @@
+"""Job vocabulary and progress events.
+
+Every state change of a job is written to the ``jobs`` table first (which
+assigns the next per-job ``seq``) and then published to Redis by
+:func:`publish_event`:
+
+* ``XADD sluice:job:{id}:events`` -- a capped per-job history (last
+  :data:`STREAM_MAXLEN` events) that WebSocket servers replay to resuming
+  clients; entries hold the encoded event under the field ``e``;
+* ``PUBLISH sluice:job:{id}`` -- live fan-out to every WebSocket server;
+* ``PUBLISH sluice:user:{owner}`` -- terminal events only, for ``/notifications``.
+
+The table is the source of truth: Redis pub/sub is at-most-once, so a reader
+that must not miss anything subscribes first, then reads the stream (or the
+table snapshot) and merges by ``seq``.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+STREAM_MAXLEN = 1000
+STREAM_TTL_SECONDS = 7 * 24 * 3600
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class JobStatus(StrEnum):
+    AWAITING_UPLOAD = "awaiting_upload"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Stage(StrEnum):
+    UPLOAD = "upload"
+    VALIDATE = "validate"
+    EXTRACT = "extract"
+    CHUNK = "chunk"
+    EMBED = "embed"
+    INDEX = "index"
+
+
+class ProgressEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One job state change; the ``data`` of a WebSocket ``job_progress`` message."""
+
+    job_id: str
+    seq: int
+    status: str
+    stage: str | None
+    stage_progress: float
+    overall_progress: float
+    message: str
+    ts: float
+    """Unix time (seconds) when the state change was recorded."""
+    owner_id: str = ""
+    document_id: str = ""
+    error_code: str | None = None
+    error_message: str | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(ProgressEvent).decode
+
+
+def encode_event(event: ProgressEvent) -> bytes:
+    return _encode(event)
+
+
+def decode_event(data: bytes | str) -> ProgressEvent:
+    return _decode(data)
+
+
+def stream_key(job_id: str) -> str:
+    return f"sluice:job:{job_id}:events"
+
+
+def job_channel(job_id: str) -> str:
+    return f"sluice:job:{job_id}"
+
+
+def user_channel(owner_id: str) -> str:
+    return f"sluice:user:{owner_id}"
+
+
+async def publish_event(redis: Redis, event: ProgressEvent) -> None:
+    """Append ``event`` to its job's capped stream and fan it out (one round trip)."""
+    payload = _encode(event)
+    key = stream_key(event.job_id)
+    pipe = redis.pipeline(transaction=True)
+    pipe.xadd(key, {"e": payload}, maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, STREAM_TTL_SECONDS)
+    pipe.publish(job_channel(event.job_id), payload)
+    if event.terminal and event.owner_id:
+        pipe.publish(user_channel(event.owner_id), payload)
+    await pipe.execute()
+
+
+def now() -> float:
+    return time.time()

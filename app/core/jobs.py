@@ -1,0 +1,169 @@
+"""Recording job state changes: the jobs table first, then Redis.
+
+:func:`record_progress` is the one way any process (gateway, worker, WebSocket
+server) changes a job's visible state.  It bumps the job's ``seq`` in the same
+``UPDATE`` that writes the new state, so sequence numbers only grow and agree
+with the table, then publishes the event with :func:`~app.core.events.publish_event`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from app.core.errors import Conflict, NotFound
+from app.core.events import TERMINAL_STATUSES, JobStatus, ProgressEvent, publish_event
+from app.core.logging import get_logger
+
+log = get_logger(__name__)
+
+_RETURNING = """
+    id::text AS job_id, seq, status, stage, stage_progress, overall_progress, message,
+    extract(epoch FROM updated_at)::float8 AS ts, owner_id, document_id::text AS document_id,
+    error_code, error_message
+"""
+
+
+def event_from_row(row: asyncpg.Record, details: dict[str, Any] | None = None) -> ProgressEvent:
+    """Build the event (or snapshot) for a row selected with the job columns above."""
+    return ProgressEvent(
+        job_id=row["job_id"],
+        seq=row["seq"],
+        status=row["status"],
+        stage=row["stage"],
+        stage_progress=round(float(row["stage_progress"]), 4),
+        overall_progress=round(float(row["overall_progress"]), 4),
+        message=row["message"],
+        ts=row["ts"],
+        owner_id=row["owner_id"],
+        document_id=row["document_id"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        details=details or {},
+    )
+
+
+async def job_snapshot(db: asyncpg.Pool | asyncpg.Connection, job_id: str) -> ProgressEvent | None:
+    """The job's current state as an event (not published), or None if unknown."""
+    row = await db.fetchrow(f"SELECT {_RETURNING} FROM jobs WHERE id = $1::uuid", job_id)
+    return event_from_row(row) if row is not None else None
+
+
+async def record_progress(
+    db: asyncpg.Pool | asyncpg.Connection,
+    redis: Redis | None,
+    job_id: str,
+    *,
+    status: JobStatus | str | None = None,
+    stage: str | None = None,
+    stage_progress: float | None = None,
+    overall_progress: float | None = None,
+    message: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    details: dict[str, Any] | None = None,
+    only_if_status: Collection[str] | None = None,
+) -> ProgressEvent | None:
+    """Write a state change and publish it.
+
+    Fields left as ``None`` keep their current value.  With ``only_if_status``
+    the change applies only while the job is in one of those statuses (so a
+    late progress report cannot resurrect a cancelled job); None is returned
+    when nothing was changed.  ``redis=None`` records without publishing.
+    A failed publish is logged, not raised: the table stays the truth and
+    resuming subscribers fall back to its snapshot.
+    """
+    terminal = status is not None and status in TERMINAL_STATUSES
+    row = await db.fetchrow(
+        f"""
+        UPDATE jobs SET
+            status = COALESCE($2, status),
+            stage = COALESCE($3, stage),
+            stage_progress = COALESCE($4, stage_progress),
+            overall_progress = COALESCE($5, overall_progress),
+            message = COALESCE($6, message),
+            error_code = COALESCE($7, error_code),
+            error_message = COALESCE($8, error_message),
+            started_at = CASE WHEN $2 = 'running' THEN COALESCE(started_at, now())
+                              ELSE started_at END,
+            queued_at = CASE WHEN $2 = 'queued' THEN COALESCE(queued_at, now()) ELSE queued_at END,
+            finished_at = CASE WHEN $9 THEN now() ELSE finished_at END,
+            seq = seq + 1,
+            updated_at = clock_timestamp()
+        WHERE id = $1::uuid AND ($10::text[] IS NULL OR status = ANY($10::text[]))
+        RETURNING {_RETURNING}
+        """,
+        job_id,
+        None if status is None else str(status),
+        stage,
+        stage_progress,
+        overall_progress,
+        message,
+        error_code,
+        error_message,
+        terminal,
+        None if only_if_status is None else [str(s) for s in only_if_status],
+    )
+    if row is None:
+        return None
+    event = event_from_row(row, details)
+    if redis is not None:
+        try:
+            await publish_event(redis, event)
+        except Exception:  # the table already holds the truth
+            log.warning("event_publish_failed", job_id=job_id, seq=event.seq, exc_info=True)
+    return event
+
+
+async def request_cancel(
+    db: asyncpg.Pool, redis: Redis | None, job_id: str, owner_id: str
+) -> ProgressEvent:
+    """Cancel a job on behalf of its owner; the one cancel path for every front end.
+
+    A job that has not started (``awaiting_upload``, ``queued``, ``retrying``)
+    ends ``cancelled`` at once; a ``running`` one gets ``cancel_requested`` and
+    its worker ends it at the next stage or batch boundary.  Cancelling an
+    already-cancelled job returns its state again (idempotent); a completed or
+    failed job is a :class:`Conflict`.  Unknown and foreign jobs are both
+    :class:`NotFound`.
+    """
+    try:
+        job_uuid = uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound("job not found", code="job_not_found") from None
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT status FROM jobs WHERE id = $1 AND owner_id = $2 FOR UPDATE",
+            job_uuid, owner_id,
+        )
+        if row is None:
+            raise NotFound("job not found", code="job_not_found")
+        status = row["status"]
+        if status == JobStatus.CANCELLED:
+            snapshot = await job_snapshot(conn, job_id)
+            assert snapshot is not None
+            return snapshot
+        if status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            raise Conflict(f"job already {status}", code="job_finished",
+                           details={"status": status})
+        await conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = $1", job_uuid)
+        if status == JobStatus.RUNNING:
+            event = await record_progress(conn, None, job_id, message="cancellation requested")
+        else:
+            event = await record_progress(conn, None, job_id, status=JobStatus.CANCELLED,
+                                          message="cancelled before processing started")
+            await conn.execute(
+                "UPDATE documents SET status = 'cancelled', updated_at = now() "
+                "WHERE id = (SELECT document_id FROM jobs WHERE id = $1)", job_uuid,
+            )
+    assert event is not None
+    if redis is not None:  # publish after commit, so readers of the table agree
+        try:
+            await publish_event(redis, event)
+        except Exception:
+            log.warning("event_publish_failed", job_id=job_id, seq=event.seq, exc_info=True)
+    return event

@@ -1,0 +1,86 @@
+"""The Starlette application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Route
+
+from app.core.auth import TokenService
+from app.core.logging import get_logger
+from app.core.settings import Settings
+from app.core.storage import ensure_bucket
+from app.gateway import health
+from app.gateway.middleware import (
+    AuthMiddleware,
+    HttpMetrics,
+    RequestContextMiddleware,
+    exception_handlers,
+)
+from app.gateway.openapi import build_openapi, docs, openapi_endpoint
+from app.gateway.services import Services, open_services
+
+log = get_logger("sluice.gateway")
+VERSION = "0.1.0"
+EXPOSED_HEADERS = [
+    "X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+    "X-RateLimit-Reset", "ETag",
+]
+
+
+def api_routes() -> list[BaseRoute]:
+    """Every documented route of the gateway, in one place."""
+    return [*health.routes()]
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> Starlette:
+    """Build the gateway.
+
+    With ``services`` given (tests), the caller owns them; otherwise they are
+    opened from ``settings`` in the app's lifespan and closed at shutdown.
+    """
+    registry = services.registry if services is not None else CollectorRegistry()
+    tokens = services.tokens if services is not None else TokenService(settings.jwt_secret)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if services is not None:
+            app.state.services = services
+            yield
+            return
+        async with open_services(settings, registry=registry) as svc:
+            await ensure_bucket(svc.s3, settings.minio_bucket_name)
+            app.state.services = svc
+            log.info("gateway_started")
+            yield
+        log.info("gateway_stopped")
+
+    routes = api_routes()
+    spec = build_openapi(routes, title="Sluice", version=VERSION)
+    routes += [
+        Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
+        Route("/docs", docs, methods=["GET"], include_in_schema=False),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=exception_handlers(),
+        middleware=[
+            Middleware(RequestContextMiddleware, metrics=HttpMetrics(registry)),
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Content-MD5", "X-Chunk-Hash",
+                               "X-Request-ID"],
+                expose_headers=EXPOSED_HEADERS,
+                max_age=600,
+            ),
+            Middleware(AuthMiddleware, tokens=tokens),
+        ],
+    )

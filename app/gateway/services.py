@@ -1,0 +1,67 @@
+"""The gateway's collaborators, built once per process and passed to handlers.
+
+:func:`open_services` builds them from :class:`~app.core.settings.Settings`
+(the pool, the Redis client, the S3 clients, the token service...) and closes
+them on exit.  Tests build the same object against the embedded stack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import asyncpg
+from arq.connections import ArqRedis
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+
+from app.core.auth import TokenService
+from app.core.db import create_pool
+from app.core.queue import JobQueue, connect_redis
+from app.core.settings import Settings
+from app.core.storage import S3Client, open_s3
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: asyncpg.Pool
+    redis: ArqRedis
+    s3: S3Client
+    s3_public: S3Client
+    """Signs presigned URLs with the endpoint clients can reach."""
+    tokens: TokenService
+    queue: JobQueue
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    clock: Callable[[], float] = time.time
+
+
+@asynccontextmanager
+async def open_services(
+    settings: Settings, *, registry: CollectorRegistry | None = None
+) -> AsyncIterator[Services]:
+    async with AsyncExitStack() as stack:
+        db = await create_pool(settings.database_url, max_size=settings.database_pool_size)
+        stack.push_async_callback(db.close)
+        redis = await connect_redis(settings.redis_url)
+        stack.push_async_callback(redis.aclose)
+        s3 = await stack.enter_async_context(open_s3(settings))
+        s3_public = await stack.enter_async_context(open_s3(settings, public=True))
+        yield Services(
+            settings=settings,
+            db=db,
+            redis=redis,
+            s3=s3,
+            s3_public=s3_public,
+            tokens=TokenService(settings.jwt_secret),
+            queue=JobQueue(redis),
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+
+
+def services(request: Request) -> Services:
+    svc = request.app.state.services
+    assert isinstance(svc, Services)
+    return svc

@@ -1,0 +1,95 @@
+"""Foundation behaviour of the gateway: auth, the error shape, health, OpenAPI."""
+
+from __future__ import annotations
+
+import httpx
+
+from app.core.auth import TokenService
+from tests.conftest import JWT_SECRET
+
+
+async def test_health_is_live_without_auth(client: httpx.AsyncClient) -> None:
+    r = await client.get("/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+async def test_ready_reports_each_dependency(client: httpx.AsyncClient) -> None:
+    r = await client.get("/health/ready")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"postgres", "redis", "s3"}
+    for check in body["checks"].values():
+        assert check["status"] == "ok"
+        assert check["latency_ms"] >= 0
+
+
+async def test_api_requires_a_token(client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/v1/me")
+    assert r.status_code == 401
+    body = r.json()
+    assert body["error"] == "missing_token"
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_valid_token_identifies_the_caller(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], user: str
+) -> None:
+    r = await client.get("/api/v1/me", headers=auth_headers)
+    assert r.status_code == 200
+    assert r.json()["user_id"] == user
+
+
+async def test_bad_tokens_are_401_with_a_reason(client: httpx.AsyncClient) -> None:
+    expired = TokenService(JWT_SECRET, clock=lambda: 1_000_000).mint("u", ttl_seconds=60)
+    forged = TokenService("another-secret-that-is-32-chars-long!").mint("u")
+    cases = {
+        "Bearer " + expired: "token_expired",
+        "Bearer " + forged: "invalid_token",
+        "Bearer not.a.jwt": "invalid_token",
+        "Basic dXNlcjpwYXNz": "invalid_token",
+    }
+    for header, code in cases.items():
+        r = await client.get("/api/v1/me", headers={"Authorization": header})
+        assert r.status_code == 401, header
+        assert r.json()["error"] == code, header
+
+
+async def test_unknown_route_uses_the_error_shape(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    r = await client.get("/api/v1/nope", headers=auth_headers)
+    assert r.status_code == 404
+    assert set(r.json()) == {"error", "message", "details", "request_id"}
+    assert r.json()["error"] == "not_found"
+
+
+async def test_client_request_id_is_echoed(client: httpx.AsyncClient) -> None:
+    r = await client.get("/health", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = await client.get("/health", headers={"X-Request-ID": "bad id\nwith newline"})
+    assert r.headers["x-request-id"] != "bad id\nwith newline"
+
+
+async def test_openapi_describes_routes_from_schemas(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.")
+    me = spec["paths"]["/api/v1/me"]["get"]
+    assert me["security"] == [{"bearer": []}]
+    assert "401" in me["responses"]
+    ref = me["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]["required"] == [
+        "user_id", "token_expires_at"
+    ]
+    assert "ErrorBody" in spec["components"]["schemas"]
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
+    await client.get("/health")
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert "sluice_http_requests_total" in r.text
