@@ -97,14 +97,14 @@ def cmd_gateway(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def cmd_ws(_args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from app.ws.server import run
 
-    return run(load_settings(environ))
+    return int(run(load_settings(environ)))
 
 
 def cmd_upload(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from app.client import run_upload_cli
 
     configure_logging("WARNING", "console")
-    return asyncio.run(run_upload_cli(args, environ))
+    return int(asyncio.run(run_upload_cli(args, environ)))
 
 
 def cmd_bench(args: argparse.Namespace, _environ: Mapping[str, str]) -> int:
@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=["low", "normal", "high", "critical"], default="normal")
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--follow", action="store_true", help="stream the job's progress until it ends")
-    p.add_argument("--url", default=None, help="gateway URL (default: SLUICE_URL or localhost:8000)")
+    p.add_argument(
+        "--url", default=None, help="gateway URL (default: SLUICE_URL or localhost:8000)"
+    )
     p.add_argument("--ws-url", default=None, help="WebSocket URL (default: SLUICE_WS_URL)")
     p.add_argument("--token", default=None, help="bearer token (default: SLUICE_TOKEN)")
     p.add_argument("--state-dir", default=str(DEFAULT_DATA_DIR / "uploads"))

@@ -77,9 +77,11 @@ async def services(migrated: Settings) -> AsyncIterator[Services]:
 async def client(services: Services) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(services.settings, services=services)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
-            yield c
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as c,
+    ):
+        yield c
 
 
 @pytest.fixture(scope="session")

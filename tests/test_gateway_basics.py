@@ -81,7 +81,8 @@ async def test_openapi_describes_routes_from_schemas(client: httpx.AsyncClient) 
     assert "401" in me["responses"]
     ref = me["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]["required"] == [
-        "user_id", "token_expires_at"
+        "user_id",
+        "token_expires_at",
     ]
     assert "ErrorBody" in spec["components"]["schemas"]
     docs = await client.get("/docs")

@@ -52,7 +52,9 @@ class TokenService:
         except jwt.InvalidIssuerError:
             raise Unauthorized("token was not issued by Sluice", code="invalid_token") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise Unauthorized(f"token lacks the {exc.claim!r} claim", code="invalid_token") from None
+            raise Unauthorized(
+                f"token lacks the {exc.claim!r} claim", code="invalid_token"
+            ) from None
         except jwt.InvalidSignatureError:
             raise Unauthorized("token signature is invalid", code="invalid_token") from None
         except jwt.PyJWTError:
@@ -75,5 +77,7 @@ class TokenService:
             )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("authorization header must be 'Bearer <token>'", code="invalid_token")
+            raise Unauthorized(
+                "authorization header must be 'Bearer <token>'", code="invalid_token"
+            )
         return self.verify(token.strip())

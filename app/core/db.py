@@ -18,12 +18,16 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from app.core.errors import ConfigError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _MIGRATION_LOCK_ID = 0x5_1_0_1_C_E  # any constant shared by every runner
 _NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+Queryable = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
+"""Anything with fetch/fetchrow/execute: a pool, a connection, or a pooled one."""
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -64,7 +68,9 @@ class Migration:
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Read ``NNNN_name.sql`` files in version order; reject gaps and duplicates."""
+    """Read ``NNNN_name.sql`` files in version order; reject duplicate versions."""
+    if not directory.is_dir():
+        raise ConfigError(f"migrations directory {directory} does not exist")
     found: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
         match = _NAME_RE.match(path.name)
@@ -72,8 +78,10 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
             raise ConfigError(f"migration file {path.name!r} is not named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise ConfigError(f"migration versions must run 1..N without gaps, got {versions}")
+    if not found:
+        raise ConfigError(f"no migrations found in {directory}")
+    if len(set(versions)) != len(versions):
+        raise ConfigError(f"two migration files share a version: {versions}")
     return found
 
 

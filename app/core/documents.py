@@ -10,8 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import asyncpg
-
+from app.core.db import Queryable
 from app.core.events import JobStatus, Priority
 
 DOCUMENT_TYPES = ("pdf", "txt", "md", "csv", "json", "html")
@@ -23,7 +22,7 @@ def object_key_for(document_id: str) -> str:
 
 
 async def create_document(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Queryable,
     *,
     owner_id: str,
     filename: str,
@@ -42,14 +41,22 @@ async def create_document(
                                checksum_sha256, object_key, status, processing_options)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
         """,
-        uuid.UUID(doc_id), owner_id, filename, content_type, document_type, size_bytes,
-        checksum_sha256, object_key_for(doc_id), status, processing_options or {},
+        uuid.UUID(doc_id),
+        owner_id,
+        filename,
+        content_type,
+        document_type,
+        size_bytes,
+        checksum_sha256,
+        object_key_for(doc_id),
+        status,
+        processing_options or {},
     )
     return doc_id
 
 
 async def create_job(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Queryable,
     *,
     owner_id: str,
     document_id: str,
@@ -64,7 +71,11 @@ async def create_job(
         INSERT INTO jobs (id, owner_id, document_id, priority, status, stage, message, queued_at)
         VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $5 = 'queued' THEN now() END)
         """,
-        uuid.UUID(new_id), owner_id, uuid.UUID(document_id), str(priority), str(status),
+        uuid.UUID(new_id),
+        owner_id,
+        uuid.UUID(document_id),
+        str(priority),
+        str(status),
         "upload" if status == JobStatus.AWAITING_UPLOAD else None,
         "waiting for upload" if status == JobStatus.AWAITING_UPLOAD else "queued",
     )

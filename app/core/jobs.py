@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from app.core.db import Queryable
 from app.core.errors import Conflict, NotFound
 from app.core.events import TERMINAL_STATUSES, JobStatus, ProgressEvent, publish_event
 from app.core.logging import get_logger
@@ -47,14 +48,14 @@ def event_from_row(row: asyncpg.Record, details: dict[str, Any] | None = None) -
     )
 
 
-async def job_snapshot(db: asyncpg.Pool | asyncpg.Connection, job_id: str) -> ProgressEvent | None:
+async def job_snapshot(db: Queryable, job_id: str) -> ProgressEvent | None:
     """The job's current state as an event (not published), or None if unknown."""
     row = await db.fetchrow(f"SELECT {_RETURNING} FROM jobs WHERE id = $1::uuid", job_id)
     return event_from_row(row) if row is not None else None
 
 
 async def record_progress(
-    db: asyncpg.Pool | asyncpg.Connection,
+    db: Queryable,
     redis: Redis | None,
     job_id: str,
     *,
@@ -138,7 +139,8 @@ async def request_cancel(
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "SELECT status FROM jobs WHERE id = $1 AND owner_id = $2 FOR UPDATE",
-            job_uuid, owner_id,
+            job_uuid,
+            owner_id,
         )
         if row is None:
             raise NotFound("job not found", code="job_not_found")
@@ -148,17 +150,22 @@ async def request_cancel(
             assert snapshot is not None
             return snapshot
         if status in (JobStatus.COMPLETED, JobStatus.FAILED):
-            raise Conflict(f"job already {status}", code="job_finished",
-                           details={"status": status})
+            raise Conflict(f"job already {status}", code="job_finished", details={"status": status})
         await conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = $1", job_uuid)
         if status == JobStatus.RUNNING:
             event = await record_progress(conn, None, job_id, message="cancellation requested")
         else:
-            event = await record_progress(conn, None, job_id, status=JobStatus.CANCELLED,
-                                          message="cancelled before processing started")
+            event = await record_progress(
+                conn,
+                None,
+                job_id,
+                status=JobStatus.CANCELLED,
+                message="cancelled before processing started",
+            )
             await conn.execute(
                 "UPDATE documents SET status = 'cancelled', updated_at = now() "
-                "WHERE id = (SELECT document_id FROM jobs WHERE id = $1)", job_uuid,
+                "WHERE id = (SELECT document_id FROM jobs WHERE id = $1)",
+                job_uuid,
             )
     assert event is not None
     if redis is not None:  # publish after commit, so readers of the table agree

@@ -84,5 +84,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         stamp, item_id = raw.split("|", 1)
         return datetime.fromisoformat(stamp), item_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadRequest("cursor is not valid", code="invalid_cursor",
-                         details={"field": "cursor"}) from None
+        raise BadRequest(
+            "cursor is not valid", code="invalid_cursor", details={"field": "cursor"}
+        ) from None

@@ -28,8 +28,12 @@ from app.gateway.services import Services, open_services
 log = get_logger("sluice.gateway")
 VERSION = "0.1.0"
 EXPOSED_HEADERS = [
-    "X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
-    "X-RateLimit-Reset", "ETag",
+    "X-Request-ID",
+    "Retry-After",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "ETag",
 ]
 
 
@@ -50,7 +54,6 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if services is not None:
-            app.state.services = services
             yield
             return
         async with open_services(settings, registry=registry) as svc:
@@ -66,7 +69,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
         Route("/docs", docs, methods=["GET"], include_in_schema=False),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=exception_handlers(),
@@ -76,11 +79,19 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type", "Content-MD5", "X-Chunk-Hash",
-                               "X-Request-ID"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "Content-MD5",
+                    "X-Chunk-Hash",
+                    "X-Request-ID",
+                ],
                 expose_headers=EXPOSED_HEADERS,
                 max_age=600,
             ),
             Middleware(AuthMiddleware, tokens=tokens),
         ],
     )
+    if services is not None:
+        app.state.services = services
+    return app

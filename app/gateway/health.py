@@ -33,7 +33,9 @@ async def _timed(check: Callable[[], Awaitable[Any]]) -> DependencyHealth:
         elapsed = (time.perf_counter() - started) * 1000
         reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
         return DependencyHealth(status="down", latency_ms=round(elapsed, 2), error=reason)
-    return DependencyHealth(status="ok", latency_ms=round((time.perf_counter() - started) * 1000, 2))
+    return DependencyHealth(
+        status="ok", latency_ms=round((time.perf_counter() - started) * 1000, 2)
+    )
 
 
 async def liveness(_request: Request) -> Response:
@@ -50,8 +52,9 @@ async def readiness(request: Request) -> Response:
     )
     checks = dict(zip(names, results, strict=True))
     ok = all(c.status == "ok" for c in results)
-    return json_response(Readiness(status="ok" if ok else "degraded", checks=checks),
-                         200 if ok else 503)
+    return json_response(
+        Readiness(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -60,19 +63,49 @@ async def metrics(request: Request) -> Response:
 
 async def whoami(request: Request) -> Response:
     ident = identity(request)
-    return json_response(WhoAmI(user_id=ident.user_id,
-                                token_expires_at=datetime.fromtimestamp(ident.expires_at, UTC)))
+    return json_response(
+        WhoAmI(
+            user_id=ident.user_id, token_expires_at=datetime.fromtimestamp(ident.expires_at, UTC)
+        )
+    )
 
 
 def routes() -> list[ApiRoute]:
     return [
-        ApiRoute("/health", liveness, methods=["GET"], summary="Liveness", response=Liveness,
-                 auth=False, tags=["health"]),
-        ApiRoute("/health/ready", readiness, methods=["GET"], response=Readiness, errors=[503],
-                 summary="Readiness: Postgres, Redis and S3 with latencies", auth=False,
-                 tags=["health"]),
-        ApiRoute("/metrics", metrics, methods=["GET"], summary="Prometheus metrics", auth=False,
-                 tags=["health"], response_media_type="text/plain"),
-        ApiRoute("/api/v1/me", whoami, methods=["GET"], summary="The authenticated caller",
-                 response=WhoAmI, tags=["auth"]),
+        ApiRoute(
+            "/health",
+            liveness,
+            methods=["GET"],
+            summary="Liveness",
+            response=Liveness,
+            auth=False,
+            tags=["health"],
+        ),
+        ApiRoute(
+            "/health/ready",
+            readiness,
+            methods=["GET"],
+            response=Readiness,
+            errors=[503],
+            summary="Readiness: Postgres, Redis and S3 with latencies",
+            auth=False,
+            tags=["health"],
+        ),
+        ApiRoute(
+            "/metrics",
+            metrics,
+            methods=["GET"],
+            summary="Prometheus metrics",
+            auth=False,
+            tags=["health"],
+            response_media_type="text/plain",
+        ),
+        ApiRoute(
+            "/api/v1/me",
+            whoami,
+            methods=["GET"],
+            summary="The authenticated caller",
+            response=WhoAmI,
+            tags=["auth"],
+        ),
     ]

@@ -54,11 +54,15 @@ def error_response(exc: SluiceError, request_id: str | None) -> Response:
 class HttpMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "sluice_http_requests_total", "HTTP requests", ["method", "route", "status"],
+            "sluice_http_requests_total",
+            "HTTP requests",
+            ["method", "route", "status"],
             registry=registry,
         )
         self.latency = Histogram(
-            "sluice_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+            "sluice_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
             registry=registry,
         )
 
@@ -97,8 +101,13 @@ class RequestContextMiddleware:
                 self.metrics.requests.labels(scope["method"], route, str(status)).inc()
                 self.metrics.latency.labels(scope["method"], route).observe(elapsed)
                 if route not in {"/health", "/health/ready", "/metrics"}:
-                    log.info("request", method=scope["method"], path=scope["path"],
-                             status=status, duration_ms=round(elapsed * 1000, 2))
+                    log.info(
+                        "request",
+                        method=scope["method"],
+                        path=scope["path"],
+                        status=status,
+                        duration_ms=round(elapsed * 1000, 2),
+                    )
 
 
 def _route_template(scope: Scope) -> str:

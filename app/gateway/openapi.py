@@ -57,7 +57,9 @@ def build_openapi(routes: Iterable[BaseRoute], *, title: str, version: str) -> d
             for status in sorted({*r.errors, *((401,) if r.auth else ())}):
                 op["responses"][str(status)] = {
                     "description": "Error",
-                    "content": {"application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}},
+                    "content": {
+                        "application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}
+                    },
                 }
             if r.auth:
                 op["security"] = [{"bearer": []}]
@@ -68,7 +70,9 @@ def build_openapi(routes: Iterable[BaseRoute], *, title: str, version: str) -> d
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
         },
     }
 

@@ -1,0 +1,36 @@
+# One command runs Sluice, one tests it.  Everything installs into ./.venv.
+#   make dev     install, then start the whole stack (Ctrl-C stops it all)
+#   make test    install, then run the whole test suite
+#   make check   ruff (lint + format) and mypy --strict
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU build of PyTorch.  Elsewhere add: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: install dev test check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+dev: install
+	HF_HUB_OFFLINE=1 $(BIN)/sluice dev
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+check: install
+	$(BIN)/ruff check app workers tests bench
+	$(BIN)/ruff format --check app workers tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,63 @@
+"""Every job belongs to a user; another user's job is indistinguishable from a
+missing one."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.core.documents import create_document, create_job
+from app.core.errors import Conflict, NotFound
+from app.core.events import JobStatus, decode_event, stream_key
+from app.core.jobs import record_progress, request_cancel
+from app.gateway.services import Services
+
+
+async def _job(services: Services, owner: str, status: JobStatus) -> str:
+    doc = await create_document(
+        services.db,
+        owner_id=owner,
+        filename="a.txt",
+        content_type="text/plain",
+        document_type="txt",
+        size_bytes=3,
+    )
+    return await create_job(services.db, owner_id=owner, document_id=doc, status=status)
+
+
+async def test_foreign_and_unknown_jobs_look_the_same(services: Services, user: str) -> None:
+    job = await _job(services, user, JobStatus.QUEUED)
+    errors = []
+    for owner, job_id in (("someone-else", job), (user, str(uuid.uuid4())), (user, "not-a-uuid")):
+        with pytest.raises(NotFound) as info:
+            await request_cancel(services.db, services.redis, job_id, owner)
+        errors.append((info.value.code, info.value.message))
+    assert len(set(errors)) == 1
+
+
+async def test_cancel_is_recorded_published_and_idempotent(services: Services, user: str) -> None:
+    job = await _job(services, user, JobStatus.QUEUED)
+    first = await request_cancel(services.db, services.redis, job, user)
+    assert first.status == "cancelled" and first.seq == 1
+    again = await request_cancel(services.db, services.redis, job, user)
+    assert again.status == "cancelled" and again.seq == first.seq
+    entries = await services.redis.xrange(stream_key(job))
+    assert [decode_event(e[b"e"]).status for _, e in entries] == ["cancelled"]
+
+
+async def test_progress_never_resurrects_a_finished_job(services: Services, user: str) -> None:
+    job = await _job(services, user, JobStatus.QUEUED)
+    done = await record_progress(services.db, services.redis, job, status=JobStatus.COMPLETED)
+    assert done is not None and done.terminal
+    late = await record_progress(
+        services.db,
+        services.redis,
+        job,
+        stage="embed",
+        stage_progress=0.5,
+        only_if_status=[JobStatus.RUNNING],
+    )
+    assert late is None
+    with pytest.raises(Conflict):
+        await request_cancel(services.db, services.redis, job, user)
