@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import Response
 
 from app.core.auth import TokenService
+from app.gateway.app import create_app
+from app.gateway.services import Services
 from tests.conftest import JWT_SECRET
 
 
@@ -94,3 +98,20 @@ async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
     r = await client.get("/metrics")
     assert r.status_code == 200
     assert "sluice_http_requests_total" in r.text
+
+
+async def test_unexpected_errors_are_500_without_internals(services: Services) -> None:
+    async def boom(_request: Request) -> Response:
+        raise RuntimeError("secret internal detail")
+
+    app = create_app(services.settings, services=services)
+    app.add_route("/api/v1/boom", boom, methods=["GET"])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    token = TokenService(JWT_SECRET).mint("someone")
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        r = await c.get("/api/v1/boom", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "internal_error"
+    assert body["request_id"] and body["request_id"] in body["message"]
+    assert "secret internal detail" not in r.text and "Traceback" not in r.text

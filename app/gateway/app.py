@@ -74,7 +74,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         lifespan=lifespan,
         exception_handlers=exception_handlers(),
         middleware=[
-            Middleware(RequestContextMiddleware, metrics=HttpMetrics(registry)),
+            Middleware(RequestContextMiddleware, metrics=HttpMetrics.of(registry)),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+import weakref
 from typing import Any
 
 import structlog
@@ -52,6 +53,19 @@ def error_response(exc: SluiceError, request_id: str | None) -> Response:
 
 
 class HttpMetrics:
+    """Request counters and latencies; one set per registry (apps may share one)."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, HttpMetrics] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> HttpMetrics:
+        metrics = cls._by_registry.get(registry)
+        if metrics is None:
+            metrics = cls._by_registry[registry] = cls(registry)
+        return metrics
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "sluice_http_requests_total",

@@ -1,0 +1,189 @@
+"""``sluice dev`` end to end: the stack comes up, answers with the printed token,
+Ctrl-C leaves no process behind, and Postgres and Redis data survive a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from app.core.documents import create_document
+from app.core.embedded import free_port
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text().split()
+        found.update(int(x) for x in text)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    hits = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            hits.append(f"{cmdline.parent.name}: {args}")
+    return hits
+
+
+class Dev:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.ports = {
+            name: free_port()
+            for name in (
+                "port",
+                "ws-port",
+                "postgres-port",
+                "redis-port",
+                "s3-port",
+                "worker-metrics-port",
+            )
+        }
+        self.proc: subprocess.Popen[str] | None = None
+        self.token = ""
+        self.output: list[str] = []
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.ports['port']}"
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "app", "dev", "--data-dir", str(self.data_dir)]
+        for name, port in self.ports.items():
+            argv += [f"--{name}", str(port)]
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "LOG_LEVEL": "WARNING",
+        }
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.data_dir,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 300
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if line.startswith("dev token"):
+                self.token = line.split()[-1]
+                return
+            if time.monotonic() > deadline:
+                break
+        raise AssertionError("sluice dev did not print a token:\n" + "".join(self.output))
+
+    def interrupt(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(60)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for child in _children(self.proc.pid):
+                with suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
+    dev = Dev(tmp_path)
+    try:
+        dev.start()
+        assert dev.proc is not None
+        children = _children(dev.proc.pid)
+        assert len(children) == 3, children  # gateway, worker, WebSocket server
+        with httpx.Client(base_url=dev.gateway, timeout=10) as http:
+            assert http.get("/health/ready").status_code == 200
+            assert http.get("/api/v1/me").status_code == 401
+            me = http.get("/api/v1/me", headers={"Authorization": f"Bearer {dev.token}"})
+            assert me.status_code == 200 and me.json()["user_id"] == "dev"
+            # `sluice token`, run in the same directory, shares dev's secret.
+            out = subprocess.run(
+                [sys.executable, "-m", "app", "token", "--user", "alice"],
+                cwd=tmp_path,
+                env={"PATH": os.environ["PATH"]},
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            alice = http.get("/api/v1/me", headers={"Authorization": f"Bearer {out.split()[-1]}"})
+            assert alice.status_code == 200 and alice.json()["user_id"] == "alice"
+        pg = f"postgresql://postgres@127.0.0.1:{dev.ports['postgres-port']}/sluice"
+        rd = f"redis://127.0.0.1:{dev.ports['redis-port']}/0"
+        doc_id = asyncio.run(_write_data(pg, rd))
+
+        assert dev.interrupt() == 0
+        leftovers = [pid for pid in children if _alive(pid)]
+        assert leftovers == [], leftovers
+        assert _processes_mentioning(str(tmp_path)) == []
+
+        dev.start()
+        assert asyncio.run(_read_data(pg, rd, doc_id)) == ("kept.txt", b"still here")
+        assert dev.interrupt() == 0
+        assert _processes_mentioning(str(tmp_path)) == []
+    finally:
+        dev.kill()
+
+
+async def _write_data(pg: str, rd: str) -> str:
+    conn = await asyncpg.connect(pg)
+    try:
+        doc_id = await create_document(
+            conn,
+            owner_id="dev",
+            filename="kept.txt",
+            content_type="text/plain",
+            document_type="txt",
+            size_bytes=1,
+        )
+    finally:
+        await conn.close()
+    client = aioredis.from_url(rd)
+    await client.set("sluice:test:persist", b"still here")
+    await client.aclose()
+    return doc_id
+
+
+async def _read_data(pg: str, rd: str, doc_id: str) -> tuple[str, bytes | None]:
+    conn = await asyncpg.connect(pg)
+    try:
+        name = await conn.fetchval("SELECT filename FROM documents WHERE id = $1::uuid", doc_id)
+    finally:
+        await conn.close()
+    client = aioredis.from_url(rd)
+    value = await client.get("sluice:test:persist")
+    await client.aclose()
+    return name, value
