@@ -50,6 +50,8 @@ def settings_env(stack: EmbeddedStack) -> dict[str, str]:
         "LOG_FORMAT": "console",
         "LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
+        # Tests poll the API; tests of the limits themselves set their own.
+        "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000",
         "PATH": os.environ.get("PATH", ""),
     }
 

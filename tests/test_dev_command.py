@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from contextlib import suppress
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from app.core.db import create_pool
 from app.core.documents import create_document
 from app.core.embedded import free_port
 
@@ -74,7 +75,8 @@ class Dev:
         return f"http://127.0.0.1:{self.ports['port']}"
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "app", "dev", "--data-dir", str(self.data_dir)]
+        # Default data dir (.sluice/ in the working directory), as a user would run it.
+        argv = [sys.executable, "-m", "app", "dev"]
         for name, port in self.ports.items():
             argv += [f"--{name}", str(port)]
         env = {
@@ -90,16 +92,20 @@ class Dev:
             text=True,
             cwd=self.data_dir,
         )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 300
-        for line in self.proc.stdout:
-            self.output.append(line)
-            if line.startswith("dev token"):
-                self.token = line.split()[-1]
-                return
-            if time.monotonic() > deadline:
-                break
-        raise AssertionError("sluice dev did not print a token:\n" + "".join(self.output))
+        token_seen = threading.Event()
+        threading.Thread(target=self._drain, args=(token_seen,), daemon=True).start()
+        if not token_seen.wait(300):
+            raise AssertionError("sluice dev did not print a token:\n" + "".join(self.output))
+
+    def _drain(self, token_seen: threading.Event) -> None:
+        """Read all output, so a chatty child can never block on a full pipe."""
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.proc.stdout as stream:
+            for line in stream:
+                self.output.append(line)
+                if line.startswith("dev token"):
+                    self.token = line.split()[-1]
+                    token_seen.set()
 
     def interrupt(self) -> int:
         assert self.proc is not None
@@ -123,7 +129,8 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         dev.start()
         assert dev.proc is not None
         children = _children(dev.proc.pid)
-        assert len(children) == 3, children  # gateway, worker, WebSocket server
+        # postgres, redis, s3 + gateway, worker, WebSocket server
+        assert len(children) == 6, children
         with httpx.Client(base_url=dev.gateway, timeout=10) as http:
             assert http.get("/health/ready").status_code == 200
             assert http.get("/api/v1/me").status_code == 401
@@ -159,10 +166,10 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
 
 
 async def _write_data(pg: str, rd: str) -> str:
-    conn = await asyncpg.connect(pg)
+    pool = await create_pool(pg, max_size=1)
     try:
         doc_id = await create_document(
-            conn,
+            pool,
             owner_id="dev",
             filename="kept.txt",
             content_type="text/plain",
@@ -170,7 +177,7 @@ async def _write_data(pg: str, rd: str) -> str:
             size_bytes=1,
         )
     finally:
-        await conn.close()
+        await pool.close()
     client = aioredis.from_url(rd)
     await client.set("sluice:test:persist", b"still here")
     await client.aclose()

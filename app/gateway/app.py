@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +17,8 @@ from app.core.auth import TokenService
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
-from app.gateway import health
+from app.core.upload_sweeper import run_sweeper
+from app.gateway import documents, health, jobs, search, uploads
 from app.gateway.middleware import (
     AuthMiddleware,
     HttpMetrics,
@@ -23,6 +26,7 @@ from app.gateway.middleware import (
     exception_handlers,
 )
 from app.gateway.openapi import build_openapi, docs, openapi_endpoint
+from app.gateway.ratelimit import RateLimitMiddleware
 from app.gateway.services import Services, open_services
 
 log = get_logger("sluice.gateway")
@@ -39,7 +43,13 @@ EXPOSED_HEADERS = [
 
 def api_routes() -> list[BaseRoute]:
     """Every documented route of the gateway, in one place."""
-    return [*health.routes()]
+    return [
+        *health.routes(),
+        *uploads.routes(),
+        *jobs.routes(),
+        *documents.routes(),
+        *search.routes(),
+    ]
 
 
 def create_app(settings: Settings, *, services: Services | None = None) -> Starlette:
@@ -59,8 +69,16 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         async with open_services(settings, registry=registry) as svc:
             await ensure_bucket(svc.s3, settings.minio_bucket_name)
             app.state.services = svc
+            sweeper = asyncio.create_task(
+                run_sweeper(uploads.upload_context(svc), svc.redis), name="upload-sweeper"
+            )
             log.info("gateway_started")
-            yield
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
         log.info("gateway_stopped")
 
     routes = api_routes()
@@ -90,6 +108,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
                 max_age=600,
             ),
             Middleware(AuthMiddleware, tokens=tokens),
+            Middleware(RateLimitMiddleware, settings=settings),
         ],
     )
     if services is not None:

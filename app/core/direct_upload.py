@@ -1,0 +1,210 @@
+"""Single-request uploads: stream a body of unknown length into one S3 object.
+
+:class:`StreamingObjectWriter` holds at most one part in memory: a body that
+fits in one part becomes a ``PutObject``; a longer one becomes a multipart
+upload whose parts are sent as they fill.  :func:`finalize_direct` then
+creates the document (``stored``) and its job (``queued``) and enqueues it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import uuid
+from typing import Any
+
+from app.core.documents import create_document, create_job, object_key_for
+from app.core.errors import PayloadTooLarge, ServiceUnavailable
+from app.core.events import JobStatus, Priority, Stage
+from app.core.jobs import record_progress
+from app.core.logging import get_logger
+from app.core.multipart import UploadContext, storage_errors
+from app.core.storage import S3Client
+from app.core.upload_rules import MiB
+from app.core.upload_schemas import CompletedUpload
+
+log = get_logger(__name__)
+_THREAD_HASH_MIN = 1 * MiB
+
+
+async def _md5_b64(data: bytes | bytearray) -> str:
+    if len(data) >= _THREAD_HASH_MIN:  # hashlib releases the GIL: keep the loop free
+        digest = await asyncio.to_thread(lambda: hashlib.md5(data, usedforsecurity=False).digest())
+    else:
+        digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode()
+
+
+class StreamingObjectWriter:
+    """Write a stream to ``key`` without holding more than one part in memory."""
+
+    def __init__(
+        self, s3: S3Client, bucket: str, key: str, *, content_type: str, part_size: int, limit: int
+    ) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+        self.key = key
+        self._content_type = content_type
+        self._part_size = part_size
+        self._limit = limit
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self._limit:
+            raise PayloadTooLarge(
+                f"file exceeds the limit of {self._limit} bytes ({self._limit // MiB} MiB) "
+                "for this route",
+                code="file_too_large",
+                details={"field": "file", "limit": self._limit, "limit_mb": self._limit // MiB},
+            )
+        self._buf += data
+        while len(self._buf) >= self._part_size:
+            part = bytes(self._buf[: self._part_size])
+            del self._buf[: self._part_size]
+            await self._send_part(part)
+
+    async def _send_part(self, part: bytes) -> None:
+        async with storage_errors("upload_part"):
+            if self._upload_id is None:
+                created = await self._s3.create_multipart_upload(
+                    Bucket=self._bucket, Key=self.key, ContentType=self._content_type
+                )
+                self._upload_id = str(created["UploadId"])
+            number = len(self._parts) + 1
+            resp = await self._s3.upload_part(
+                Bucket=self._bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=io.BytesIO(part),
+                ContentMD5=await _md5_b64(part),
+                ContentLength=len(part),
+            )
+        self._parts.append({"ETag": resp["ETag"], "PartNumber": number})
+
+    async def finish(self) -> int:
+        """Store what remains; return the object's size."""
+        if self._upload_id is None:
+            data = bytes(self._buf)
+            async with storage_errors("put_object"):
+                await self._s3.put_object(
+                    Bucket=self._bucket,
+                    Key=self.key,
+                    Body=io.BytesIO(data),
+                    ContentType=self._content_type,
+                    ContentMD5=await _md5_b64(data),
+                )
+        else:
+            if self._buf:
+                await self._send_part(bytes(self._buf))
+            async with storage_errors("complete_multipart_upload"):
+                await self._s3.complete_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+        self._buf = bytearray()
+        return self.size
+
+    async def abort(self) -> None:
+        """Forget everything written (best effort; never raises)."""
+        self._buf = bytearray()
+        with contextlib.suppress(Exception):
+            if self._upload_id is not None:
+                await self._s3.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self.key, UploadId=self._upload_id
+                )
+            else:
+                await self._s3.delete_object(Bucket=self._bucket, Key=self.key)
+
+
+def new_direct_writer(ctx: UploadContext, content_type: str) -> tuple[str, StreamingObjectWriter]:
+    """A fresh document id and a writer for its object (limit: the multipart threshold)."""
+    document_id = str(uuid.uuid4())
+    writer = StreamingObjectWriter(
+        ctx.s3,
+        ctx.bucket,
+        object_key_for(document_id),
+        content_type=content_type,
+        part_size=max(ctx.settings.upload_chunk_size_bytes, 5 * MiB),
+        limit=ctx.settings.multipart_upload_threshold_bytes,
+    )
+    return document_id, writer
+
+
+async def finalize_direct(
+    ctx: UploadContext,
+    owner_id: str,
+    *,
+    document_id: str,
+    filename: str,
+    content_type: str,
+    document_type: str,
+    size: int,
+    priority: Priority,
+    processing_options: dict[str, Any] | None = None,
+) -> CompletedUpload:
+    """Record a stored object as a document with a queued job and enqueue it."""
+    job_id = str(uuid.uuid4())
+    async with ctx.db.acquire() as conn, conn.transaction():
+        await create_document(
+            conn,
+            owner_id=owner_id,
+            filename=filename,
+            content_type=content_type,
+            document_type=document_type,
+            size_bytes=size,
+            processing_options=processing_options,
+            status="stored",
+            document_id=document_id,
+        )
+        await create_job(
+            conn,
+            owner_id=owner_id,
+            document_id=document_id,
+            priority=priority,
+            status=JobStatus.QUEUED,
+            job_id=job_id,
+        )
+    await record_progress(
+        ctx.db,
+        ctx.redis,
+        job_id,
+        stage=Stage.UPLOAD,
+        stage_progress=1.0,
+        message="upload complete; queued for processing",
+        details={"bytes_received": size, "file_size": size},
+    )
+    try:
+        await ctx.queue.enqueue(job_id, priority)
+    except Exception:
+        log.warning("enqueue_failed", job_id=job_id, exc_info=True)
+        await record_progress(
+            ctx.db,
+            ctx.redis,
+            job_id,
+            status=JobStatus.FAILED,
+            error_code="enqueue_failed",
+            error_message="the job could not be queued; upload again",
+            only_if_status=[JobStatus.QUEUED],
+        )
+        raise ServiceUnavailable(
+            "the job queue is unavailable; upload again", code="queue_unavailable"
+        ) from None
+    log.info("direct_upload_stored", job_id=job_id, document_id=document_id, size=size)
+    return CompletedUpload(
+        upload_id=None,
+        job_id=job_id,
+        document_id=document_id,
+        status="queued",
+        size=size,
+        filename=filename,
+    )

@@ -1,0 +1,142 @@
+"""The pure rules of uploads: part sizes, accepted file types, limits, checksums.
+
+No I/O here: each function checks one thing and raises the precise
+:class:`~app.core.errors.SluiceError` (naming the offending field) when it fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+
+from app.core.documents import DOCUMENT_TYPES
+from app.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB
+"""S3's minimum size for every part but the last."""
+MAX_PARTS = 10_000
+# document type -> (canonical content type, accepted declared content types)
+CONTENT_TYPES: dict[str, tuple[str, frozenset[str]]] = {
+    "pdf": ("application/pdf", frozenset({"application/pdf", "application/x-pdf"})),
+    "txt": ("text/plain", frozenset({"text/plain"})),
+    "md": ("text/markdown", frozenset({"text/markdown", "text/x-markdown", "text/plain"})),
+    "csv": (
+        "text/csv",
+        frozenset({"text/csv", "application/csv", "text/plain", "application/vnd.ms-excel"}),
+    ),
+    "json": ("application/json", frozenset({"application/json", "text/json", "text/plain"})),
+    "html": ("text/html", frozenset({"text/html", "application/xhtml+xml"})),
+}
+EXTENSIONS = {
+    "pdf": "pdf",
+    "txt": "txt",
+    "text": "txt",
+    "md": "md",
+    "markdown": "md",
+    "csv": "csv",
+    "json": "json",
+    "html": "html",
+    "htm": "html",
+}
+_UNDECLARED_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+_MAX_FILENAME = 1024
+HEX_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+def decide_chunk_size(file_size: int, configured: int) -> tuple[int, int]:
+    """``(chunk_size, total_parts)`` for a file: at least 5 MiB, at most 10,000 parts."""
+    chunk = max(configured, MIN_PART_SIZE)
+    if math.ceil(file_size / chunk) > MAX_PARTS:
+        chunk = math.ceil(file_size / MAX_PARTS / MiB) * MiB  # whole MiB keeps parts tidy
+    return chunk, max(1, math.ceil(file_size / chunk))
+
+
+def check_filename(filename: str) -> str:
+    if not filename.strip() or len(filename) > _MAX_FILENAME or "\x00" in filename:
+        raise BadRequest(
+            f"filename must be 1-{_MAX_FILENAME} characters without NUL bytes",
+            code="invalid_filename",
+            details={"field": "filename"},
+        )
+    return filename
+
+
+def classify(filename: str, content_type: str, document_type: str | None) -> tuple[str, str]:
+    """``(document_type, content_type)`` for an upload, or 415 saying what is wrong.
+
+    The extension must be one of the allowed types; a declared content type
+    (other than the generic ``application/octet-stream``) must fit it, and so
+    must a declared ``document_type``.
+    """
+    base = re.split(r"[/\\]", filename)[-1]
+    ext = base.rsplit(".", 1)[1].lower() if "." in base else ""
+    allowed = sorted(DOCUMENT_TYPES)
+    by_ext = EXTENSIONS.get(ext)
+    if by_ext is None:
+        raise UnsupportedMediaType(
+            f"files of type {('.' + ext) if ext else '(no extension)'} are not accepted; "
+            f"allowed: {', '.join(allowed)}",
+            code="unsupported_file_type",
+            details={"field": "filename", "allowed": allowed},
+        )
+    if document_type is not None and document_type != by_ext:
+        raise UnsupportedMediaType(
+            f"document_type {document_type!r} does not match the file's extension .{ext}",
+            code="unsupported_file_type",
+            details={"field": "document_type", "allowed": allowed, "expected": by_ext},
+        )
+    canonical, accepted = CONTENT_TYPES[by_ext]
+    declared = content_type.split(";", 1)[0].strip().lower()
+    if declared in _UNDECLARED_TYPES:
+        return by_ext, canonical
+    if declared not in accepted:
+        raise UnsupportedMediaType(
+            f"content type {declared!r} does not match a .{ext} file",
+            code="unsupported_content_type",
+            details={"field": "content_type", "accepted": sorted(accepted)},
+        )
+    return by_ext, declared
+
+
+def check_size(file_size: int, limit: int, *, field: str = "file_size") -> None:
+    if file_size < 1:
+        raise BadRequest(
+            "file_size must be at least 1 byte", code="invalid_file_size", details={"field": field}
+        )
+    if file_size > limit:
+        raise PayloadTooLarge(
+            f"{field} {file_size} exceeds the limit of {limit} bytes ({limit // MiB} MiB)",
+            code="file_too_large",
+            details={"field": field, "limit": limit, "limit_mb": limit // MiB, "size": file_size},
+        )
+
+
+def parse_md5(*, content_md5: str | None, hex_md5: str | None) -> bytes:
+    """The declared MD5 digest from ``Content-MD5`` (base64) or a hex string."""
+    if hex_md5:
+        if not HEX_MD5.match(hex_md5.strip()):
+            raise BadRequest(
+                "chunk_hash must be the part's MD5 as 32 hex digits",
+                code="invalid_checksum",
+                details={"field": "chunk_hash"},
+            )
+        return bytes.fromhex(hex_md5.strip())
+    if content_md5:
+        try:
+            digest = base64.b64decode(content_md5.strip(), validate=True)
+        except ValueError:
+            digest = b""
+        if len(digest) != 16:
+            raise BadRequest(
+                "Content-MD5 must be the base64 of the part's 16-byte MD5",
+                code="invalid_checksum",
+                details={"field": "Content-MD5"},
+            )
+        return digest
+    raise BadRequest(
+        "send the part's MD5 as Content-MD5 (base64) or X-Chunk-Hash (hex)",
+        code="checksum_required",
+        details={"field": "Content-MD5"},
+    )

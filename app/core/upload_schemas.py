@@ -1,0 +1,125 @@
+"""Request and response schemas of the upload API (msgspec Structs).
+
+Progress figures (``progress``) are fractions of the file's bytes, 0.0-1.0,
+like the ``stage_progress`` of progress events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from app.core.events import Priority
+from app.core.schemas import Request, Response
+
+
+class InitiateUpload(Request):
+    filename: str
+    file_size: int
+    content_type: str = ""
+    document_type: str | None = None
+    processing_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    checksum_sha256: str | None = None
+
+
+class InitiatedUpload(Response):
+    upload_id: str
+    job_id: str
+    document_id: str
+    chunk_size: int
+    total_parts: int
+    expires_at: datetime
+    filename: str
+    file_size: int
+    content_type: str
+    document_type: str
+    priority: str
+    status: str = "initiated"
+
+
+class PartAccepted(Response):
+    upload_id: str
+    part_number: int
+    etag: str
+    size: int
+    parts_received: int
+    bytes_received: int
+    progress: float
+    """Fraction of the file's bytes received so far, 0.0-1.0."""
+
+
+class PartInfo(Response):
+    part_number: int
+    size: int
+    etag: str
+
+
+class UploadStatus(Response):
+    upload_id: str
+    status: str
+    filename: str
+    file_size: int
+    chunk_size: int
+    total_parts: int
+    parts: list[PartInfo]
+    missing_parts: list[int]
+    parts_received: int
+    bytes_received: int
+    progress: float
+    """Fraction of the file's bytes received so far, 0.0-1.0."""
+    expires_at: datetime
+    job_id: str
+    document_id: str
+    created_at: datetime
+    completed_at: datetime | None = None
+
+
+class ActiveUpload(Response):
+    upload_id: str
+    status: str
+    filename: str
+    file_size: int
+    chunk_size: int
+    total_parts: int
+    parts_received: int
+    bytes_received: int
+    progress: float
+    expires_at: datetime
+    created_at: datetime
+    job_id: str
+    document_id: str
+
+
+class CompletedUpload(Response):
+    upload_id: str | None
+    job_id: str
+    document_id: str
+    status: str
+    size: int
+    filename: str = ""
+
+
+class CancelledUpload(Response):
+    upload_id: str
+    job_id: str
+    status: str
+
+
+class PresignedPart(Response):
+    upload_id: str
+    part_number: int
+    url: str
+    method: str
+    expires_at: datetime
+    size: int
+    """The exact size S3 must receive for this part."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class SweepReport(msgspec.Struct, kw_only=True):
+    expired: int = 0
+    cancelled: int = 0
+    reenqueued: int = 0

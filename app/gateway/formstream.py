@@ -1,0 +1,152 @@
+"""A streaming ``multipart/form-data`` reader.
+
+Starlette's form parser spools every file to a temporary file before the
+handler sees it; uploads want the bytes as they arrive, so that a part can be
+checked and forwarded while holding at most itself in memory.  :func:`iter_form`
+turns a request body into a flat stream of events:
+
+* :class:`FormPart` when a part starts (its field name, filename, content type),
+* ``bytes`` for each piece of that part's body, in order,
+* ``None`` when the part ends.
+
+It enforces a header-size limit and a part-count limit and raises
+:class:`~app.core.errors.BadRequest` (``invalid_form``) for malformed bodies.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
+
+import msgspec
+from starlette.requests import Request
+
+from app.core.errors import BadRequest
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_PARTS = 32
+_PARAM_RE = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:\\.|[^"\\])*"|[^;]*)')
+
+
+class FormPart(msgspec.Struct, frozen=True):
+    name: str
+    filename: str | None
+    content_type: str
+
+
+FormEvent = FormPart | bytes | None
+
+
+def _invalid(message: str) -> BadRequest:
+    return BadRequest(message, code="invalid_form", details={"field": "body"})
+
+
+def boundary_of(content_type: str) -> bytes:
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        raise BadRequest(
+            "request body must be multipart/form-data",
+            code="invalid_form",
+            details={"field": "Content-Type"},
+        )
+    for key, value in _PARAM_RE.findall(";" + params):
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+            if 1 <= len(boundary) <= 200:
+                return bytes(boundary, "latin-1")
+    raise _invalid("multipart/form-data needs a boundary parameter")
+
+
+def _parse_headers(raw: bytes) -> FormPart:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid("part headers are not UTF-8") from None
+    headers: dict[str, str] = {}
+    for line in text.split("\r\n"):
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise _invalid("malformed part header")
+        headers[name.strip().lower()] = value.strip()
+    disposition = headers.get("content-disposition", "")
+    if not disposition.lower().startswith("form-data"):
+        raise _invalid("every part needs 'Content-Disposition: form-data'")
+    params: dict[str, str] = {}
+    for key, quoted in _PARAM_RE.findall(disposition[len("form-data") :]):
+        value = re.sub(r"\\(.)", r"\1", quoted[1:-1]) if quoted.startswith('"') else quoted
+        params[key.lower()] = value
+    if "filename*" in params:  # RFC 5987: charset''percent-encoded
+        charset, _, encoded = params["filename*"].partition("''")
+        params["filename"] = unquote(encoded, encoding=charset or "utf-8", errors="strict")
+    if "name" not in params:
+        raise _invalid("a form part has no name")
+    return FormPart(
+        name=params["name"],
+        filename=params.get("filename"),
+        content_type=headers.get("content-type", ""),
+    )
+
+
+async def iter_form(request: Request) -> AsyncIterator[FormEvent]:
+    """Stream the events of a ``multipart/form-data`` request body."""
+    delimiter = b"--" + boundary_of(request.headers.get("content-type", ""))
+    body_end = b"\r\n" + delimiter
+    buf = bytearray()
+    state = "preamble"
+    parts = 0
+    async for chunk in request.stream():
+        buf += chunk
+        while True:
+            if state == "preamble":
+                at = buf.find(delimiter)
+                if at < 0:
+                    del buf[: max(0, len(buf) - len(delimiter))]
+                    break
+                del buf[: at + len(delimiter)]
+                state = "after_delimiter"
+            elif state == "after_delimiter":
+                if len(buf) < 2:
+                    break
+                if buf[:2] == b"--":
+                    state = "done"
+                    buf.clear()
+                    break
+                if buf[:2] != b"\r\n":
+                    raise _invalid("malformed multipart delimiter")
+                del buf[:2]
+                state = "headers"
+            elif state == "headers":
+                at = buf.find(b"\r\n\r\n")
+                if at < 0:
+                    if len(buf) > MAX_HEADER_BYTES:
+                        raise _invalid("part headers are too large")
+                    break
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise _invalid(f"more than {MAX_PARTS} form parts")
+                part = _parse_headers(bytes(buf[:at]))
+                del buf[: at + 4]
+                state = "body"
+                yield part
+            elif state == "body":
+                at = buf.find(body_end)
+                if at < 0:
+                    keep = len(body_end) - 1
+                    if len(buf) > keep:
+                        piece = bytes(buf[: len(buf) - keep])
+                        del buf[: len(buf) - keep]
+                        yield piece
+                    break
+                if at:
+                    yield bytes(buf[:at])
+                del buf[: at + len(body_end)]
+                state = "after_delimiter"
+                yield None
+            else:  # done: ignore the epilogue
+                buf.clear()
+                break
+    if state != "done":
+        raise _invalid("multipart body ended early")

@@ -1,0 +1,525 @@
+"""Upload routes: resumable multipart sessions and single-request uploads.
+
+The handlers only read HTTP (paths, headers, bodies) and call
+:mod:`app.core.multipart` / :mod:`app.core.direct_upload`.  Part bodies are
+read into one buffer of exactly the part's size while their MD5 is computed
+piece by piece, so a request never holds more than one part in memory; the
+multipart form routes use the streaming reader in :mod:`app.gateway.formstream`
+rather than Starlette's spooling parser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.core import multipart as mp
+from app.core import upload_rules as rules
+from app.core import upload_schemas as us
+from app.core.direct_upload import finalize_direct, new_direct_writer
+from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from app.core.events import Priority
+from app.core.schemas import Page, PageQuery
+from app.core.schemas import Request as RequestSchema
+from app.core.settings import Settings
+from app.gateway.formstream import FormPart, iter_form
+from app.gateway.http import (
+    ApiRoute,
+    convert,
+    decode_json,
+    identity,
+    json_response,
+    query_params,
+    read_json,
+)
+from app.gateway.services import Services, services
+
+PREFIX = "/api/v1/documents/upload"
+MAX_TEXT_FIELD = 64 * 1024
+FORM_OVERHEAD = 64 * 1024
+"""Allowance for form field headers and text fields around a file."""
+
+
+class ChunkFields(RequestSchema):
+    upload_id: str
+    part_number: int
+    chunk_hash: str
+    total_parts: int | None = None
+    is_final_chunk: bool | None = None
+
+
+class SimpleFields(RequestSchema):
+    priority: Priority = Priority.NORMAL
+    document_type: str | None = None
+    processing_options: str | None = None
+    """A JSON object, as text."""
+
+
+class PresignBody(RequestSchema):
+    content_md5: str | None = None
+    """Hex MD5 of the part; when given, storage rejects any other bytes."""
+
+
+class UploadMetrics:
+    """Upload counters on the gateway's Prometheus registry (errors are in the
+    per-route HTTP metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.bytes = Counter(
+            "sluice_upload_bytes_total", "Part and file bytes accepted", registry=registry
+        )
+        self.parts = Counter(
+            "sluice_upload_parts_total", "Parts accepted", ["route"], registry=registry
+        )
+        self.part_seconds = Histogram(
+            "sluice_upload_part_seconds",
+            "Receiving, verifying and storing one part",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.sessions = Counter(
+            "sluice_uploads_total", "Upload lifecycle events", ["event"], registry=registry
+        )
+
+
+_metrics: weakref.WeakKeyDictionary[CollectorRegistry, UploadMetrics] = weakref.WeakKeyDictionary()
+
+
+def metrics_of(svc: Services) -> UploadMetrics:
+    found = _metrics.get(svc.registry)
+    if found is None:
+        found = _metrics[svc.registry] = UploadMetrics(svc.registry)
+    return found
+
+
+def upload_context(svc: Services) -> mp.UploadContext:
+    return mp.UploadContext(
+        db=svc.db,
+        redis=svc.redis,
+        s3=svc.s3,
+        s3_public=svc.s3_public,
+        queue=svc.queue,
+        settings=svc.settings,
+        clock=svc.clock,
+    )
+
+
+def _ctx(request: Request) -> mp.UploadContext:
+    return upload_context(services(request))
+
+
+def _int(value: str, field: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(
+            f"{field} must be an integer", code=f"invalid_{field}", details={"field": field}
+        ) from None
+
+
+def max_part_size(settings: Settings) -> int:
+    """The largest part any session can have under these settings."""
+    return rules.decide_chunk_size(
+        settings.max_upload_size_bytes, settings.upload_chunk_size_bytes
+    )[0]
+
+
+async def read_exact(
+    chunks: AsyncIterator[bytes], size: int, *, field: str = "body"
+) -> tuple[io.BytesIO, bytes]:
+    """Read exactly ``size`` bytes (400 on more or fewer) and their MD5.
+
+    The buffer is sized once up front and the pieces are written into it in
+    place: no regrowth copies, and S3's client reads it without another copy
+    (a ``BytesIO`` sharing a joined ``bytes`` would be copied on ``getbuffer``).
+    """
+    buf = io.BytesIO()
+    if size:
+        buf.seek(size - 1)
+        buf.write(b"\0")
+        buf.seek(0)
+    md5 = hashlib.md5(usedforsecurity=False)
+    got = 0
+    async for piece in chunks:
+        if got + len(piece) > size:
+            raise BadRequest(
+                f"part must be exactly {size} bytes; more were sent",
+                code="invalid_part_size",
+                details={"field": field, "expected_size": size},
+            )
+        buf.write(piece)
+        md5.update(piece)
+        got += len(piece)
+    if got != size:
+        raise BadRequest(
+            f"part must be exactly {size} bytes, got {got}",
+            code="invalid_part_size",
+            details={"field": field, "expected_size": size, "size": got},
+        )
+    return buf, md5.digest()
+
+
+# --- sessions --------------------------------------------------------------------------
+
+
+async def initiate(request: Request) -> Response:
+    ident = identity(request)
+    body = await read_json(request, us.InitiateUpload)
+    result = await mp.initiate(_ctx(request), ident.user_id, body)
+    metrics_of(services(request)).sessions.labels("initiated").inc()
+    return json_response(result, 201)
+
+
+async def put_part(request: Request) -> Response:
+    """Raw part body, with ``Content-MD5`` (base64) or ``X-Chunk-Hash`` (hex)."""
+    ident = identity(request)
+    ctx = _ctx(request)
+    started = time.perf_counter()
+    part_number = _int(request.path_params["part_number"], "part_number")
+    declared = rules.parse_md5(
+        content_md5=request.headers.get("content-md5"), hex_md5=request.headers.get("x-chunk-hash")
+    )
+    session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
+    mp.ensure_writable(session, ctx.now())
+    expected = mp.check_part(session, part_number)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit():
+        mp.check_part(session, part_number, int(length), size_field="Content-Length")
+    body, md5 = await read_exact(request.stream(), expected)
+    accepted = await mp.upload_part(
+        ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
+    )
+    _count_part(request, "put", accepted.size, started)
+    return json_response(accepted)
+
+
+async def chunk_form(request: Request) -> Response:
+    """The originating spec's form route: fields plus ``chunk_file``."""
+    ident = identity(request)
+    ctx = _ctx(request)
+    started = time.perf_counter()
+    limit = max_part_size(ctx.settings)
+    fields: dict[str, str] = {}
+    body: io.BytesIO | None = None
+    size = 0
+    md5 = hashlib.md5(usedforsecurity=False)
+    current: str | None = None
+    text = bytearray()
+    async for event in iter_form(request):
+        if isinstance(event, FormPart):
+            current = event.name
+            if current == "chunk_file":
+                if body is not None:
+                    raise BadRequest(
+                        "send one chunk_file per request",
+                        code="invalid_form",
+                        details={"field": "chunk_file"},
+                    )
+                body = io.BytesIO()
+            text.clear()
+        elif isinstance(event, bytes):
+            if current == "chunk_file" and body is not None:
+                size += len(event)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"a part can be at most {limit} bytes",
+                        code="part_too_large",
+                        details={"field": "chunk_file", "limit": limit},
+                    )
+                body.write(event)
+                md5.update(event)
+            else:
+                text += event
+                if len(text) > MAX_TEXT_FIELD:
+                    raise BadRequest(
+                        f"form field {current!r} is too long",
+                        code="invalid_form",
+                        details={"field": current},
+                    )
+        elif current is not None:
+            if current != "chunk_file":
+                fields[current] = _text(text, current)
+            current = None
+    if body is None:
+        raise ValidationFailed(
+            "chunk_file: a file part is required", details={"field": "chunk_file"}
+        )
+    for required in ("upload_id", "part_number", "chunk_hash"):
+        if required not in fields:
+            raise ValidationFailed(
+                f"{required}: a form field is required", details={"field": required}
+            )
+    form = convert(fields, ChunkFields)
+    session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
+    mp.ensure_writable(session, ctx.now())
+    mp.check_part(session, form.part_number, size, form.total_parts)
+    if form.is_final_chunk is not None and form.is_final_chunk != (
+        form.part_number == session.total_parts
+    ):
+        raise BadRequest(
+            "is_final_chunk disagrees with part_number and total_parts",
+            code="invalid_is_final_chunk",
+            details={"field": "is_final_chunk"},
+        )
+    declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
+    accepted = await mp.upload_part(
+        ctx, session, form.part_number, body, computed_md5=md5.digest(), declared_md5=declared
+    )
+    _count_part(request, "form", accepted.size, started)
+    return json_response(accepted)
+
+
+def _count_part(request: Request, route: str, size: int, started: float) -> None:
+    m = metrics_of(services(request))
+    m.parts.labels(route).inc()
+    m.bytes.inc(size)
+    m.part_seconds.observe(time.perf_counter() - started)
+
+
+def _text(data: bytearray, field: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(
+            f"form field {field!r} is not UTF-8", code="invalid_form", details={"field": field}
+        ) from None
+
+
+async def presign(request: Request) -> Response:
+    ident = identity(request)
+    ctx = _ctx(request)
+    part_number = _int(request.path_params["part_number"], "part_number")
+    raw = await request.body() if request.headers.get("content-length", "0") != "0" else b""
+    body = decode_json(raw, PresignBody) if raw.strip() else PresignBody()
+    session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
+    return json_response(await mp.presign_part(ctx, session, part_number, body.content_md5))
+
+
+async def complete(request: Request) -> Response:
+    ident = identity(request)
+    return json_response(
+        await mp.complete(_ctx(request), ident.user_id, request.path_params["upload_id"])
+    )
+
+
+async def status(request: Request) -> Response:
+    ident = identity(request)
+    return json_response(
+        await mp.status(_ctx(request), ident.user_id, request.path_params["upload_id"])
+    )
+
+
+async def cancel(request: Request) -> Response:
+    ident = identity(request)
+    return json_response(
+        await mp.cancel(_ctx(request), ident.user_id, request.path_params["upload_id"])
+    )
+
+
+async def active(request: Request) -> Response:
+    ident = identity(request)
+    query = query_params(request, PageQuery)
+    return json_response(await mp.list_active(_ctx(request), ident.user_id, query))
+
+
+# --- single request ---------------------------------------------------------------------
+
+
+async def simple(request: Request) -> Response:
+    """``file`` (+ ``priority``, ``document_type``, ``processing_options``), streamed to S3."""
+    ident = identity(request)
+    ctx = _ctx(request)
+    limit = ctx.settings.multipart_upload_threshold_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + FORM_OVERHEAD:
+        rules.check_size(int(length) - FORM_OVERHEAD, limit, field="file")
+    fields: dict[str, str] = {}
+    text = bytearray()
+    current: str | None = None
+    file_part: FormPart | None = None
+    writer = None
+    document_id = ""
+    finalizing = False
+    try:
+        async for event in iter_form(request):
+            if isinstance(event, FormPart):
+                current = event.name
+                text.clear()
+                if current == "file":
+                    if file_part is not None:
+                        raise BadRequest(
+                            "send one file per request",
+                            code="invalid_form",
+                            details={"field": "file"},
+                        )
+                    file_part = event
+                    rules.check_filename(event.filename or "")
+                    _, content_type = rules.classify(
+                        event.filename or "", event.content_type, fields.get("document_type")
+                    )
+                    document_id, writer = new_direct_writer(ctx, content_type)
+            elif isinstance(event, bytes):
+                if current == "file" and writer is not None:
+                    await writer.write(event)
+                else:
+                    text += event
+                    if len(text) > MAX_TEXT_FIELD:
+                        raise BadRequest(
+                            f"form field {current!r} is too long",
+                            code="invalid_form",
+                            details={"field": current},
+                        )
+            elif current is not None:
+                if current != "file":
+                    fields[current] = _text(text, current)
+                current = None
+        if file_part is None or writer is None:
+            raise ValidationFailed("file: a file part is required", details={"field": "file"})
+        form = convert(fields, SimpleFields)
+        options = _options(form.processing_options)
+        filename = file_part.filename or ""
+        document_type, content_type = rules.classify(
+            filename, file_part.content_type, form.document_type
+        )
+        rules.check_size(writer.size, limit, field="file")
+        size = await writer.finish()
+        finalizing = True
+        result = await finalize_direct(
+            ctx,
+            ident.user_id,
+            document_id=document_id,
+            filename=filename,
+            content_type=content_type,
+            document_type=document_type,
+            size=size,
+            priority=form.priority,
+            processing_options=options,
+        )
+    except BaseException:
+        if writer is not None and not finalizing:
+            await writer.abort()
+        raise
+    m = metrics_of(services(request))
+    m.sessions.labels("simple").inc()
+    m.bytes.inc(result.size)
+    return json_response(result, 201)
+
+
+def _options(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise BadRequest(
+            "processing_options must be a JSON object",
+            code="invalid_json",
+            details={"field": "processing_options"},
+        )
+    return value
+
+
+def routes() -> list[ApiRoute]:
+    tags = ["uploads"]
+    return [
+        ApiRoute(
+            f"{PREFIX}/initiate",
+            initiate,
+            methods=["POST"],
+            status_code=201,
+            summary="Start a resumable upload (creates the job)",
+            body=us.InitiateUpload,
+            response=us.InitiatedUpload,
+            errors=[413, 415, 422, 429, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/chunk",
+            chunk_form,
+            methods=["POST"],
+            summary="Send one part as multipart/form-data (upload_id, part_number, "
+            "total_parts, chunk_hash, chunk_file)",
+            body=ChunkFields,
+            body_media_type="multipart/form-data",
+            response=us.PartAccepted,
+            errors=[400, 404, 409, 413, 422, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/{{upload_id}}/parts/{{part_number}}",
+            put_part,
+            methods=["PUT"],
+            summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
+            response=us.PartAccepted,
+            errors=[400, 404, 409, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/{{upload_id}}/parts/{{part_number}}/presign",
+            presign,
+            methods=["POST"],
+            summary="A presigned S3 UploadPart URL for one part",
+            response=us.PresignedPart,
+            errors=[400, 404, 409, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/complete/{{upload_id}}",
+            complete,
+            methods=["POST"],
+            summary="Complete the upload and queue its job (idempotent)",
+            response=us.CompletedUpload,
+            errors=[404, 409, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/simple",
+            simple,
+            methods=["POST"],
+            status_code=201,
+            summary="Upload a small file in one multipart/form-data request",
+            body=SimpleFields,
+            body_media_type="multipart/form-data",
+            response=us.CompletedUpload,
+            errors=[400, 413, 415, 422, 429, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/status/{{upload_id}}",
+            status,
+            methods=["GET"],
+            summary="Upload progress, received and missing parts",
+            response=us.UploadStatus,
+            errors=[404, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/cancel/{{upload_id}}",
+            cancel,
+            methods=["DELETE"],
+            summary="Abort the upload and cancel its job (idempotent)",
+            response=us.CancelledUpload,
+            errors=[404, 409, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/active",
+            active,
+            methods=["GET"],
+            query=PageQuery,
+            summary="The caller's unfinished uploads, newest first",
+            response=Page[us.ActiveUpload],
+            tags=tags,
+        ),
+    ]

@@ -1,0 +1,325 @@
+"""The resumable client: UploadClient and ``sluice upload`` resuming after failures."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.client import ProgressBar, UploadClient, UploadError
+from app.core.jobs import request_cancel
+from app.gateway.app import create_app
+from app.gateway.services import Services
+from tests import fixtures_uploads as fx
+from tests.fixtures_uploads import (
+    PART,
+    ROOT,
+    payload,
+    s3_object,
+)
+
+gateway_factory = fx.gateway_factory
+upload_services = fx.upload_services
+uploads = fx.uploads
+
+
+class DroppingTransport(httpx.AsyncBaseTransport):
+    """Passes requests through until ``drop_after`` parts were sent, then the
+    network is gone (every later PUT fails to connect)."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        *,
+        drop_after: int | None = None,
+        flaky_first_try: bool = False,
+    ) -> None:
+        self.inner = inner
+        self.drop_after = drop_after
+        self.flaky_first_try = flaky_first_try
+        self.puts: list[str] = []
+        self.failed: set[str] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            path = request.url.path
+            if self.drop_after is not None and len(self.puts) >= self.drop_after:
+                raise httpx.ConnectError("network is unreachable", request=request)
+            if self.flaky_first_try and path not in self.failed:
+                self.failed.add(path)
+                raise httpx.ReadError("connection reset by peer", request=request)
+            self.puts.append(path)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def part_numbers(paths: list[str]) -> list[int]:
+    return sorted(int(p.rsplit("/", 1)[1]) for p in paths)
+
+
+async def _no_sleep(_seconds: float) -> None:
+    return None
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> Path:
+    path = tmp_path / "large report.txt"
+    path.write_bytes(payload(2 * PART + 4321, seed=30))
+    return path
+
+
+async def test_client_resumes_and_sends_only_missing_parts(
+    upload_services: Services, tokens: Any, user: str, big_file: Path, tmp_path: Path
+) -> None:
+    app = create_app(upload_services.settings, services=upload_services)
+    asgi = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    token = tokens.mint(user)
+    state_dir = tmp_path / "state"
+
+    dropping = DroppingTransport(asgi, drop_after=1)
+    async with httpx.AsyncClient(transport=dropping) as http:
+        client = UploadClient(
+            "http://gateway",
+            token,
+            parallel=1,
+            state_dir=state_dir,
+            http=http,
+            max_attempts=2,
+            sleep=_no_sleep,
+            progress_stream=io.StringIO(),
+        )
+        async with client:
+            with pytest.raises(UploadError):
+                await client.upload(big_file, priority="high")
+    assert part_numbers(dropping.puts) == [1]
+    assert len(list(state_dir.glob("*.json"))) == 1  # the session is remembered
+
+    counting = DroppingTransport(asgi)
+    progress = io.StringIO()
+    async with (
+        httpx.AsyncClient(transport=counting) as http,
+        UploadClient(
+            "http://gateway",
+            token,
+            parallel=2,
+            state_dir=state_dir,
+            http=http,
+            progress_stream=progress,
+        ) as client,
+    ):
+        result = await client.upload(big_file, priority="high")
+    assert result.resumed and result.parts_sent == [2, 3]
+    assert part_numbers(counting.puts) == [2, 3]  # part 1 was not sent again
+    assert result.status == "queued"
+    assert await s3_object(upload_services, result.document_id) == big_file.read_bytes()
+    assert list(state_dir.glob("*.json")) == []  # forgotten once complete
+    assert "MB/s" in progress.getvalue() and "ETA" in progress.getvalue()
+
+
+async def test_client_retries_failed_parts(
+    upload_services: Services, tokens: Any, user: str, big_file: Path
+) -> None:
+    app = create_app(upload_services.settings, services=upload_services)
+    flaky = DroppingTransport(
+        httpx.ASGITransport(app=app, raise_app_exceptions=False), flaky_first_try=True
+    )
+    delays: list[float] = []
+
+    async def record(seconds: float) -> None:
+        delays.append(seconds)
+
+    async with (
+        httpx.AsyncClient(transport=flaky) as http,
+        UploadClient(
+            "http://gateway", tokens.mint(user), parallel=3, http=http, sleep=record, progress=False
+        ) as client,
+    ):
+        result = await client.upload(big_file)
+    assert len(flaky.failed) == 3 and part_numbers(flaky.puts) == [1, 2, 3]
+    assert len(delays) == 3 and all(0 <= d <= 1.0 for d in delays)  # jittered backoff
+    assert await s3_object(upload_services, result.document_id) == big_file.read_bytes()
+
+
+async def test_client_reports_refusals_without_retrying(
+    upload_services: Services, tokens: Any, user: str, tmp_path: Path
+) -> None:
+    app = create_app(upload_services.settings, services=upload_services)
+    bad = tmp_path / "program.exe"
+    bad.write_bytes(b"MZ")
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http,
+        UploadClient("http://gateway", tokens.mint(user), http=http, progress=False) as client,
+    ):
+        with pytest.raises(UploadError) as info:
+            await client.upload(bad)
+    assert (info.value.status, info.value.code) == (415, "unsupported_file_type")
+
+
+def test_progress_bar_shows_rate_and_eta() -> None:
+    now = [0.0]
+    out = io.StringIO()
+    bar = ProgressBar(100_000_000, stream=out, clock=lambda: now[0])
+    now[0] = 2.0
+    bar.advance(50_000_000)
+    line = out.getvalue().strip().splitlines()[-1]
+    assert "50.0%" in line and "25.0 MB/s" in line and "ETA 00:02" in line
+
+
+async def test_cli_resumes_an_interrupted_upload(
+    gateway_factory: Callable[..., Any],
+    tokens: Any,
+    user: str,
+    big_file: Path,
+    tmp_path: Path,
+    upload_services: Services,
+    settings_env: dict[str, str],
+) -> None:
+    gw = gateway_factory()
+    token = tokens.mint(user)
+    state_dir = tmp_path / "cli-state"
+    dropping = DroppingTransport(httpx.AsyncHTTPTransport(), drop_after=2)
+    async with (
+        httpx.AsyncClient(transport=dropping) as http,
+        UploadClient(
+            gw.url,
+            token,
+            parallel=1,
+            state_dir=state_dir,
+            http=http,
+            max_attempts=1,
+            progress=False,
+        ) as client,
+    ):
+        with pytest.raises(UploadError):
+            await client.upload(big_file)
+    assert part_numbers(dropping.puts) == [1, 2]
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        "upload",
+        str(big_file),
+        "--url",
+        gw.url,
+        "--token",
+        token,
+        "--state-dir",
+        str(state_dir),
+        "--parallel",
+        "2",
+        cwd=ROOT,
+        env={**settings_env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["resumed"] is True and result["parts_sent"] == 1  # only part 3
+    assert result["status"] == "queued"
+    assert await s3_object(upload_services, result["document_id"]) == big_file.read_bytes()
+
+    # no token: a clear message, not a traceback
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        "upload",
+        str(big_file),
+        "--url",
+        gw.url,
+        cwd=ROOT,
+        env={"PATH": settings_env["PATH"], "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2 and b"SLUICE_TOKEN" in err
+
+
+async def test_cli_follow_streams_progress_until_the_job_ends(
+    gateway_factory: Callable[..., Any],
+    tokens: Any,
+    user: str,
+    tmp_path: Path,
+    upload_services: Services,
+    settings_env: dict[str, str],
+) -> None:
+    ws_port = fx.free_port()
+    env = fx.gateway_env(settings_env, WEBSOCKET_PORT=str(ws_port), WEBSOCKET_HOST="127.0.0.1")
+    gw = gateway_factory()
+    small = tmp_path / "notes.md"
+    small.write_text("# notes\n\nhello\n")
+    log = (tmp_path / "ws.log").open("wb")
+    ws = subprocess.Popen(
+        [sys.executable, "-m", "app", "ws"], env=env, cwd=ROOT, stdout=log, stderr=log
+    )
+    cli = None
+    try:
+        await fx.wait_for(lambda: _port_open(ws_port), timeout=30)
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            "upload",
+            str(small),
+            "--url",
+            gw.url,
+            "--ws-url",
+            f"ws://127.0.0.1:{ws_port}/api/v1/ws/progress",
+            "--token",
+            tokens.mint(user),
+            "--follow",
+            "--state-dir",
+            str(tmp_path / "s"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert cli.stdout is not None
+        first = await asyncio.wait_for(cli.stdout.readline(), 60)
+        job_id = json.loads(first)["job_id"]
+        line = await asyncio.wait_for(cli.stdout.readline(), 30)  # the job's current state
+        assert "queued" in line.decode()
+        await request_cancel(upload_services.db, upload_services.redis, job_id, user)
+        rest, err = await asyncio.wait_for(cli.communicate(), 30)
+        assert "cancelled" in rest.decode(), err.decode()
+        assert cli.returncode == 1  # the job did not complete
+    finally:
+        if cli is not None and cli.returncode is None:
+            cli.kill()
+            await cli.wait()
+        ws.terminate()
+        try:
+            ws.wait(15)
+        except subprocess.TimeoutExpired:
+            ws.kill()
+            ws.wait()
+        log.close()
+
+
+async def _port_open(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
