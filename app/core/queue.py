@@ -1,19 +1,77 @@
-"""The job queue, on ARQ.
+"""The job queue: four priorities on ARQ, without a second queue.
 
 The gateway enqueues with :class:`JobQueue`; workers consume with the ARQ
 worker in ``workers/``.  The ARQ job id is the Sluice job id, so a job is
-enqueued at most once while ARQ remembers it.
+enqueued at most once while ARQ holds it.
+
+How priorities map onto ARQ
+---------------------------
+ARQ keeps one sorted set per queue, scored by each job's *ready time* in
+milliseconds, and every worker starts the ready jobs with the lowest scores
+first.  A priority is therefore expressed as an earlier ready time: a job
+enqueued at ``t`` with priority ``p`` gets the score ``t - OFFSET[p]``::
+
+    low 0 | normal 1 h | high 2 h | critical 4 h
+
+so among ready jobs the higher level starts first and, within a level, enqueue
+order decides (scores are made strictly increasing per process, so FIFO holds
+even for jobs enqueued in the same millisecond).
+
+**Aging rule.**  Because the rank is ``enqueue time - offset``, a waiting job
+outranks every job of a level ``d`` hours higher enqueued more than ``d`` hours
+after it: a ``low`` job is overtaken by later ``critical`` jobs for at most 4
+hours, by later ``normal`` jobs for at most 1 hour, and is never starved.
+
+ARQ traps this design works around (each pinned by ``tests/test_queue.py``):
+
+* ARQ derives a job's key expiry from its score (ARQ #447): a score hours in the
+  past would shorten it, more than a day in the past makes ``enqueue_job`` fail.
+  We always pass ``_expires`` (:data:`JOB_EXPIRES`).
+* ``Retry(defer=...)`` re-scores a job as ``now + defer`` and so drops the
+  priority offset; :meth:`JobQueue.retry_defer_ms` returns the ``defer`` that
+  restores it (it may be negative).
+* ARQ reads only ``queue_read_limit`` ids per poll, and running jobs stay in the
+  sorted set: a fleet with more running jobs than that stalls (ARQ #171).  Use
+  :func:`read_limit_for` with the fleet's concurrency.
+* A dead worker's job is retried only when its in-progress key expires, a full
+  job timeout later (ARQ #343, #407); :meth:`JobQueue.requeue_lost` releases it
+  at once once the job's lease (``workers/lease.py``) has lapsed.
+* A kept result blocks its job id (ARQ #432): workers keep no results
+  (``keep_result=0``), so a failed job can be enqueued again by ``/retry``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 
 from app.core.events import Priority
 
 QUEUE_NAME = "sluice:queue"
 PROCESS_FUNCTION = "process_document"
+
+HOUR_MS = 3_600_000
+PRIORITY_OFFSET_MS: dict[Priority, int] = {
+    Priority.LOW: 0,
+    Priority.NORMAL: 1 * HOUR_MS,
+    Priority.HIGH: 2 * HOUR_MS,
+    Priority.CRITICAL: 4 * HOUR_MS,
+}
+"""How much earlier than its enqueue time each level's job is ranked."""
+
+WORKERS_KEY = "sluice:workers"
+"""Sorted set: worker id -> its last heartbeat (unix ms)."""
+WORKER_SLOTS_KEY = "sluice:workers:slots"
+"""Hash: worker id -> its MAX_CONCURRENT_TASKS."""
+
+JOB_EXPIRES = timedelta(days=7)
+"""How long ARQ keeps a job that has not finished (queued, deferred or retried)."""
 
 
 async def connect_redis(url: str) -> ArqRedis:
@@ -21,16 +79,135 @@ async def connect_redis(url: str) -> ArqRedis:
     return await create_pool(RedisSettings.from_dsn(url), default_queue_name=QUEUE_NAME)
 
 
-class JobQueue:
-    """Puts Sluice jobs on the ARQ queue."""
+def priority_score(priority: Priority | str, ready_ms: int) -> int:
+    """ARQ score of a job of ``priority`` that becomes ready at ``ready_ms``."""
+    return ready_ms - PRIORITY_OFFSET_MS[Priority(priority)]
 
-    def __init__(self, redis: ArqRedis, *, queue_name: str = QUEUE_NAME) -> None:
+
+def read_limit_for(fleet_slots: int, max_jobs: int) -> int:
+    """``queue_read_limit`` for a worker in a fleet with ``fleet_slots`` job slots.
+
+    Running jobs stay at the head of ARQ's sorted set until they finish, so a
+    poll must read past all of them plus enough ready jobs to fill this
+    worker's own ``max_jobs`` slots (ARQ #171).
+    """
+    return max(100, fleet_slots + 5 * max_jobs)
+
+
+class JobQueue:
+    """Puts Sluice jobs on the ARQ queue, ranked by priority then enqueue order."""
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        *,
+        queue_name: str = QUEUE_NAME,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._redis = redis
         self._queue_name = queue_name
+        self._clock = clock
+        self._last_score: dict[Priority, int] = {}
 
-    async def enqueue(self, job_id: str, priority: Priority) -> bool:
+    @property
+    def redis(self) -> ArqRedis:
+        return self._redis
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue_name
+
+    def _next_score(self, priority: Priority, delay_ms: int) -> int:
+        score = priority_score(priority, int(self._clock() * 1000) + delay_ms)
+        last = self._last_score.get(priority)
+        if last is not None and score <= last and delay_ms == 0:
+            score = last + 1  # strictly increasing: FIFO within a level in this process
+        self._last_score[priority] = max(score, last or score)
+        return score
+
+    async def enqueue(self, job_id: str, priority: Priority | str, *, delay_s: float = 0) -> bool:
         """Enqueue ``job_id``; False if ARQ already holds a job with that id."""
+        score = self._next_score(Priority(priority), int(delay_s * 1000))
         job = await self._redis.enqueue_job(
-            PROCESS_FUNCTION, job_id, _job_id=job_id, _queue_name=self._queue_name
+            PROCESS_FUNCTION,
+            job_id,
+            _job_id=job_id,
+            _queue_name=self._queue_name,
+            _defer_until=datetime.fromtimestamp(score / 1000, UTC),
+            _expires=JOB_EXPIRES,
         )
         return job is not None
+
+    @staticmethod
+    def retry_defer_ms(priority: Priority | str, backoff_s: float) -> int:
+        """``Retry(defer=...)`` (in ms) that re-queues after ``backoff_s`` at ``priority``.
+
+        ARQ moves a retried job to ``now + defer``; subtracting the level's
+        offset keeps the job ranked as its priority says.
+        """
+        return int(backoff_s * 1000) - PRIORITY_OFFSET_MS[Priority(priority)]
+
+    async def is_queued(self, job_id: str) -> bool:
+        """True while ARQ holds the job (waiting, deferred or running)."""
+        return bool(await self._redis.exists(job_key_prefix + job_id))
+
+    async def abort(self, job_id: str) -> None:
+        """Ask ARQ to drop a job that has not started (a worker removes it unrun).
+
+        Uses ARQ's abort set; unlike :meth:`arq.jobs.Job.abort` it does not
+        wait for the job.  A deferred job is moved to the front so that the
+        abort takes effect at the next poll rather than when it would be ready.
+        """
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zscore(self._queue_name, job_id)
+            pipe.exists(job_key_prefix + job_id)
+            score, exists = await pipe.execute()
+        if not exists or score is None:
+            return
+        now_ms = int(self._clock() * 1000)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if score > now_ms:
+                pipe.zadd(self._queue_name, {job_id: 1}, xx=True)
+            pipe.zadd(abort_jobs_ss, {job_id: now_ms})
+            await pipe.execute()
+
+    async def requeue_lost(self, job_id: str, priority: Priority | str) -> bool:
+        """Make a job whose worker died runnable again now.
+
+        ARQ still has the job in its sorted set, blocked by the dead worker's
+        in-progress key until the full job timeout passes (ARQ #343); deleting
+        that key lets the next poll of any worker start it, keeping its place.
+        If ARQ lost the job altogether, it is enqueued afresh.  Returns True
+        if the job is queued afterwards.
+        """
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(in_progress_key_prefix + job_id)
+            pipe.exists(job_key_prefix + job_id)
+            pipe.zscore(self._queue_name, job_id)
+            _, exists, score = await pipe.execute()
+        if exists and score is not None:
+            return True
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(job_key_prefix + job_id)
+            pipe.zrem(self._queue_name, job_id)
+            await pipe.execute()
+        return await self.enqueue(job_id, priority)
+
+    async def depth(self) -> int:
+        """Jobs ARQ holds in the queue (waiting, deferred and running)."""
+        return int(await self._redis.zcard(self._queue_name))
+
+
+async def workers_alive(redis: ArqRedis, *, window_seconds: float, now: float) -> int:
+    """How many workers sent a heartbeat within ``window_seconds``."""
+    return int(await redis.zcount(WORKERS_KEY, int((now - window_seconds) * 1000), "+inf"))
+
+
+async def queue_depth_by_priority(db: asyncpg.Pool) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT priority, count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying') "
+        "GROUP BY priority"
+    )
+    depth = {p: 0 for p in ("low", "normal", "high", "critical")}
+    depth.update({r["priority"]: int(r["n"]) for r in rows})
+    return depth

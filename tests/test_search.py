@@ -1,0 +1,121 @@
+"""``POST /api/v1/search`` over indexed chunks, scoped to the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from app.gateway.services import Services
+from tests import fixtures_pipeline as fx
+from tests.fixtures_pipeline import (
+    TOPIC_PAGES,
+    MakeJob,
+    make_pdf,
+)
+from workers.context import WorkerContext
+from workers.pipeline import JobRun, Outcome
+
+embedder = fx.embedder
+make_job = fx.make_job
+worker_ctx = fx.worker_ctx
+
+Headers = Callable[[str], dict[str, str]]
+
+
+async def _index(
+    ctx: WorkerContext, make_job: MakeJob, pages: list[list[str]] | bytes, owner: str | None = None
+) -> str:
+    data = pages if isinstance(pages, bytes) else make_pdf(pages)
+    job = await make_job(data, owner=owner, options={"chunk_size": 32, "chunk_overlap": 0})
+    assert await JobRun(ctx, job.job_id).run() == Outcome.COMPLETED
+    return job.document_id
+
+
+async def test_search_ranks_the_caller_chunks_only(
+    worker_ctx: WorkerContext,
+    make_job: MakeJob,
+    client: httpx.AsyncClient,
+    auth_headers: dict[str, str],
+    user: str,
+    headers_for: Headers,
+) -> None:
+    mine = await _index(worker_ctx, make_job, TOPIC_PAGES)
+    theirs = await _index(worker_ctx, make_job, [TOPIC_PAGES[3]], owner=f"{user}-b")
+    r = await client.post(
+        "/api/v1/search",
+        headers=auth_headers,
+        json={"query": "baking bread with wild yeast", "top_k": 2},
+    )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 2
+    assert {h["document_id"] for h in results} == {mine}
+    assert results[0]["page_start"] <= 4 <= results[0]["page_end"]
+    assert "Sourdough" in results[0]["text"]
+    assert results[0]["score"] >= results[1]["score"]
+    assert results[0]["filename"] == "doc.pdf"
+    other = await client.post(
+        "/api/v1/search",
+        headers=headers_for(f"{user}-b"),
+        json={"query": "baking bread with wild yeast"},
+    )
+    assert {h["document_id"] for h in other.json()["results"]} == {theirs}
+
+
+async def test_search_within_chosen_documents(
+    services: Services,
+    worker_ctx: WorkerContext,
+    make_job: MakeJob,
+    client: httpx.AsyncClient,
+    auth_headers: dict[str, str],
+) -> None:
+    volcano_pdf = make_pdf([TOPIC_PAGES[0]])
+    volcano = await _index(worker_ctx, make_job, volcano_pdf)
+    history = await _index(worker_ctx, make_job, [TOPIC_PAGES[1]])
+    r = await client.post(
+        "/api/v1/search",
+        headers=auth_headers,
+        json={"query": "lava and magma", "document_ids": [history]},
+    )
+    assert {h["document_id"] for h in r.json()["results"]} == {history}
+    # A deduplicated document searches the chunks of the one it duplicates.
+    dup = await make_job(volcano_pdf, options={"chunk_size": 32, "chunk_overlap": 0})
+    assert await JobRun(worker_ctx, dup.job_id).run() == Outcome.DEDUPLICATED
+    r = await client.post(
+        "/api/v1/search",
+        headers=auth_headers,
+        json={"query": "lava and magma", "document_ids": [dup.document_id], "top_k": 1},
+    )
+    assert [h["document_id"] for h in r.json()["results"]] == [volcano]
+
+
+async def test_search_with_nothing_indexed_is_empty(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    r = await client.post("/api/v1/search", headers=auth_headers, json={"query": "anything"})
+    assert r.status_code == 200 and r.json()["results"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"query": ""}, "query"),
+        ({"query": "   "}, "query"),
+        ({"query": "x", "top_k": 0}, "top_k"),
+        ({"query": "x", "top_k": 101}, "top_k"),
+        ({"query": "x", "document_ids": ["nope"]}, "document_ids"),
+        ({"query": "x", "unknown": 1}, None),
+    ],
+)
+async def test_search_rejects_bad_requests(
+    client: httpx.AsyncClient,
+    auth_headers: dict[str, str],
+    body: dict[str, object],
+    field: str | None,
+) -> None:
+    r = await client.post("/api/v1/search", headers=auth_headers, json=body)
+    assert r.status_code == 422, r.text
+    if field:
+        assert r.json()["details"]["field"] == field

@@ -1,0 +1,87 @@
+"""What every job of a worker process shares: collaborators, timings, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+from arq.connections import ArqRedis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from tokenizers import Tokenizer
+
+from app.core.embedding import Embedder
+from app.core.queue import JobQueue
+from app.core.settings import Settings
+from app.core.storage import S3Client
+
+STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class WorkerMetrics:
+    """The worker's Prometheus metrics, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.jobs = Counter(
+            "sluice_worker_jobs_total",
+            "Jobs finished by this worker, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "sluice_worker_stage_duration_seconds",
+            "Time spent in each pipeline stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "sluice_worker_jobs_running", "Jobs running in this worker", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "sluice_queue_depth",
+            "Jobs waiting (queued or retrying), by priority",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.reaped = Counter(
+            "sluice_worker_leases_reaped_total",
+            "Jobs recovered from a lapsed lease",
+            registry=self.registry,
+        )
+
+
+@dataclass
+class WorkerContext:
+    """Collaborators of the job function, built once per worker process."""
+
+    settings: Settings
+    db: asyncpg.Pool
+    redis: ArqRedis
+    s3: S3Client
+    embedder: Embedder
+    tokenizer: Tokenizer
+    queue: JobQueue
+    worker_id: str
+    tmp_dir: Path
+    clock: Callable[[], float] = time.time
+    lease_seconds: float = 30.0
+    """A running job's lease; renewed every third of it, reaped once lapsed."""
+    retry_base_seconds: float = 2.0
+    """First retry delay; doubles per attempt (with jitter), capped below."""
+    retry_max_seconds: float = 300.0
+    max_processing_seconds: float = 3600.0
+    progress_interval_seconds: float = 0.25
+    """At most one recorded progress update per stage per interval (plus stage ends)."""
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    running: set[str] = field(default_factory=set)
+
+    @classmethod
+    def timings_from(cls, settings: Settings) -> dict[str, float]:
+        return {
+            "lease_seconds": float(settings.job_lease_seconds),
+            "max_processing_seconds": settings.max_processing_time_minutes * 60.0,
+        }

@@ -1,0 +1,670 @@
+"""The job function: one document through validate -> extract -> chunk -> embed -> index.
+
+:func:`process_document` is what ARQ runs.  For one attempt it
+
+1. takes the job's lease (``workers/lease.py``); a job that is no longer
+   waiting (cancelled, finished, or running under a live lease elsewhere) is
+   skipped, so a duplicate delivery never runs a job twice;
+2. renews the lease in the background and runs the stages under the
+   ``MAX_PROCESSING_TIME_MINUTES`` bound, recording each state change with
+   :func:`app.core.jobs.record_progress` (throttled progress, stage ends,
+   the final state);
+3. checkpoints stage outputs (extracted pages, the chunk plan, each batch of
+   embeddings) in ``job_checkpoints``, so a retry or a recovered job skips what
+   is stored and resumes embedding at the next batch;
+4. checks for cancellation (and for a lost lease) at every stage, page and
+   batch boundary and once more under a row lock right before the index
+   commit: a cancelled job removes its partial outputs and ends ``cancelled``;
+5. on :class:`~app.core.errors.TransientError` retries with exponential
+   backoff (ARQ ``Retry``, the priority offset re-applied) up to
+   ``TASK_RETRY_MAX_ATTEMPTS``; on :class:`~app.core.errors.PermanentError`
+   fails at once.
+
+A document whose sha256 this user already has indexed (with the same
+processing options) completes at once as deduplicated, pointing at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+import numpy as np
+import structlog
+from arq import Retry
+from asyncpg.pool import PoolConnectionProxy
+
+from app.core.errors import JobCancelled, PermanentError, SluiceError, TransientError
+from app.core.events import JobStatus, ProgressEvent, Stage, publish_event
+from app.core.jobs import record_progress
+from app.core.logging import get_logger
+from app.core.queue import JobQueue
+from workers import lease
+from workers.context import WorkerContext
+from workers.lease import LeaseLost
+from workers.stages.chunk import chunk_document
+from workers.stages.common import Chunk, DocumentInfo, Extracted
+from workers.stages.embed import embed_chunks
+from workers.stages.extract import extract_document
+from workers.stages.index import write_chunks
+from workers.stages.validate import validate_document
+
+log = get_logger("sluice.worker.pipeline")
+T = TypeVar("T")
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+# Share of overall progress per stage (sums to 1).
+STAGE_WEIGHTS: dict[Stage, tuple[float, float]] = {
+    Stage.VALIDATE: (0.0, 0.05),
+    Stage.EXTRACT: (0.05, 0.20),
+    Stage.CHUNK: (0.25, 0.05),
+    Stage.EMBED: (0.30, 0.60),
+    Stage.INDEX: (0.90, 0.10),
+}
+ACTIVE = (JobStatus.RUNNING,)
+BOUNDARY_CHECK_SECONDS = 0.2
+"""How stale a page/batch boundary's view of ``cancel_requested`` may be."""
+DOCUMENT_FIELDS = tuple(f.name for f in msgspec.structs.fields(DocumentInfo))
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    DEDUPLICATED = "deduplicated"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRYING = "retrying"
+    SKIPPED = "skipped"
+    LEASE_LOST = "lease_lost"
+    REQUEUED = "requeued"
+
+
+class RetryLater(Exception):
+    """Internal: the attempt ended with a transient error; retry after ``delay_ms``."""
+
+    def __init__(self, defer_ms: int) -> None:
+        super().__init__(defer_ms)
+        self.defer_ms = defer_ms
+
+
+class _Reporter:
+    """A stage's :class:`~workers.stages.common.StageReporter`, throttled."""
+
+    def __init__(self, run: JobRun, stage: Stage) -> None:
+        self._run = run
+        self._stage = stage
+        self._base, self._weight = STAGE_WEIGHTS[stage]
+        self._last = 0.0
+
+    async def progress(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - self._last < self._run.ctx.progress_interval_seconds:
+            return
+        self._last = now
+        await self._run.record(
+            stage=self._stage,
+            stage_progress=fraction,
+            overall_progress=self._base + self._weight * fraction,
+            message=message,
+        )
+
+    async def boundary(self) -> None:
+        await self._run.check(force=False)
+
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack_extracted = msgspec.msgpack.Decoder(Extracted).decode
+_unpack_chunks = msgspec.msgpack.Decoder(list[Chunk]).decode
+
+
+class JobRun:
+    """One attempt at one job."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str) -> None:
+        self.ctx = ctx
+        self.job_id = job_id
+        self.token = f"{ctx.worker_id}:{uuid.uuid4().hex[:8]}"
+        self.attempt = 0
+        self.priority = "normal"
+        self.doc: DocumentInfo | None = None
+        self.lease_lost = False
+        self.warnings: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+        self._last_check = 0.0
+
+    # -- state ---------------------------------------------------------------------------
+
+    async def record(self, **fields: Any) -> ProgressEvent:
+        event = await record_progress(
+            self.ctx.db, self.ctx.redis, self.job_id, only_if_status=ACTIVE, **fields
+        )
+        if event is None:  # no longer running: the reaper or a cancel got it
+            self.lease_lost = True
+            raise LeaseLost(self.job_id)
+        return event
+
+    async def check(self, *, force: bool = True) -> None:
+        """Stage/batch boundary: stop if cancelled or if our lease is gone.
+
+        Page and batch boundaries (``force=False``) look at the table at most
+        every :data:`BOUNDARY_CHECK_SECONDS`; stage boundaries always do.
+        """
+        if self.lease_lost:
+            raise LeaseLost(self.job_id)
+        now = time.monotonic()
+        if not force and now - self._last_check < BOUNDARY_CHECK_SECONDS:
+            return
+        self._last_check = now
+        row = await self.ctx.db.fetchrow(
+            "SELECT cancel_requested, lease_owner, status FROM jobs WHERE id = $1::uuid",
+            self.job_id,
+        )
+        if row is None or row["lease_owner"] != self.token or row["status"] != "running":
+            self.lease_lost = True
+            raise LeaseLost(self.job_id)
+        if row["cancel_requested"]:
+            raise JobCancelled("cancelled by request")
+
+    async def _transition(
+        self, fn: Callable[[Conn], Awaitable[ProgressEvent | None]]
+    ) -> ProgressEvent | None:
+        """Run ``fn`` in a transaction, publish its event after the commit."""
+        async with self.ctx.db.acquire() as conn, conn.transaction():
+            event = await fn(conn)
+        if event is not None:
+            try:
+                await publish_event(self.ctx.redis, event)
+            except Exception:
+                log.warning("event_publish_failed", job_id=self.job_id, exc_info=True)
+        return event
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    async def _save(self, stage: Stage, part: int, data: bytes) -> None:
+        await self.ctx.db.execute(
+            """
+            INSERT INTO job_checkpoints (job_id, stage, part, data)
+            SELECT $1::uuid, $2, $3, $4 FROM jobs
+            WHERE id = $1::uuid AND lease_owner = $5
+            ON CONFLICT (job_id, stage, part) DO UPDATE SET data = EXCLUDED.data
+            """,
+            self.job_id,
+            str(stage),
+            part,
+            data,
+            self.token,
+        )
+
+    async def _load(self, stage: Stage) -> dict[int, bytes]:
+        rows = await self.ctx.db.fetch(
+            "SELECT part, data FROM job_checkpoints WHERE job_id = $1::uuid AND stage = $2",
+            self.job_id,
+            str(stage),
+        )
+        return {r["part"]: r["data"] for r in rows}
+
+    async def _stage_done(self, stage: Stage, seconds: float) -> None:
+        self.timings[str(stage)] = round(self.timings.get(str(stage), 0.0) + seconds, 4)
+        self.ctx.metrics.stage_seconds.labels(str(stage)).observe(seconds)
+        await self.ctx.db.execute(
+            "UPDATE jobs SET stage_timings = stage_timings || $2::jsonb WHERE id = $1::uuid",
+            self.job_id,
+            {str(stage): round(seconds, 4)},
+        )
+
+    async def _timed(self, stage: Stage, work: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        result = await work
+        await self._stage_done(stage, time.perf_counter() - started)
+        return result
+
+    # -- the attempt ---------------------------------------------------------------------
+
+    async def run(self) -> Outcome:
+        row = await lease.acquire(self.ctx.db, self.job_id, self.token, self.ctx.lease_seconds)
+        if row is None:
+            log.info("job_not_runnable", job_id=self.job_id)
+            return Outcome.SKIPPED
+        self.attempt, self.priority = row["attempts"], row["priority"]
+        structlog.contextvars.bind_contextvars(job_id=self.job_id, attempt=self.attempt)
+        self.doc = msgspec.convert({k: row[k] for k in DOCUMENT_FIELDS}, DocumentInfo)
+        if row["cancel_requested"]:
+            return await self._finish_cancelled("cancelled before processing started")
+        max_attempts = self.ctx.settings.task_retry_max_attempts
+        started = await record_progress(
+            self.ctx.db,
+            self.ctx.redis,
+            self.job_id,
+            status=JobStatus.RUNNING,
+            stage=Stage.VALIDATE,
+            stage_progress=0.0,
+            overall_progress=0.0,
+            message=f"started (attempt {self.attempt} of {max_attempts})",
+            only_if_status=[JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING],
+        )
+        if started is None:
+            return Outcome.SKIPPED
+        self.ctx.running.add(self.job_id)
+        self.ctx.metrics.running.inc()
+        work = asyncio.create_task(self._stages(), name=f"job-{self.job_id}")
+        renewer = asyncio.create_task(self._renew(work), name=f"lease-{self.job_id}")
+        try:
+            try:
+                async with asyncio.timeout(self.ctx.max_processing_seconds) as deadline:
+                    return await work
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                limit = self.ctx.max_processing_seconds
+                raise PermanentError(
+                    f"processing took longer than {limit:g} s (MAX_PROCESSING_TIME_MINUTES)",
+                    code="processing_timeout",
+                    details={"limit_seconds": limit},
+                ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.lease_lost and current is not None and not current.cancelling():
+                log.warning("lease_lost", job_id=self.job_id)
+                return Outcome.LEASE_LOST
+            await asyncio.shield(self._release_for_shutdown())
+            raise
+        except LeaseLost:
+            log.warning("lease_lost", job_id=self.job_id)
+            return Outcome.LEASE_LOST
+        except JobCancelled:
+            return await self._finish_cancelled("cancelled")
+        except PermanentError as exc:
+            return await self._finish_failed(exc)
+        except TransientError as exc:
+            return await self._retry_or_fail(exc)
+        except Exception as exc:  # a bug or an unforeseen dependency failure
+            log.exception("job_crashed", job_id=self.job_id)
+            return await self._retry_or_fail(
+                TransientError(f"{type(exc).__name__}: {str(exc)[:300]}", code="internal_error")
+            )
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            self.ctx.running.discard(self.job_id)
+            self.ctx.metrics.running.dec()
+            self._cleanup_files()
+            structlog.contextvars.unbind_contextvars("job_id", "attempt")
+
+    async def _renew(self, work: asyncio.Task[Outcome]) -> None:
+        interval = self.ctx.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ok = await lease.renew(self.ctx.db, self.job_id, self.token, self.ctx.lease_seconds)
+            except Exception:  # Postgres briefly away: try again next tick
+                log.warning("lease_renew_failed", job_id=self.job_id, exc_info=True)
+                continue
+            if not ok:
+                self.lease_lost = True
+                work.cancel()
+                return
+
+    def _tmp_path(self) -> Path:
+        return self.ctx.tmp_dir / f"{self.job_id}-{self.token.rsplit(':', 1)[-1]}.bin"
+
+    def _cleanup_files(self) -> None:
+        with contextlib.suppress(OSError):
+            self._tmp_path().unlink(missing_ok=True)
+
+    # -- stages --------------------------------------------------------------------------
+
+    async def _stages(self) -> Outcome:
+        ctx, doc = self.ctx, self.doc
+        assert doc is not None
+        stored = await self._load(Stage.EXTRACT)
+        if stored:
+            extracted = _unpack_extracted(stored[0])
+            await self.record(
+                stage=Stage.EXTRACT,
+                stage_progress=1.0,
+                overall_progress=sum(STAGE_WEIGHTS[Stage.EXTRACT]),
+                message="validate and extract already done; resuming",
+            )
+        else:
+            path = self._tmp_path()
+            validated = await self._timed(
+                Stage.VALIDATE,
+                validate_document(
+                    ctx.s3,
+                    ctx.settings.minio_bucket_name,
+                    doc,
+                    path,
+                    max_bytes=ctx.settings.max_upload_size_bytes,
+                    max_pdf_pages=ctx.settings.max_pdf_pages,
+                    report=_Reporter(self, Stage.VALIDATE),
+                ),
+            )
+            await ctx.db.execute(
+                "UPDATE documents SET sha256 = $2, page_count = $3, updated_at = now() "
+                "WHERE id = $1::uuid",
+                doc.id,
+                validated.sha256,
+                validated.page_count,
+            )
+            original = await self._find_duplicate(validated.sha256)
+            if original is not None:
+                return await self._finish_deduplicated(original)
+            await self.check()
+            extracted = await self._timed(
+                Stage.EXTRACT,
+                extract_document(path, doc.document_type, report=_Reporter(self, Stage.EXTRACT)),
+            )
+            self._cleanup_files()
+            await self._save(Stage.EXTRACT, 0, _pack(extracted))
+        self.warnings = list(extracted.warnings)
+        if not any(p.text for p in extracted.pages):
+            raise PermanentError(
+                "no text could be extracted (a scanned PDF needs OCR, which is not supported)",
+                code="no_text",
+                details={"warnings": self.warnings[:20]},
+            )
+        await self.check()
+
+        stored = await self._load(Stage.CHUNK)
+        if stored:
+            chunks = _unpack_chunks(stored[0])
+        else:
+            chunks = await self._timed(
+                Stage.CHUNK,
+                chunk_document(
+                    extracted.pages,
+                    ctx.tokenizer,
+                    options=doc.processing_options,
+                    max_seq_length=ctx.embedder.max_seq_length,
+                    report=_Reporter(self, Stage.CHUNK),
+                ),
+            )
+            await self._save(Stage.CHUNK, 0, _pack(chunks))
+        del extracted
+        await self.check()
+
+        done = {
+            part: np.frombuffer(data, dtype=np.float32).reshape(-1, ctx.embedder.dim)
+            for part, data in (await self._load(Stage.EMBED)).items()
+        }
+
+        async def keep(index: int, vectors: np.ndarray[Any, Any]) -> None:
+            await self._save(
+                Stage.EMBED, index, np.ascontiguousarray(vectors, np.float32).tobytes()
+            )
+
+        vectors = await self._timed(
+            Stage.EMBED,
+            embed_chunks(
+                ctx.embedder,
+                chunks,
+                batch_size=ctx.settings.embedding_batch_size,
+                report=_Reporter(self, Stage.EMBED),
+                done=done,
+                on_batch=keep,
+            ),
+        )
+        await self.check()
+        await self.record(
+            stage=Stage.INDEX,
+            stage_progress=0.0,
+            overall_progress=STAGE_WEIGHTS[Stage.INDEX][0],
+            message=f"indexing {len(chunks)} chunks",
+        )
+        started = time.perf_counter()
+        index_seconds: list[float] = []
+
+        async def commit(conn: Conn) -> ProgressEvent | None:
+            await self._fence(conn)
+            written = await write_chunks(conn, doc.id, doc.owner_id, chunks, vectors)
+            index_seconds.append(time.perf_counter() - started)
+            self.timings[str(Stage.INDEX)] = round(index_seconds[0], 4)
+            await conn.execute(
+                "UPDATE documents SET status = 'indexed', deduplicated_of = NULL, "
+                "updated_at = now() WHERE id = $1::uuid",
+                doc.id,
+            )
+            return await self._complete(
+                conn,
+                result={
+                    "chunks": written,
+                    "pages": _page_count(chunks),
+                    "warnings": len(self.warnings),
+                    "worker": self.ctx.worker_id,
+                },
+                message=f"indexed {written} chunks",
+            )
+
+        await self._transition(commit)
+        self.ctx.metrics.stage_seconds.labels(str(Stage.INDEX)).observe(index_seconds[0])
+        return Outcome.COMPLETED
+
+    async def _fence(self, conn: Conn) -> None:
+        """Inside the final transaction: lock the job row, re-check lease and cancel."""
+        row = await conn.fetchrow(
+            "SELECT cancel_requested, lease_owner, status FROM jobs WHERE id = $1::uuid FOR UPDATE",
+            self.job_id,
+        )
+        if row is None or row["lease_owner"] != self.token or row["status"] != "running":
+            self.lease_lost = True
+            raise LeaseLost(self.job_id)
+        if row["cancel_requested"]:
+            raise JobCancelled("cancelled by request")
+
+    async def _complete(
+        self,
+        conn: Conn,
+        *,
+        result: dict[str, Any],
+        message: str,
+        details: dict[str, Any] | None = None,
+    ) -> ProgressEvent | None:
+        await conn.execute(
+            """
+            UPDATE jobs SET result = $2::jsonb, warnings = $3::jsonb,
+                   stage_timings = stage_timings || $4::jsonb,
+                   lease_owner = NULL, lease_expires_at = NULL
+            WHERE id = $1::uuid
+            """,
+            self.job_id,
+            result,
+            self.warnings,
+            self.timings,
+        )
+        await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+        return await record_progress(
+            conn,
+            None,
+            self.job_id,
+            status=JobStatus.COMPLETED,
+            stage=Stage.INDEX,
+            stage_progress=1.0,
+            overall_progress=1.0,
+            message=message,
+            details={**result, **(details or {})},
+            only_if_status=ACTIVE,
+        )
+
+    async def _find_duplicate(self, sha256: str) -> str | None:
+        assert self.doc is not None
+        found = await self.ctx.db.fetchval(
+            """
+            SELECT COALESCE(deduplicated_of, id)::text FROM documents
+            WHERE owner_id = $1 AND sha256 = $2 AND status = 'indexed' AND id <> $3::uuid
+              AND processing_options = $4::jsonb
+            ORDER BY created_at LIMIT 1
+            """,
+            self.doc.owner_id,
+            sha256,
+            self.doc.id,
+            self.doc.processing_options,
+        )
+        return str(found) if found is not None else None
+
+    async def _finish_deduplicated(self, original: str) -> Outcome:
+        doc = self.doc
+        assert doc is not None
+
+        async def commit(conn: Conn) -> ProgressEvent | None:
+            await self._fence(conn)
+            await conn.execute("DELETE FROM chunks WHERE document_id = $1::uuid", doc.id)
+            await conn.execute(
+                "UPDATE documents SET status = 'indexed', deduplicated_of = $2::uuid, "
+                "updated_at = now() WHERE id = $1::uuid",
+                doc.id,
+                original,
+            )
+            return await self._complete(
+                conn,
+                result={
+                    "deduplicated": True,
+                    "document_id": original,
+                    "worker": self.ctx.worker_id,
+                },
+                message=f"deduplicated: identical to document {original}",
+                details={"deduplicated_of": original},
+            )
+
+        await self._transition(commit)
+        return Outcome.DEDUPLICATED
+
+    # -- endings -------------------------------------------------------------------------
+
+    async def _finish_cancelled(self, message: str) -> Outcome:
+        async def commit(conn: Conn) -> ProgressEvent | None:
+            await conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
+                "stage_timings = stage_timings || $2::jsonb WHERE id = $1::uuid",
+                self.job_id,
+                self.timings,
+            )
+            await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+            event = await record_progress(
+                conn,
+                None,
+                self.job_id,
+                status=JobStatus.CANCELLED,
+                message=message,
+                only_if_status=[JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.RETRYING],
+            )
+            if event is not None and self.doc is not None:
+                await lease.settle_document(conn, uuid.UUID(self.doc.id), "cancelled")
+            return event
+
+        await self._transition(commit)
+        return Outcome.CANCELLED
+
+    async def _finish_failed(self, exc: SluiceError) -> Outcome:
+        async def commit(conn: Conn) -> ProgressEvent | None:
+            await conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
+                "warnings = $2::jsonb, stage_timings = stage_timings || $3::jsonb "
+                "WHERE id = $1::uuid",
+                self.job_id,
+                self.warnings,
+                self.timings,
+            )
+            await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+            event = await record_progress(
+                conn,
+                None,
+                self.job_id,
+                status=JobStatus.FAILED,
+                error_code=exc.code,
+                error_message=exc.message,
+                message=f"failed: {exc.message}",
+                details=exc.details,
+                only_if_status=ACTIVE,
+            )
+            if event is not None and self.doc is not None:
+                await lease.settle_document(conn, uuid.UUID(self.doc.id), "failed")
+            return event
+
+        log.info("job_failed", job_id=self.job_id, code=exc.code, error=exc.message)
+        await self._transition(commit)
+        return Outcome.FAILED
+
+    async def _retry_or_fail(self, exc: TransientError) -> Outcome:
+        max_attempts = self.ctx.settings.task_retry_max_attempts
+        if self.attempt >= max_attempts:
+            exc.message = f"{exc.message} (gave up after {self.attempt} attempts)"
+            return await self._finish_failed(exc)
+        delay = min(
+            self.ctx.retry_base_seconds * 2 ** (self.attempt - 1), self.ctx.retry_max_seconds
+        )
+        delay *= random.uniform(0.8, 1.2)  # noqa: S311  (jitter, not crypto)
+
+        async def commit(conn: Conn) -> ProgressEvent | None:
+            await conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
+                "stage_timings = stage_timings || $2::jsonb WHERE id = $1::uuid",
+                self.job_id,
+                self.timings,
+            )
+            return await record_progress(
+                conn,
+                None,
+                self.job_id,
+                status=JobStatus.RETRYING,
+                message=f"{exc.message}; retry {self.attempt + 1} of {max_attempts} "
+                f"in {delay:.1f} s",
+                details={"error_code": exc.code, "retry_in_seconds": round(delay, 2)},
+                only_if_status=ACTIVE,
+            )
+
+        if await self._transition(commit) is None:
+            return Outcome.LEASE_LOST
+        log.info("job_retrying", job_id=self.job_id, code=exc.code, delay_s=round(delay, 2))
+        raise RetryLater(JobQueue.retry_defer_ms(self.priority, delay))
+
+    async def _release_for_shutdown(self) -> None:
+        """The worker is stopping: hand the job back without spending an attempt."""
+
+        async def commit(conn: Conn) -> ProgressEvent | None:
+            released = await conn.fetchval(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
+                "attempts = greatest(attempts - 1, 0) "
+                "WHERE id = $1::uuid AND lease_owner = $2 AND status = 'running' RETURNING true",
+                self.job_id,
+                self.token,
+            )
+            if not released:
+                return None
+            return await record_progress(
+                conn,
+                None,
+                self.job_id,
+                status=JobStatus.QUEUED,
+                message="worker shutting down; job requeued",
+                only_if_status=ACTIVE,
+            )
+
+        try:
+            await self._transition(commit)
+        except Exception:
+            log.warning("release_failed", job_id=self.job_id, exc_info=True)
+
+
+def _page_count(chunks: list[Chunk]) -> int:
+    return len({p for c in chunks for p in range(c.page_start, c.page_end + 1)})
+
+
+async def process_document(ctx: dict[str, Any], job_id: str) -> str:
+    """The ARQ job function (registered as :data:`~app.core.queue.PROCESS_FUNCTION`)."""
+    wctx: WorkerContext = ctx["sluice"]
+    try:
+        outcome = await JobRun(wctx, job_id).run()
+    except RetryLater as retry:
+        wctx.metrics.jobs.labels(Outcome.RETRYING).inc()
+        raise Retry(defer=retry.defer_ms / 1000) from None
+    wctx.metrics.jobs.labels(outcome).inc()
+    return str(outcome)
