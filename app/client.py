@@ -414,13 +414,18 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
 
 # --- following a job over the WebSocket ------------------------------------------------
 
+WS_PATH = "/api/v1/ws/progress"
+
 
 def ws_url_for(base_url: str, explicit: str | None = None) -> str:
+    """The progress endpoint: ``explicit`` as given (its path added if it has none),
+    else the gateway's host on the default WebSocket port."""
     if explicit:
-        return explicit
+        given = urlsplit(explicit)
+        return explicit if given.path not in ("", "/") else f"{explicit.rstrip('/')}{WS_PATH}"
     parts = urlsplit(base_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
-    return f"{scheme}://{parts.hostname or '127.0.0.1'}:{DEFAULT_WS_PORT}/api/v1/ws/progress"
+    return f"{scheme}://{parts.hostname or '127.0.0.1'}:{DEFAULT_WS_PORT}{WS_PATH}"
 
 
 async def follow_job(
@@ -467,10 +472,22 @@ async def follow_job(
                     if data.get("status") in TERMINAL:
                         return str(data["status"])
         except (OSError, websockets.exceptions.WebSocketException) as exc:
-            if attempt >= reconnects:
+            if _refused_for_good(exc) or attempt >= reconnects:
                 raise UploadError(f"cannot follow the job at {ws_url}: {exc}") from exc
             await asyncio.sleep(min(2.0**attempt, 10.0))
     raise UploadError("progress stream ended before the job did")
+
+
+def _refused_for_good(exc: BaseException) -> bool:
+    """A rejection that no reconnect can fix: a 4xx handshake (wrong URL, bad token)
+    or a close for an auth/permission problem (4401, 4403, 4404)."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    if isinstance(exc, InvalidStatus):
+        return 400 <= exc.response.status_code < 500
+    if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
+        return exc.rcvd.code in (4401, 4403, 4404)
+    return False
 
 
 # --- the CLI -------------------------------------------------------------------------------

@@ -14,19 +14,23 @@ from typing import Any
 import httpx
 import pytest
 
-from app.client import ProgressBar, UploadClient, UploadError
+from app.client import ProgressBar, UploadClient, UploadError, follow_job, ws_url_for
 from app.core.jobs import request_cancel
 from app.gateway.app import create_app
 from app.gateway.services import Services
 from tests import fixtures_uploads as fx
+from tests import fixtures_ws
 from tests.fixtures_uploads import (
     PART,
     ROOT,
     payload,
     s3_object,
 )
+from tests.fixtures_ws import WsProcess
 
 gateway_factory = fx.gateway_factory
+ws_factory = fixtures_ws.ws_factory
+ws_server = fixtures_ws.ws_server
 upload_services = fx.upload_services
 uploads = fx.uploads
 
@@ -323,3 +327,27 @@ async def _port_open(port: int) -> bool:
     writer.close()
     await writer.wait_closed()
     return True
+
+
+def test_ws_url_accepts_a_base_or_a_full_url() -> None:
+    full = "ws://127.0.0.1:9999/api/v1/ws/progress"
+    assert ws_url_for("http://gw:8000", "ws://127.0.0.1:9999") == full
+    assert ws_url_for("http://gw:8000", "ws://127.0.0.1:9999/") == full
+    assert ws_url_for("http://gw:8000", full) == full
+    assert ws_url_for("https://gw.example") == "wss://gw.example:8765/api/v1/ws/progress"
+
+
+async def test_follow_gives_up_at_once_when_refused_for_good(
+    ws_server: WsProcess, tokens: Any, user: str
+) -> None:
+    """A wrong URL or a bad token cannot be fixed by reconnecting: fail fast, say why."""
+    loop = asyncio.get_running_loop()
+    cases = [
+        (f"{ws_server.url}/no/such/path", tokens.mint(user), "404"),
+        (f"{ws_server.url}/api/v1/ws/progress", "not-a-token", "token is malformed"),
+    ]
+    for url, token, reason in cases:
+        started = loop.time()
+        with pytest.raises(UploadError, match=reason):
+            await follow_job(url, token, "00000000-0000-0000-0000-000000000000", reconnects=5)
+        assert loop.time() - started < 3, url
