@@ -99,6 +99,7 @@ class ProgressBar:
         self._clock = clock
         self._started = clock()
         self._last = 0.0
+        self._rendered: int | None = None
         self._interval = interval if self._stream.isatty() else 2.0
 
     def advance(self, n: int) -> None:
@@ -126,9 +127,11 @@ class ProgressBar:
         end = "\r" if self._stream.isatty() else "\n"
         self._stream.write(line + end)
         self._stream.flush()
+        self._rendered = self.done
 
     def close(self) -> None:
-        self.render()
+        if self._rendered != self.done:
+            self.render()
         if self._stream.isatty():
             self._stream.write("\n")
             self._stream.flush()
