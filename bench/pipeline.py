@@ -56,7 +56,6 @@ from app.core.events import JobStatus, Priority, decode_event, job_channel  # no
 from app.core.queue import PROCESS_FUNCTION, JobQueue, connect_redis  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.core.storage import ensure_bucket, open_s3  # noqa: E402
-from workers.settings import POLL_DELAY_SECONDS  # noqa: E402
 from workers.stages.chunk import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, chunk_pages  # noqa: E402
 from workers.stages.common import Page  # noqa: E402
 from workers.stages.extract import extract_pdf_page, open_pdf  # noqa: E402
@@ -279,7 +278,7 @@ async def noop_rate(settings: Settings, jobs: int, *, ours: bool) -> tuple[float
             "redis_pool": redis,
             "burst": True,
             "max_jobs": 10,
-            "poll_delay": POLL_DELAY_SECONDS,
+            "poll_delay": settings.worker_poll_interval_ms / 1000,
             "handle_signals": False,
         }
         if ours:  # the production settings (workers/settings.py)

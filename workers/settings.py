@@ -37,8 +37,6 @@ from app.core.storage import open_s3
 from workers.context import WorkerContext, WorkerMetrics
 from workers.pipeline import process_document
 
-POLL_DELAY_SECONDS = 0.01
-"""How often an idle worker looks at the queue (enqueue-to-start latency)."""
 HEALTH_CHECK_SECONDS = 10
 ARQ_MAX_TRIES = 1000
 
@@ -105,7 +103,7 @@ def worker_kwargs(ctx: WorkerContext, **overrides: Any) -> dict[str, Any]:
         "max_jobs": max_jobs,
         "job_timeout": job_timeout,
         "keep_result": 0,
-        "poll_delay": POLL_DELAY_SECONDS,
+        "poll_delay": settings.worker_poll_interval_ms / 1000,
         "queue_read_limit": read_limit_for(max_jobs, max_jobs),
         "max_tries": ARQ_MAX_TRIES,
         "health_check_interval": HEALTH_CHECK_SECONDS,
