@@ -163,8 +163,14 @@ class JobRun:
         if not force and now - self._last_check < BOUNDARY_CHECK_SECONDS:
             return
         self._last_check = now
-        row = await self.ctx.db.fetchrow(
-            "SELECT cancel_requested, lease_owner, status FROM jobs WHERE id = $1::uuid",
+        await self._verify(self.ctx.db, lock=False)
+
+    async def _verify(self, db: Conn | asyncpg.Pool, *, lock: bool) -> None:
+        """Raise unless this worker still holds the lease and nobody asked to cancel;
+        with ``lock``, also hold the job row until ``db``'s transaction ends."""
+        row = await db.fetchrow(
+            "SELECT cancel_requested, lease_owner, status FROM jobs WHERE id = $1::uuid"
+            + (" FOR UPDATE" if lock else ""),
             self.job_id,
         )
         if row is None or row["lease_owner"] != self.token or row["status"] != "running":
@@ -450,15 +456,7 @@ class JobRun:
 
     async def _fence(self, conn: Conn) -> None:
         """Inside the final transaction: lock the job row, re-check lease and cancel."""
-        row = await conn.fetchrow(
-            "SELECT cancel_requested, lease_owner, status FROM jobs WHERE id = $1::uuid FOR UPDATE",
-            self.job_id,
-        )
-        if row is None or row["lease_owner"] != self.token or row["status"] != "running":
-            self.lease_lost = True
-            raise LeaseLost(self.job_id)
-        if row["cancel_requested"]:
-            raise JobCancelled("cancelled by request")
+        await self._verify(conn, lock=True)
 
     async def _complete(
         self,
