@@ -70,6 +70,16 @@ async def progress(deps: Deps, job_id: str, n: int, **fields: Any) -> list[int]:
     return seqs
 
 
+async def progress_started(deps: Deps, job_id: str, *, above: int) -> None:
+    """Wait until the job's seq passes ``above``: a publisher is running."""
+    for _ in range(500):
+        snap = await job_snapshot(deps.db, job_id)
+        if snap is not None and snap.seq > above:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("publisher did not start")
+
+
 async def complete(deps: Deps, job_id: str) -> int:
     ev = await record_progress(
         deps.db,
@@ -287,19 +297,26 @@ async def test_no_gap_when_joining_mid_stream(
 ) -> None:
     job = await make_job(ws_deps.db, user)
     await progress(ws_deps, job, 5)
+    joined = asyncio.Event()
 
     async def publisher() -> None:
-        await progress(ws_deps, job, 60)
+        # Publish without pause until the subscriber holds its snapshot (so events
+        # race the subscription however fast the machine is), then 20 more, then end.
+        while not joined.is_set():
+            await progress(ws_deps, job, 1)
+        await progress(ws_deps, job, 20)
         await complete(ws_deps, job)
 
     task = asyncio.create_task(publisher())
     try:
-        await asyncio.sleep(0.05)  # join while events are flowing
+        await progress_started(ws_deps, job, above=5)
         async with ws_client(ws_server.url, deps_token) as c:
             await c.expect("connected")
             await subscribed(c, [job])
             first = await c.expect("job_progress")
+            joined.set()
             assert first["snapshot"] is True and "recovered" not in first
+            assert first["data"]["status"] == "running"
             rest = await c.progress_until_terminal(job, timeout=20)
         await task
     finally:
