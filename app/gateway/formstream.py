@@ -9,6 +9,9 @@ turns a request body into a flat stream of events:
 * ``bytes`` for each piece of that part's body, in order,
 * ``None`` when the part ends.
 
+:func:`read_form` builds on it for the common case of text fields plus one
+streamed file part.
+
 It enforces a header-size limit and a part-count limit and raises
 :class:`~app.core.errors.BadRequest` (``invalid_form``) for malformed bodies.
 """
@@ -16,13 +19,14 @@ It enforces a header-size limit and a part-count limit and raises
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import msgspec
 from starlette.requests import Request
 
-from app.core.errors import BadRequest
+from app.core.errors import BadRequest, ValidationFailed
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PARTS = 32
@@ -150,3 +154,76 @@ async def iter_form(request: Request) -> AsyncIterator[FormEvent]:
                 break
     if state != "done":
         raise _invalid("multipart body ended early")
+
+
+MAX_TEXT_FIELD = 64 * 1024
+"""Largest accepted non-file form field, in bytes."""
+
+
+class FileSink(Protocol):
+    """Where :func:`read_form` sends the file part's bytes."""
+
+    async def write(self, data: bytes, /) -> Any: ...
+
+
+async def read_form(
+    request: Request,
+    file_field: str,
+    open_sink: Callable[[FormPart, dict[str, str]], Awaitable[FileSink]],
+) -> tuple[dict[str, str], FormPart]:
+    """Stream a form with exactly one file part named ``file_field``.
+
+    Text fields (UTF-8, each at most :data:`MAX_TEXT_FIELD` bytes) are collected
+    and returned.  When the file part starts, ``open_sink(part, fields_so_far)``
+    returns the sink its bytes are written to as they arrive; nothing of the file
+    is held here.  Raises :class:`BadRequest` (``invalid_form``) for a repeated
+    file part, an oversized or non-UTF-8 field, and :class:`ValidationFailed`
+    when the file part is missing.
+    """
+    fields: dict[str, str] = {}
+    file_part: FormPart | None = None
+    sink: FileSink | None = None
+    current: str | None = None
+    text = bytearray()
+    async for event in iter_form(request):
+        if isinstance(event, FormPart):
+            current = event.name
+            text.clear()
+            if current == file_field:
+                if file_part is not None:
+                    raise BadRequest(
+                        f"send one {file_field} per request",
+                        code="invalid_form",
+                        details={"field": file_field},
+                    )
+                file_part = event
+                sink = await open_sink(event, fields)
+        elif isinstance(event, bytes):
+            if current == file_field and sink is not None:
+                await sink.write(event)
+            else:
+                text += event
+                if len(text) > MAX_TEXT_FIELD:
+                    raise BadRequest(
+                        f"form field {current!r} is too long",
+                        code="invalid_form",
+                        details={"field": current},
+                    )
+        elif current is not None:
+            if current != file_field:
+                fields[current] = _utf8(text, current)
+            current = None
+    if file_part is None:
+        raise ValidationFailed(
+            f"{file_field}: a file part is required", details={"field": file_field}
+        )
+    return fields, file_part
+
+
+def _utf8(data: bytearray, field: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(
+            f"form field {field!r} is not UTF-8", code="invalid_form", details={"field": field}
+        ) from None

@@ -25,13 +25,13 @@ from starlette.responses import Response
 from app.core import multipart as mp
 from app.core import upload_rules as rules
 from app.core import upload_schemas as us
-from app.core.direct_upload import finalize_direct, new_direct_writer
+from app.core.direct_upload import StreamingObjectWriter, finalize_direct, new_direct_writer
 from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from app.core.events import Priority
 from app.core.schemas import Page, PageQuery
 from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
-from app.gateway.formstream import FormPart, iter_form
+from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
     ApiRoute,
     convert,
@@ -44,7 +44,6 @@ from app.gateway.http import (
 from app.gateway.services import Services, services
 
 PREFIX = "/api/v1/documents/upload"
-MAX_TEXT_FIELD = 64 * 1024
 FORM_OVERHEAD = 64 * 1024
 """Allowance for form field headers and text fields around a file."""
 
@@ -207,52 +206,12 @@ async def chunk_form(request: Request) -> Response:
     ident = identity(request)
     ctx = _ctx(request)
     started = time.perf_counter()
-    limit = max_part_size(ctx.settings)
-    fields: dict[str, str] = {}
-    body: io.BytesIO | None = None
-    size = 0
-    md5 = hashlib.md5(usedforsecurity=False)
-    current: str | None = None
-    text = bytearray()
-    async for event in iter_form(request):
-        if isinstance(event, FormPart):
-            current = event.name
-            if current == "chunk_file":
-                if body is not None:
-                    raise BadRequest(
-                        "send one chunk_file per request",
-                        code="invalid_form",
-                        details={"field": "chunk_file"},
-                    )
-                body = io.BytesIO()
-            text.clear()
-        elif isinstance(event, bytes):
-            if current == "chunk_file" and body is not None:
-                size += len(event)
-                if size > limit:
-                    raise PayloadTooLarge(
-                        f"a part can be at most {limit} bytes",
-                        code="part_too_large",
-                        details={"field": "chunk_file", "limit": limit},
-                    )
-                body.write(event)
-                md5.update(event)
-            else:
-                text += event
-                if len(text) > MAX_TEXT_FIELD:
-                    raise BadRequest(
-                        f"form field {current!r} is too long",
-                        code="invalid_form",
-                        details={"field": current},
-                    )
-        elif current is not None:
-            if current != "chunk_file":
-                fields[current] = _text(text, current)
-            current = None
-    if body is None:
-        raise ValidationFailed(
-            "chunk_file: a file part is required", details={"field": "chunk_file"}
-        )
+    part = _PartBuffer(max_part_size(ctx.settings))
+
+    async def open_part(_part: FormPart, _fields: dict[str, str]) -> _PartBuffer:
+        return part
+
+    fields, _ = await read_form(request, "chunk_file", open_part)
     for required in ("upload_id", "part_number", "chunk_hash"):
         if required not in fields:
             raise ValidationFailed(
@@ -261,7 +220,7 @@ async def chunk_form(request: Request) -> Response:
     form = convert(fields, ChunkFields)
     session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
     mp.ensure_writable(session, ctx.now())
-    mp.check_part(session, form.part_number, size, form.total_parts)
+    mp.check_part(session, form.part_number, part.size, form.total_parts)
     if form.is_final_chunk is not None and form.is_final_chunk != (
         form.part_number == session.total_parts
     ):
@@ -272,7 +231,12 @@ async def chunk_form(request: Request) -> Response:
         )
     declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
     accepted = await mp.upload_part(
-        ctx, session, form.part_number, body, computed_md5=md5.digest(), declared_md5=declared
+        ctx,
+        session,
+        form.part_number,
+        part.body,
+        computed_md5=part.md5.digest(),
+        declared_md5=declared,
     )
     _count_part(request, "form", accepted.size, started)
     return json_response(accepted)
@@ -285,13 +249,25 @@ def _count_part(request: Request, route: str, size: int, started: float) -> None
     m.part_seconds.observe(time.perf_counter() - started)
 
 
-def _text(data: bytearray, field: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest(
-            f"form field {field!r} is not UTF-8", code="invalid_form", details={"field": field}
-        ) from None
+class _PartBuffer:
+    """A form route's part, held in memory (one part per request) with its MD5."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.body = io.BytesIO()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise PayloadTooLarge(
+                f"a part can be at most {self.limit} bytes",
+                code="part_too_large",
+                details={"field": "chunk_file", "limit": self.limit},
+            )
+        self.body.write(data)
+        self.md5.update(data)
 
 
 async def presign(request: Request) -> Response:
@@ -342,48 +318,22 @@ async def simple(request: Request) -> Response:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + FORM_OVERHEAD:
         rules.check_size(int(length) - FORM_OVERHEAD, limit, field="file")
-    fields: dict[str, str] = {}
-    text = bytearray()
-    current: str | None = None
-    file_part: FormPart | None = None
-    writer = None
+    writer: StreamingObjectWriter | None = None
     document_id = ""
     finalizing = False
+
+    async def open_file(part: FormPart, fields: dict[str, str]) -> StreamingObjectWriter:
+        nonlocal writer, document_id
+        rules.check_filename(part.filename or "")
+        _, content_type = rules.classify(
+            part.filename or "", part.content_type, fields.get("document_type")
+        )
+        document_id, writer = new_direct_writer(ctx, content_type)
+        return writer
+
     try:
-        async for event in iter_form(request):
-            if isinstance(event, FormPart):
-                current = event.name
-                text.clear()
-                if current == "file":
-                    if file_part is not None:
-                        raise BadRequest(
-                            "send one file per request",
-                            code="invalid_form",
-                            details={"field": "file"},
-                        )
-                    file_part = event
-                    rules.check_filename(event.filename or "")
-                    _, content_type = rules.classify(
-                        event.filename or "", event.content_type, fields.get("document_type")
-                    )
-                    document_id, writer = new_direct_writer(ctx, content_type)
-            elif isinstance(event, bytes):
-                if current == "file" and writer is not None:
-                    await writer.write(event)
-                else:
-                    text += event
-                    if len(text) > MAX_TEXT_FIELD:
-                        raise BadRequest(
-                            f"form field {current!r} is too long",
-                            code="invalid_form",
-                            details={"field": current},
-                        )
-            elif current is not None:
-                if current != "file":
-                    fields[current] = _text(text, current)
-                current = None
-        if file_part is None or writer is None:
-            raise ValidationFailed("file: a file part is required", details={"field": "file"})
+        fields, file_part = await read_form(request, "file", open_file)
+        assert writer is not None
         form = convert(fields, SimpleFields)
         options = _options(form.processing_options)
         filename = file_part.filename or ""
