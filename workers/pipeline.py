@@ -458,6 +458,30 @@ class JobRun:
         """Inside the final transaction: lock the job row, re-check lease and cancel."""
         await self._verify(conn, lock=True)
 
+    async def _release(
+        self,
+        conn: Conn,
+        *,
+        warnings: list[Any] | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        """End this run inside the final transaction: free the lease, add the stage
+        timings, write ``warnings``/``result`` where given, drop the checkpoints."""
+        await conn.execute(
+            """
+            UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL,
+                   stage_timings = stage_timings || $2::jsonb,
+                   warnings = COALESCE($3::jsonb, warnings),
+                   result = COALESCE($4::jsonb, result)
+            WHERE id = $1::uuid
+            """,
+            self.job_id,
+            self.timings,
+            warnings,
+            result,
+        )
+        await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+
     async def _complete(
         self,
         conn: Conn,
@@ -466,19 +490,7 @@ class JobRun:
         message: str,
         details: dict[str, Any] | None = None,
     ) -> ProgressEvent | None:
-        await conn.execute(
-            """
-            UPDATE jobs SET result = $2::jsonb, warnings = $3::jsonb,
-                   stage_timings = stage_timings || $4::jsonb,
-                   lease_owner = NULL, lease_expires_at = NULL
-            WHERE id = $1::uuid
-            """,
-            self.job_id,
-            result,
-            self.warnings,
-            self.timings,
-        )
-        await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+        await self._release(conn, warnings=self.warnings, result=result)
         return await record_progress(
             conn,
             None,
@@ -539,13 +551,7 @@ class JobRun:
 
     async def _finish_cancelled(self, message: str) -> Outcome:
         async def commit(conn: Conn) -> ProgressEvent | None:
-            await conn.execute(
-                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
-                "stage_timings = stage_timings || $2::jsonb WHERE id = $1::uuid",
-                self.job_id,
-                self.timings,
-            )
-            await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+            await self._release(conn)
             event = await record_progress(
                 conn,
                 None,
@@ -563,15 +569,7 @@ class JobRun:
 
     async def _finish_failed(self, exc: SluiceError) -> Outcome:
         async def commit(conn: Conn) -> ProgressEvent | None:
-            await conn.execute(
-                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
-                "warnings = $2::jsonb, stage_timings = stage_timings || $3::jsonb "
-                "WHERE id = $1::uuid",
-                self.job_id,
-                self.warnings,
-                self.timings,
-            )
-            await conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", self.job_id)
+            await self._release(conn, warnings=self.warnings)
             event = await record_progress(
                 conn,
                 None,
