@@ -63,13 +63,14 @@ def dev_environ(
         "GATEWAY_PORT": str(args.port),
         "WEBSOCKET_HOST": "127.0.0.1",
         "WEBSOCKET_PORT": str(args.ws_port),
+        "WORKER_METRICS_HOST": "127.0.0.1",
         "WORKER_METRICS_PORT": str(args.worker_metrics_port),
         "HF_HUB_OFFLINE": "1",
     }
 
 
 async def _prepare(settings: Settings) -> None:
-    await migrate_dsn(settings.database_url)
+    await migrate_dsn(settings.database_url.reveal())
     async with open_s3(settings) as s3:
         await ensure_bucket(s3, settings.minio_bucket_name)
 

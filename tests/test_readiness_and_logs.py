@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from app.core.embedded import EmbeddedRedis
-from app.core.logging import configure_logging
+from app.core.logging import configure_logging, flush_logs
 from app.core.settings import Settings
 from app.gateway.app import create_app
 from app.gateway.services import open_services
@@ -43,9 +43,18 @@ async def test_stopped_redis_makes_ready_503(migrated: Settings, tmp_path: Path)
         redis.stop()
 
 
+class LogCapture(io.StringIO):
+    """The lines a configured process would write; reading first waits for the
+    log writer thread to catch up (lines are written off the caller's thread)."""
+
+    def getvalue(self) -> str:
+        assert flush_logs(), "the log writer did not catch up"
+        return super().getvalue()
+
+
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
+    stream = LogCapture()
     configure_logging("INFO", "json", stream=stream)
     yield stream
     logging.getLogger().handlers.clear()
