@@ -115,7 +115,7 @@ def run_dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     data_dir = Path(args.data_dir).resolve()
     secret = environ.get("JWT_SECRET") or dev_secret(data_dir, create=True)
     assert secret is not None
-    configure_logging(environ.get("LOG_LEVEL", "INFO"), "console")
+    configure_logging(environ.get("LOG_LEVEL", "INFO"), "console", secrets=[secret])
     stack = EmbeddedStack(
         EmbeddedPostgres(data_dir, port=args.postgres_port, durable=True),
         EmbeddedRedis(data_dir, port=args.redis_port, durable=True),

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from app.core.embedded import EmbeddedRedis
-from app.core.logging import configure_logging, flush_logs, get_logger
+from app.core.logging import QUEUE_MAX_RECORDS, configure_logging, flush_logs, get_logger
 from app.core.secret import Secret, SecretUrl
 from app.core.settings import Settings
 from app.gateway.app import create_app
@@ -238,3 +238,26 @@ def test_every_line_is_written_before_the_process_exits(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert [x["i"] for x in lines] == list(range(2000))
+
+
+def test_a_stuck_output_drops_lines_and_says_how_many() -> None:
+    stream = _BlockedStream()
+    configure_logging("INFO", "json", stream=stream)
+    total = QUEUE_MAX_RECORDS + 50
+    try:
+        caller = threading.Thread(
+            target=lambda: [get_logger("probe").info("line", i=i) for i in range(total)]
+        )
+        caller.start()
+        caller.join(60)
+        assert not caller.is_alive(), "a log call waited for the stuck output"
+    finally:
+        stream.release.set()
+    assert flush_logs(30)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    logging.getLogger().handlers.clear()
+    written = [x for x in lines if x["event"] == "line"]
+    reports = [x for x in lines if x["event"].startswith("log_lines_dropped")]
+    assert len(reports) == 1, reports
+    dropped = int(reports[0]["event"].split("count=")[1].split()[0])
+    assert dropped >= 1 and len(written) + dropped == total

@@ -47,7 +47,7 @@ import structlog
 from app.core.secret import MASK, Secret
 
 REDACTED = "[redacted]"
-QUEUE_MAX_RECORDS = 4096
+QUEUE_MAX_RECORDS = 10_000
 """Lines waiting for the writer thread; beyond it lines are dropped, not waited for."""
 _MIN_LITERAL_SECRET = 8
 """Shorter configured secrets are not masked literally (they would mask common
