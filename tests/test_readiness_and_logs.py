@@ -261,3 +261,29 @@ def test_a_stuck_output_drops_lines_and_says_how_many() -> None:
     assert len(reports) == 1, reports
     dropped = int(reports[0]["event"].split("count=")[1].split()[0])
     assert dropped >= 1 and len(written) + dropped == total
+
+
+def test_a_forked_child_logs_through_its_own_writer() -> None:
+    script = (
+        "import os, sys\n"
+        "from app.core.logging import configure_logging, get_logger\n"
+        "configure_logging('INFO', 'json')\n"
+        "get_logger('probe').info('parent_before')\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    get_logger('probe').info('child_line')\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "get_logger('probe').info('parent_after')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line)["event"] for line in result.stderr.splitlines()]
+    assert events == ["parent_before", "child_line", "parent_after"]

@@ -253,17 +253,21 @@ class _Writer:
         self._start()
 
     def _start(self) -> None:
+        self._pid = os.getpid()
         self.queue: queue.Queue[Any] = queue.Queue(self.maxsize)
         self._dropped = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="sluice-log-writer", daemon=True)
         self._thread.start()
 
-    def restart_after_fork(self) -> None:
-        """In a forked child the thread is gone and the queue may be locked: start anew."""
-        self._start()
+    def _check_fork(self) -> None:
+        # In a forked child the thread is gone and the queue may be locked: start
+        # anew, lazily (never between fork and exec, where a thread is a hazard).
+        if self._pid != os.getpid():
+            self._start()
 
     def put(self, record: logging.LogRecord) -> None:
+        self._check_fork()
         try:
             self.queue.put_nowait(record)
         except queue.Full:
@@ -298,6 +302,7 @@ class _Writer:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far is written (False on timeout)."""
+        self._check_fork()
         if not self._thread.is_alive():
             return False
         marker = _Flush()
@@ -308,7 +313,7 @@ class _Writer:
         return marker.done.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
+        if self._pid == os.getpid() and self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self.queue.put(_STOP, timeout=timeout)
                 self._thread.join(timeout)
@@ -354,13 +359,7 @@ def _stop_writer() -> None:
         writer.stop()
 
 
-def _after_fork_in_child() -> None:
-    if _Current.writer is not None:
-        _Current.writer.restart_after_fork()
-
-
 atexit.register(_stop_writer)
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _log_uncaught(
