@@ -136,7 +136,9 @@ def test_secret_fields_and_values_are_redacted_everywhere(any_logs: io.StringIO)
         jwt_secret="field-jwt-secret-88",
         note=f"the id token is {JWT_LIKE}",
     )
-    logging.getLogger("uvicorn.error").error("header authorization: Basic dXNlcjpwYXNzd29yZA==")
+    logging.getLogger("uvicorn.error").error(
+        "header authorization: Basic dXNlcjpwYXNzd29yZA== after basic checks"
+    )
     out = any_logs.getvalue()
     for leaked in (
         OPAQUE_TOKEN,
@@ -152,6 +154,7 @@ def test_secret_fields_and_values_are_redacted_everywhere(any_logs: io.StringIO)
     ):
         assert leaked not in out, leaked
     assert "page=2" in out and "redis://:***@r:6379/0" in out and "*/*" in out
+    assert "after basic checks" in out  # prose is left alone
 
 
 def test_secret_settings_never_show_in_a_repr() -> None:

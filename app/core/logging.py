@@ -85,8 +85,13 @@ _KEY = (
     r"|authorization|cookie)"
 )
 _TEXT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # Authorization header values: "Bearer <token>", "Basic <base64>".
-    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+"), rf"\1\2{REDACTED}"),
+    # Authorization header values: "Bearer <token>", "Basic <base64>" (base64 with a
+    # digit or symbol, so that prose such as "basic checks" stays readable).
+    (re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=-]+"), rf"\1\2{REDACTED}"),
+    (
+        re.compile(r"(?i)\b(basic)(\s+)(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{6,}=*"),
+        rf"\1\2{REDACTED}",
+    ),
     # URL passwords: scheme://user:password@host -> scheme://user:***@host.
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@'\"\\]*):[^\s@/'\"\\]*@"), r"\1:***@"),
     # key=value pairs (query strings, console fields, reprs): token=..., jwt_secret=...
