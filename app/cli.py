@@ -34,7 +34,7 @@ SECRET_FILE = "jwt_secret"
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     settings = Settings.from_environ(environ)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets)
     return settings
 
 
@@ -68,7 +68,7 @@ def cmd_migrate(_args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from app.core.db import migrate_dsn
 
     settings = load_settings(environ)
-    applied = asyncio.run(migrate_dsn(settings.database_url))
+    applied = asyncio.run(migrate_dsn(settings.database_url.reveal()))
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none (up to date)"
     print(f"migrations applied: {names}")
     return 0

@@ -63,13 +63,14 @@ def dev_environ(
         "GATEWAY_PORT": str(args.port),
         "WEBSOCKET_HOST": "127.0.0.1",
         "WEBSOCKET_PORT": str(args.ws_port),
+        "WORKER_METRICS_HOST": "127.0.0.1",
         "WORKER_METRICS_PORT": str(args.worker_metrics_port),
         "HF_HUB_OFFLINE": "1",
     }
 
 
 async def _prepare(settings: Settings) -> None:
-    await migrate_dsn(settings.database_url)
+    await migrate_dsn(settings.database_url.reveal())
     async with open_s3(settings) as s3:
         await ensure_bucket(s3, settings.minio_bucket_name)
 
@@ -114,7 +115,7 @@ def run_dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     data_dir = Path(args.data_dir).resolve()
     secret = environ.get("JWT_SECRET") or dev_secret(data_dir, create=True)
     assert secret is not None
-    configure_logging(environ.get("LOG_LEVEL", "INFO"), "console")
+    configure_logging(environ.get("LOG_LEVEL", "INFO"), "console", secrets=[secret])
     stack = EmbeddedStack(
         EmbeddedPostgres(data_dir, port=args.postgres_port, durable=True),
         EmbeddedRedis(data_dir, port=args.redis_port, durable=True),

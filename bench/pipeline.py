@@ -129,7 +129,7 @@ async def baseline(
     vectors = model.encode_sync([c.text for c in chunks])
     times["embed"] = time.perf_counter() - t
     t = time.perf_counter()
-    pool = await create_pool(settings.database_url, max_size=2)
+    pool = await create_pool(settings.database_url.reveal(), max_size=2)
     try:
         doc_id = await create_document(
             pool,
@@ -153,8 +153,8 @@ async def baseline(
 
 
 async def through_worker(pdf: bytes, settings: Settings, owner: str) -> dict[str, float]:
-    pool = await create_pool(settings.database_url, max_size=2)
-    redis = await connect_redis(settings.redis_url)
+    pool = await create_pool(settings.database_url.reveal(), max_size=2)
+    redis = await connect_redis(settings.redis_url.reveal())
     try:
         async with open_s3(settings) as s3:
             async with pool.acquire() as conn, conn.transaction():
@@ -201,8 +201,8 @@ async def through_worker(pdf: bytes, settings: Settings, owner: str) -> dict[str
 
 
 async def latency(settings: Settings, jobs: int) -> list[float]:
-    pool = await create_pool(settings.database_url, max_size=2)
-    redis = await connect_redis(settings.redis_url)
+    pool = await create_pool(settings.database_url.reveal(), max_size=2)
+    redis = await connect_redis(settings.redis_url.reveal())
     queue = JobQueue(redis)
     out: list[float] = []
     try:
@@ -260,7 +260,7 @@ async def _noop(ctx: dict[str, Any], job_id: str) -> None:
 
 async def noop_rate(settings: Settings, jobs: int, *, ours: bool) -> tuple[float, float, float]:
     """(enqueue jobs/s, drain jobs/s, end-to-end jobs/s)."""
-    redis = await connect_redis(settings.redis_url)
+    redis = await connect_redis(settings.redis_url.reveal())
     qname = f"bench:{'prio' if ours else 'plain'}:{uuid.uuid4().hex[:6]}"
     queue = JobQueue(redis, queue_name=qname)
     prios = list(Priority)
@@ -340,7 +340,7 @@ async def main_async(args: argparse.Namespace) -> list[str]:
                 "MAX_CONCURRENT_TASKS": "1",
             }
             settings = Settings.from_environ(env)
-            await migrate_dsn(settings.database_url)
+            await migrate_dsn(settings.database_url.reveal())
             async with open_s3(settings) as s3:
                 await ensure_bucket(s3, settings.minio_bucket_name)
             port = free_port()

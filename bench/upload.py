@@ -159,7 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 "PYTHONPATH": str(ROOT),
             }
             settings = Settings.from_environ(env)
-            await migrate_dsn(settings.database_url)
+            await migrate_dsn(settings.database_url.reveal())
             async with open_s3(settings) as s3:
                 await ensure_bucket(s3, settings.minio_bucket_name)
             port = free_port()

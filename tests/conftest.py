@@ -63,7 +63,7 @@ def settings(settings_env: dict[str, str]) -> Settings:
 
 @pytest_asyncio.fixture(scope="session")
 async def migrated(settings: Settings) -> Settings:
-    await migrate_dsn(settings.database_url)
+    await migrate_dsn(settings.database_url.reveal())
     async with open_s3(settings) as s3:
         await ensure_bucket(s3, settings.minio_bucket_name)
     return settings

@@ -130,8 +130,8 @@ class Deps:
 
 @pytest_asyncio.fixture(scope="session")
 async def ws_deps(migrated: Settings, tokens: TokenService) -> AsyncIterator[Deps]:
-    db = await create_pool(migrated.database_url, max_size=4)
-    redis: Redis = Redis.from_url(migrated.redis_url)
+    db = await create_pool(migrated.database_url.reveal(), max_size=4)
+    redis: Redis = Redis.from_url(migrated.redis_url.reveal())
     try:
         yield Deps(db, redis, tokens)
     finally:

@@ -846,3 +846,28 @@ def test_k8s_kustomize_renders(directory: Path) -> None:
                     f"{where}: {doc['kind']} {doc['metadata']['name']} still uses the "
                     f"unpinned local image {container['image']!r}"
                 )
+
+
+# --- worker metrics bind address ---------------------------------------------------------
+
+
+def test_worker_metrics_listen_on_loopback_unless_scraped_from_outside(tmp_path: Path) -> None:
+    minimal = {name: "x" * 32 for name in REQUIRED}
+    assert Settings.from_environ(minimal).worker_metrics_host == "127.0.0.1"
+    # Where Prometheus and the kubelet/compose probes reach the worker from outside.
+    assert Settings.from_environ(_compose_env("worker")).worker_metrics_host == "0.0.0.0"
+    config, secret = _k8s_settings_sources()
+    assert Settings.from_environ({**config, **secret}).worker_metrics_host == "0.0.0.0"
+    envs = " ".join(i for i in _dockerfile_instructions() if i.startswith("ENV "))
+    assert re.search(r"\bWORKER_METRICS_HOST=0\.0\.0\.0(\s|$)", envs), (
+        "deploy/Dockerfile: the image should set ENV WORKER_METRICS_HOST=0.0.0.0"
+    )
+    # `sluice dev` keeps it on loopback, whatever the caller's environment says.
+    from app.core.embedded import EmbeddedStack
+    from app.devserver import dev_environ
+
+    args = importlib.import_module("app.cli").build_parser().parse_args(["dev"])
+    env = dev_environ(
+        args, {"WORKER_METRICS_HOST": "0.0.0.0"}, EmbeddedStack.in_dir(tmp_path), "s" * 32
+    )
+    assert Settings.from_environ(env).worker_metrics_host == "127.0.0.1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
@@ -115,3 +117,27 @@ async def test_unexpected_errors_are_500_without_internals(services: Services) -
     assert body["error"] == "internal_error"
     assert body["request_id"] and body["request_id"] in body["message"]
     assert "secret internal detail" not in r.text and "Traceback" not in r.text
+
+
+async def test_docs_load_nothing_from_another_host(client: httpx.AsyncClient) -> None:
+    r = await client.get("/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "://" not in r.text  # no absolute URL at all, so no CDN
+    refs = re.findall(r'(?:src|href)="([^"]*)"', r.text)
+    assert len(refs) >= 3, r.text
+    # The browser may load only what the gateway serves.
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self';" in csp and "http" not in csp
+    for ref in refs:
+        assert ref.startswith("/") and not ref.startswith("//"), ref
+        asset = await client.get(ref)
+        assert asset.status_code == 200, ref
+        assert asset.content
+    bundle = await client.get("/docs/assets/swagger-ui-bundle.js")
+    assert "SwaggerUIBundle" in bundle.text[:5000]
+    assert bundle.headers["content-type"].startswith("text/javascript")
+    init = await client.get("/docs/assets/init.js")
+    assert "SwaggerUIBundle" in init.text and "://" not in init.text
+    # Only the allowlisted assets are served.
+    for name in ("swagger-editor.js", "LICENSE", "..%2Fcore.py"):
+        assert (await client.get(f"/docs/assets/{name}")).status_code == 404

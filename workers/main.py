@@ -4,7 +4,8 @@ Builds :class:`~app.core.settings.Settings` from the environment once,
 configures logging, loads the embedding model, and runs the ARQ worker plus a
 maintenance loop (heartbeat in the worker registry, ``queue_read_limit`` from
 the fleet's slots, the lease reaper, the queue resync).  ``/health`` and
-``/metrics`` are served on ``WORKER_METRICS_PORT`` (0 disables them).
+``/metrics`` are served on ``WORKER_METRICS_HOST:WORKER_METRICS_PORT`` (loopback
+by default; port 0 disables them).
 SIGTERM/SIGINT stop it gracefully: running jobs are handed back to the queue.
 ``--check`` runs ARQ's health check (exit 0 when a worker is alive), for
 container health probes.
@@ -119,7 +120,9 @@ async def run(settings: Settings, *, on_ready: Callable[[], None] | None = None)
         worker = build_worker(ctx)
         server = None
         if settings.worker_metrics_port:
-            server = await serve_http(ctx, "0.0.0.0", settings.worker_metrics_port)
+            server = await serve_http(
+                ctx, settings.worker_metrics_host, settings.worker_metrics_port
+            )
         maintenance = asyncio.create_task(maintenance_loop(ctx, worker))
         log.info(
             "worker_started",
@@ -155,7 +158,7 @@ async def run(settings: Settings, *, on_ready: Callable[[], None] | None = None)
 
 def check_health(settings: Settings) -> int:
     """``python -m workers --check``: 0 if some worker recorded ARQ's health key lately."""
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    redis_settings = RedisSettings.from_dsn(settings.redis_url.reveal())
     return asyncio.run(async_check_health(redis_settings, None, QUEUE_NAME))
 
 
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sluice-worker: {exc.message}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets)
     if "--check" in argv:
         return check_health(settings)
     return asyncio.run(run(settings))

@@ -57,11 +57,11 @@ async def open_worker_context(
     """Collaborators for one worker process (``embedder`` given: shared, not closed)."""
     async with AsyncExitStack() as stack:
         db = await create_pool(
-            settings.database_url,
+            settings.database_url.reveal(),
             max_size=max(settings.database_pool_size, settings.max_concurrent_tasks + 2),
         )
         stack.push_async_callback(db.close)
-        redis = await connect_redis(settings.redis_url)
+        redis = await connect_redis(settings.redis_url.reveal())
         stack.push_async_callback(redis.aclose)
         s3 = await stack.enter_async_context(open_s3(settings))
         if embedder is None:

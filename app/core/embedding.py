@@ -194,7 +194,7 @@ async def create_embedder(settings: Settings) -> Embedder:
         return OpenAIEmbedder(
             settings.embedding_api_url,
             model=settings.embedding_model,
-            api_key=settings.embedding_api_key,
+            api_key=settings.embedding_api_key.reveal(),
         )
     return await LocalEmbedder.load_async(batch_size=settings.embedding_batch_size)
 

@@ -3,56 +3,422 @@
 JSON lines in production, a readable console in development.  Context bound
 with :func:`structlog.contextvars.bind_contextvars` (``request_id`` per HTTP
 request, ``job_id`` per job) is merged into every line.  Standard-library
-loggers (uvicorn, arq, asyncpg...) are routed through the same processors.
-Anything that looks like a bearer token is redacted before rendering.
+loggers (uvicorn, arq, websockets, asyncpg, asyncio...) and uncaught exceptions
+are routed through the same path.
+
+Invariants, in every format:
+
+* **No traceback shows a local variable.**  Exceptions are rendered by the
+  standard library's plain formatter (structlog's ``format_exc_info``), never by
+  rich's ``show_locals`` or ``dict_tracebacks``.
+* **No secret reaches the output.**  Fields whose name says secret
+  (``authorization``, ``cookie``, ``password``, ``*_token``...) are replaced, in
+  nested dicts, lists and header pairs too.  Then the *rendered line* (event,
+  every field, reprs, the exception text) is scrubbed of bearer/basic
+  credentials, ``token=``-style parameters, URL passwords
+  (``scheme://user:***@host``), JWT-looking strings, and the literal values of
+  the secrets passed to :func:`configure_logging` (the process's settings).
+* **Logging never blocks the caller for long.**  The caller runs only the cheap
+  processors (context, level, timestamp, capturing ``exc_info``) and puts the
+  record on a bounded queue; one writer thread renders it (tracebacks
+  included), scrubs it and writes it.  A full queue drops the line (counted and
+  reported by the writer) rather than blocking an event loop.
+  :func:`flush_logs` waits until every queued line is written; it runs at exit,
+  so a process that exits normally loses no line.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
+import queue
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+from collections.abc import Callable, Iterable, MutableMapping
+from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, Literal
 
 import structlog
 
-_TOKEN_RE = re.compile(r"(?i)(bearer\s+|token=)[A-Za-z0-9._~+/=-]+")
-_SECRET_KEYS = frozenset({"token", "authorization", "jwt", "password", "secret"})
+from app.core.secret import MASK, Secret
+
+REDACTED = "[redacted]"
+QUEUE_MAX_RECORDS = 10_000
+"""Lines waiting for the writer thread; beyond it lines are dropped, not waited for."""
+_MIN_LITERAL_SECRET = 8
+"""Shorter configured secrets are not masked literally (they would mask common
+words); URL passwords are still masked by pattern."""
+
+# --- redaction -------------------------------------------------------------------------
+
+_SECRET_NAMES = frozenset(
+    {
+        "authorization",
+        "proxy_authorization",
+        "cookie",
+        "set_cookie",
+        "x_api_key",
+        "api_key",
+        "apikey",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "jwt",
+        "password",
+        "passwd",
+        "secret",
+        "credentials",
+        "aws_secret_access_key",
+        "x_amz_security_token",
+    }
+)
+_SECRET_SUFFIXES = ("_secret", "_password", "_token", "_api_key", "_secret_key")
+
+# Word lists shared by the text patterns: a key that names a secret.
+_KEY = (
+    r"[\w-]*(?:password|passwd|secret|token|api[_-]?key|secret[_-]?(?:access[_-]?)?key"
+    r"|authorization|cookie)"
+)
+_TEXT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Authorization header values: "Bearer <token>", "Basic <base64>" (base64 with a
+    # digit or symbol, so that prose such as "basic checks" stays readable).
+    (re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=-]+"), rf"\1\2{REDACTED}"),
+    (
+        re.compile(r"(?i)\b(basic)(\s+)(?=[A-Za-z0-9+/]*[0-9+/=])[A-Za-z0-9+/]{6,}=*"),
+        rf"\1\2{REDACTED}",
+    ),
+    # URL passwords: scheme://user:password@host -> scheme://user:***@host.
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@'\"\\]*):[^\s@/'\"\\]*@"), r"\1:***@"),
+    # key=value pairs (query strings, console fields, reprs): token=..., jwt_secret=...
+    (re.compile(rf"(?i)\b({_KEY})=(?!\[redacted\])[^\s&;,'\"<>\\]+"), rf"\1={REDACTED}"),
+    # quoted keys in reprs and JSON: 'authorization': '...', (b'cookie', b'...')
+    (
+        re.compile(rf"(?i)(\\?['\"]{_KEY}\\?['\"]\s*[:,]\s*b?\\?['\"])(?!\[redacted\])[^'\"\\]+"),
+        rf"\1{REDACTED}",
+    ),
+    # JWTs: base64url JSON header ("eyJ"), payload and signature.
+    (re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), REDACTED),
+    # Anything else shaped like a signed token: three long base64url segments.
+    (
+        re.compile(r"\b[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}\b"),
+        REDACTED,
+    ),
+)
+
+
+def is_secret_key(key: str | bytes) -> bool:
+    """Whether a field or header name says its value is secret."""
+    text = key.decode("latin-1") if isinstance(key, bytes) else key
+    name = text.lower().replace("-", "_")
+    return name in _SECRET_NAMES or name.endswith(_SECRET_SUFFIXES)
+
+
+def redact_text(text: str, literals: Iterable[str] = ()) -> str:
+    """Mask every secret-looking substring of ``text`` (see the module docstring)."""
+    for literal in literals:
+        if literal in text:
+            text = text.replace(literal, MASK)
+    for pattern, replacement in _TEXT_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: Any, depth: int) -> Any:
+    """``value`` with the values of secret-named keys replaced, recursively."""
+    if depth > 8:
+        return value  # the rendered-line scrub still applies
+    if isinstance(value, dict):
+        return {
+            k: (
+                REDACTED
+                if isinstance(k, str | bytes) and is_secret_key(k) and v not in (None, "", b"")
+                else _redact_value(v, depth + 1)
+            )
+            for k, v in value.items()
+        }
+    if type(value) in (list, tuple):
+        if (
+            len(value) == 2
+            and isinstance(value[0], str | bytes)
+            and isinstance(value[1], str | bytes)
+            and is_secret_key(value[0])
+        ):
+            return type(value)((value[0], REDACTED))  # a (name, value) header pair
+        return type(value)(_redact_value(v, depth + 1) for v in value)
+    return value
+
+
+_UNTOUCHED = frozenset({"event", "level", "logger", "timestamp", "exception", "exc_info"})
 
 
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Drop secret-looking fields and mask tokens embedded in strings (e.g. URLs)."""
+    """Replace the values of secret-named fields, nested ones included."""
     for key, value in list(event_dict.items()):
-        if key.lower() in _SECRET_KEYS:
-            event_dict[key] = "[redacted]"
-        elif isinstance(value, str) and ("token=" in value or "earer " in value):
-            event_dict[key] = _TOKEN_RE.sub(r"\1[redacted]", value)
+        if key in _UNTOUCHED or key.startswith("_"):
+            continue
+        if is_secret_key(key) and value not in (None, "", b""):
+            event_dict[key] = REDACTED
+        elif isinstance(value, dict | list | tuple):
+            event_dict[key] = _redact_value(value, 1)
     return event_dict
 
 
-def configure_logging(
-    level: str = "INFO", fmt: Literal["json", "console"] = "json", *, stream: Any = None
+def _scrub_line(literals: tuple[str, ...]) -> Callable[[Any, str, Any], str]:
+    """The last processor: scrub the rendered line as a whole."""
+
+    def scrub(_logger: Any, _method: str, line: Any) -> str:
+        return redact_text(line if isinstance(line, str) else str(line), literals)
+
+    return scrub
+
+
+def secret_literals(secrets: Iterable[Secret | str]) -> tuple[str, ...]:
+    """The substrings that must never be written, longest first."""
+    found: set[str] = set()
+    for secret in secrets:
+        values = secret.fragments() if isinstance(secret, Secret) else (secret,)
+        found.update(v for v in values if len(v) >= _MIN_LITERAL_SECRET)
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+# --- processors that run in the caller ---------------------------------------------
+
+
+def _capture_exc_info(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Resolve ``exc_info=True`` here: the writer thread has no current exception."""
+    exc_info = event_dict.get("exc_info")
+    if not exc_info or isinstance(exc_info, tuple):
+        return event_dict
+    if isinstance(exc_info, BaseException):
+        event_dict["exc_info"] = (type(exc_info), exc_info, exc_info.__traceback__)
+    else:
+        current = sys.exc_info()
+        if current[0] is None:
+            del event_dict["exc_info"]
+        else:
+            event_dict["exc_info"] = current
+    return event_dict
+
+
+def _record_context(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """For standard-library records: the structlog context captured by the caller."""
+    record = event_dict.get("_record")
+    context = getattr(record, "sluice_context", None)
+    if context:
+        for key, value in context.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
+def _record_time(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """For standard-library records: when the caller logged, not when it was written."""
+    record = event_dict.get("_record")
+    created = record.created if record is not None else datetime.now(UTC).timestamp()
+    stamp = datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+    event_dict.setdefault("timestamp", stamp)
+    return event_dict
+
+
+# --- the writer thread -----------------------------------------------------------------
+
+
+class _Flush:
+    """A marker put on the queue; the writer sets ``done`` when it reaches it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+class _Writer:
+    """One thread that renders and writes queued records, in order.
+
+    Invariants: the caller never waits (a full queue drops the record and
+    counts it); a failure while rendering one record never stops the thread.
+    """
+
+    def __init__(self, handler: logging.Handler, maxsize: int = QUEUE_MAX_RECORDS) -> None:
+        self.handler = handler
+        self.maxsize = maxsize
+        self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self.queue: queue.Queue[Any] = queue.Queue(self.maxsize)
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="sluice-log-writer", daemon=True)
+        self._thread.start()
+
+    def _check_fork(self) -> None:
+        # In a forked child the thread is gone and the queue may be locked: start
+        # anew, lazily (never between fork and exec, where a thread is a hazard).
+        if self._pid != os.getpid():
+            self._start()
+
+    def put(self, record: logging.LogRecord) -> None:
+        self._check_fork()
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, _Flush):
+                with contextlib.suppress(Exception):
+                    self.handler.flush()
+                item.done.set()
+                continue
+            with self._lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                self.handler.handle(
+                    logging.LogRecord(
+                        "sluice.logging",
+                        logging.WARNING,
+                        __file__,
+                        0,
+                        "log_lines_dropped count=%d (the log writer fell behind)",
+                        (dropped,),
+                        None,
+                    )
+                )
+            self.handler.handle(item)  # Handler.handle reports its own errors
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every record queued so far is written (False on timeout)."""
+        self._check_fork()
+        if not self._thread.is_alive():
+            return False
+        marker = _Flush()
+        try:
+            self.queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.done.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._pid == os.getpid() and self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.queue.put(_STOP, timeout=timeout)
+                self._thread.join(timeout)
+        with contextlib.suppress(Exception):
+            self.handler.flush()
+
+
+class _EnqueueHandler(logging.Handler):
+    """The root handler: captures what must be read in the caller, then enqueues.
+
+    Unlike :class:`logging.handlers.QueueHandler` it formats nothing here: the
+    expensive part (rendering, tracebacks) happens in the writer thread.
+    """
+
+    def __init__(self, writer: _Writer) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if not hasattr(record, "_logger"):  # a standard-library record
+                record.__dict__["sluice_context"] = structlog.contextvars.get_contextvars()
+            self.writer.put(record)
+        except Exception:
+            self.handleError(record)
+
+
+class _Current:
+    """The writer of the current configuration (one per process)."""
+
+    writer: _Writer | None = None
+
+
+def flush_logs(timeout: float = 5.0) -> bool:
+    """Wait until every line logged so far has been written."""
+    writer = _Current.writer
+    return writer.flush(timeout) if writer is not None else True
+
+
+def _stop_writer() -> None:
+    writer, _Current.writer = _Current.writer, None
+    if writer is not None:
+        writer.stop()
+
+
+atexit.register(_stop_writer)
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
 ) -> None:
-    """Configure structlog and the stdlib root logger.  Call once, from ``main()``."""
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
-    ]
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("sluice").critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+    flush_logs()
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    logging.getLogger("sluice").critical(
+        "uncaught_exception_in_thread",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def configure_logging(
+    level: str = "INFO",
+    fmt: Literal["json", "console"] = "json",
+    *,
+    stream: Any = None,
+    secrets: Iterable[Secret | str] = (),
+) -> None:
+    """Configure structlog and the stdlib root logger.  Call once, from ``main()``.
+
+    ``secrets`` (e.g. ``settings.secrets``) are masked wherever they would
+    appear in a line, whatever the pattern rules miss.  Calling it again
+    flushes and replaces the previous configuration.
+    """
+    _stop_writer()
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=stream is None and sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=stream is None and sys.stderr.isatty(),
+            exception_formatter=structlog.dev.plain_traceback,
+        )
     )
     structlog.configure(
         processors=[
-            *shared,
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
+            _capture_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -60,17 +426,25 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[
+            _record_context,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            _record_time,
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if fmt == "json" else _passthrough,
+            redact_secrets,
+            structlog.processors.format_exc_info,  # plain traceback, never locals
             renderer,
+            _scrub_line(secret_literals(secrets)),
         ],
     )
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
+    writer = _Current.writer = _Writer(handler)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_EnqueueHandler(writer)]
     root.setLevel(level)
     # uvicorn installs its own handlers; make its loggers propagate to ours instead.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq", "websockets"):
@@ -79,12 +453,8 @@ def configure_logging(
         lg.propagate = True
     logging.getLogger("botocore").setLevel(max(logging.getLevelName(level), logging.WARNING))
     logging.getLogger("aiobotocore").setLevel(max(logging.getLevelName(level), logging.WARNING))
-
-
-def _passthrough(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    return event_dict
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -9,6 +9,13 @@ Every field maps to the upper-cased environment variable of the same name
 (``max_concurrent_tasks`` <- ``MAX_CONCURRENT_TASKS``).  A missing required
 variable or a value that does not parse raises :class:`ConfigError` whose message
 is one line naming the variable.
+
+Secret values (``MINIO_SECRET_KEY``, ``JWT_SECRET``, ``EMBEDDING_API_KEY``) are
+held in :class:`~app.core.secret.Secret`, the URLs that may carry a password
+(``DATABASE_URL``, ``REDIS_URL``) in :class:`~app.core.secret.SecretUrl`: the
+repr of a ``Settings`` (in a traceback, a log line, a test failure) shows none
+of them, and code reads one only through ``.reveal()``.  Those fields always
+hold that type, even after ``msgspec.structs.replace(settings, redis_url="...")``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 
 from app.core.errors import ConfigError
+from app.core.secret import Secret, SecretUrl
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -34,7 +42,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     minio_endpoint: str
     """``host:port`` (or a full ``http(s)://`` URL) of the S3 API."""
     minio_access_key: str
-    minio_secret_key: str
+    minio_secret_key: Secret
     minio_bucket_name: str = "sluice"
     minio_use_ssl: bool = False
     minio_region: str = "us-east-1"
@@ -42,8 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Endpoint that clients use for presigned URLs; defaults to ``minio_endpoint``."""
 
     # --- Redis / Postgres --------------------------------------------------------------
-    redis_url: str
-    database_url: str
+    redis_url: SecretUrl
+    database_url: SecretUrl
     database_pool_size: PositiveInt = 10
 
     # --- processing ---------------------------------------------------------------------
@@ -56,9 +64,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     embedding_batch_size: PositiveInt = 64
     embedding_api_url: str = ""
     """Base URL of an OpenAI-compatible API (``.../v1``) when ``embedding_provider=openai``."""
-    embedding_api_key: str = ""
+    embedding_api_key: Secret = Secret("")
     worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     """Port of the worker's Prometheus endpoint; 0 disables it."""
+    worker_metrics_host: str = "127.0.0.1"
+    """Interface of the worker's ``/health`` and ``/metrics`` endpoint: loopback by
+    default (and under ``sluice dev``); ``0.0.0.0`` in containers where Prometheus
+    and the kubelet's probes reach the pod from outside."""
     worker_poll_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 10
     """How often an idle worker polls the queue: the floor of enqueue-to-start latency.
     10 ms costs an idle worker ~11% of a core; raise it for large, mostly idle fleets."""
@@ -87,10 +99,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     websocket_heartbeat_interval: PositiveInt = 30
 
     # --- auth and logs ------------------------------------------------------------------
-    jwt_secret: Annotated[str, msgspec.Meta(min_length=32)]
+    jwt_secret: Secret
     """HMAC key for HS256 tokens; at least 32 characters (RFC 7518 3.2)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    def __post_init__(self) -> None:
+        # Keep the secret fields in their hiding type whatever built the struct
+        # (``from_environ``, ``msgspec.structs.replace`` with a plain str...).
+        for name, kind in _SECRET_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                msgspec.structs.force_setattr(self, name, kind(value))
+        if len(self.jwt_secret.reveal()) < JWT_SECRET_MIN_LENGTH:
+            raise ValueError(f"JWT_SECRET must be at least {JWT_SECRET_MIN_LENGTH} characters")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -110,9 +132,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 continue
             raw[field.name] = _parse(name, field.type, value)
         try:
-            return msgspec.convert(raw, cls)
+            return msgspec.convert(raw, cls, dec_hook=_decode_secret)
         except msgspec.ValidationError as exc:
             raise ConfigError(_explain(str(exc))) from None
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        """Every secret setting, for the logging scrubber (``configure_logging``)."""
+        return tuple(getattr(self, name) for name in _SECRET_FIELDS)
 
     @property
     def s3_endpoint_url(self) -> str:
@@ -135,9 +162,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.multipart_upload_threshold_mb * 1024 * 1024
 
 
+JWT_SECRET_MIN_LENGTH = 32
+_SECRET_FIELDS: dict[str, type[Secret]] = {
+    "minio_secret_key": Secret,
+    "embedding_api_key": Secret,
+    "jwt_secret": Secret,
+    "redis_url": SecretUrl,
+    "database_url": SecretUrl,
+}
+
+
 def known_env_vars() -> frozenset[str]:
     """Names of every environment variable :meth:`Settings.from_environ` reads."""
     return frozenset(f.name.upper() for f in msgspec.structs.fields(Settings))
+
+
+def _decode_secret(kind: type, value: Any) -> Any:
+    if isinstance(kind, type) and issubclass(kind, Secret) and isinstance(value, str):
+        return kind(value)
+    raise NotImplementedError(f"cannot decode {kind!r}")
 
 
 def _endpoint_url(endpoint: str, use_ssl: bool) -> str:

@@ -48,7 +48,7 @@ async def open_s3(
         "s3",
         endpoint_url=settings.s3_public_endpoint_url if public else settings.s3_endpoint_url,
         aws_access_key_id=settings.minio_access_key,
-        aws_secret_access_key=settings.minio_secret_key,
+        aws_secret_access_key=settings.minio_secret_key.reveal(),
         region_name=settings.minio_region,
         config=_config(max_pool_connections),
     ) as client:

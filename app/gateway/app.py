@@ -25,7 +25,7 @@ from app.gateway.middleware import (
     RequestContextMiddleware,
     exception_handlers,
 )
-from app.gateway.openapi import build_openapi, docs, openapi_endpoint
+from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
 from app.gateway.ratelimit import RateLimitMiddleware
 from app.gateway.services import Services, open_services
 
@@ -59,7 +59,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     opened from ``settings`` in the app's lifespan and closed at shutdown.
     """
     registry = services.registry if services is not None else CollectorRegistry()
-    tokens = services.tokens if services is not None else TokenService(settings.jwt_secret)
+    tokens = services.tokens if services is not None else TokenService(settings.jwt_secret.reveal())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,7 +85,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     spec = build_openapi(routes, title="Sluice", version=VERSION)
     routes += [
         Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
-        Route("/docs", docs, methods=["GET"], include_in_schema=False),
+        *docs_routes(),
     ]
     app = Starlette(
         routes=routes,

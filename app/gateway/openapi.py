@@ -1,19 +1,24 @@
 """``/openapi.json`` generated from the schemas the handlers use, and ``/docs``.
 
+``/docs`` is Swagger UI served entirely by the gateway (its assets come from a
+pinned pip package), so it works offline and loads nothing from another host.
+
 Walks the application's :class:`~app.gateway.http.ApiRoute` objects and asks
 msgspec for the JSON Schema of every request, query and response type.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute
+from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from app.core.schemas import ErrorBody
 from app.gateway.http import ApiRoute, json_response
@@ -96,17 +101,88 @@ def openapi_endpoint(spec: dict[str, Any]) -> Any:
     return openapi_json
 
 
-_DOCS = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Sluice API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head><body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+SWAGGER_UI_PACKAGE = "swagger_ui"
+"""The pip package (``swagger-ui-py``, pinned in pyproject.toml) whose ``static/``
+folder holds Swagger UI's built assets; the gateway serves them itself."""
+DOCS_ASSETS: dict[str, str] = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+"""The only files ``/docs/assets/{name}`` serves (an allowlist, never a path)."""
+
+_DOCS_INIT = b"""window.addEventListener("load", function () {
+  var root = document.getElementById("ui");
+  window.ui = SwaggerUIBundle({
+    url: root.getAttribute("data-spec"),
+    domNode: root,
+    deepLinking: true,
+    validatorUrl: null,
+    persistAuthorization: false,
+  });
+});
+"""
+
+_DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sluice API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png">
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head><body><div id="ui" data-spec="/openapi.json"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/docs/assets/init.js"></script>
 </body></html>"""
 
+# Everything the page loads comes from this gateway: no CDN, works offline.
+_DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; font-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_ASSET_CACHE = "public, max-age=3600"
 
-async def docs(_request: Request) -> Response:
-    return HTMLResponse(_DOCS)
+
+def swagger_ui_dir() -> Path | None:
+    """Where the installed Swagger UI assets are (found without importing the package)."""
+    spec = importlib.util.find_spec(SWAGGER_UI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return static if (static / "swagger-ui-bundle.js").is_file() else None
 
 
-__all__ = ["build_openapi", "docs", "json_response", "openapi_endpoint"]
+def docs_routes() -> list[BaseRoute]:
+    """``/docs`` (Swagger UI) and its assets, all served by the gateway itself."""
+    static = swagger_ui_dir()
+
+    async def docs(_request: Request) -> Response:
+        return HTMLResponse(_DOCS_HTML, headers={"Content-Security-Policy": _DOCS_CSP})
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name == "init.js":
+            return Response(
+                _DOCS_INIT,
+                media_type="text/javascript; charset=utf-8",
+                headers={"Cache-Control": _ASSET_CACHE},
+            )
+        media_type = DOCS_ASSETS.get(name)
+        if media_type is None:
+            return Response(b"not found\n", status_code=404, media_type="text/plain")
+        if static is None:
+            return Response(
+                f"{SWAGGER_UI_PACKAGE} is not installed\n".encode(),
+                status_code=503,
+                media_type="text/plain",
+            )
+        return FileResponse(
+            static / name, media_type=media_type, headers={"Cache-Control": _ASSET_CACHE}
+        )
+
+    return [
+        Route("/docs", docs, methods=["GET"], include_in_schema=False),
+        Route("/docs/assets/{name}", asset, methods=["GET"], include_in_schema=False),
+    ]
+
+
+__all__ = ["build_openapi", "docs_routes", "json_response", "openapi_endpoint"]

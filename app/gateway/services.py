@@ -43,9 +43,9 @@ async def open_services(
     settings: Settings, *, registry: CollectorRegistry | None = None
 ) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
-        db = await create_pool(settings.database_url, max_size=settings.database_pool_size)
+        db = await create_pool(settings.database_url.reveal(), max_size=settings.database_pool_size)
         stack.push_async_callback(db.close)
-        redis = await connect_redis(settings.redis_url)
+        redis = await connect_redis(settings.redis_url.reveal())
         stack.push_async_callback(redis.aclose)
         s3 = await stack.enter_async_context(open_s3(settings))
         s3_public = await stack.enter_async_context(open_s3(settings, public=True))
@@ -55,7 +55,7 @@ async def open_services(
             redis=redis,
             s3=s3,
             s3_public=s3_public,
-            tokens=TokenService(settings.jwt_secret),
+            tokens=TokenService(settings.jwt_secret.reveal()),
             queue=JobQueue(redis),
             registry=registry if registry is not None else CollectorRegistry(),
         )

@@ -433,11 +433,11 @@ async def serve(
     ``port=0`` picks a free port (see :attr:`WsServer.port`).
     """
     options = options or ServerOptions()
-    db = await create_pool(settings.database_url, max_size=settings.database_pool_size)
-    redis: Redis = Redis.from_url(settings.redis_url)
+    db = await create_pool(settings.database_url.reveal(), max_size=settings.database_pool_size)
+    redis: Redis = Redis.from_url(settings.redis_url.reveal())
 
     def pubsub_client() -> Redis:
-        client: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+        client: Redis = Redis.from_url(settings.redis_url.reveal(), socket_connect_timeout=5)
         return client
 
     hub = Hub(db, redis, pubsub_client, max_subscriptions=options.max_subscriptions)
@@ -446,7 +446,7 @@ async def serve(
         db=db,
         redis=redis,
         hub=hub,
-        tokens=tokens or TokenService(settings.jwt_secret),
+        tokens=tokens or TokenService(settings.jwt_secret.reveal()),
         options=options,
     )
     try:
