@@ -245,8 +245,8 @@ async def publish(ctx: UploadContext, event: ProgressEvent | None) -> None:
 
 
 async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> InitiatedUpload:
-    check_filename(req.filename)
-    document_type, content_type = classify(req.filename, req.content_type, req.document_type)
+    filename = check_filename(req.filename)
+    document_type, content_type = classify(filename, req.content_type, req.document_type)
     check_size(req.file_size, ctx.settings.max_upload_size_bytes)
     if req.checksum_sha256 is not None and not re.fullmatch(
         r"[0-9a-fA-F]{64}", req.checksum_sha256
@@ -273,11 +273,11 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
             await create_document(
                 conn,
                 owner_id=owner_id,
-                filename=req.filename,
+                filename=filename,
                 content_type=content_type,
                 document_type=document_type,
                 size_bytes=req.file_size,
-                processing_options=req.processing_options,
+                processing_options=req.processing_options.to_dict(),
                 checksum_sha256=req.checksum_sha256.lower() if req.checksum_sha256 else None,
                 document_id=document_id,
             )
@@ -301,7 +301,7 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
                 uuid.UUID(job_id),
                 s3_upload_id,
                 key,
-                req.filename,
+                filename,
                 req.file_size,
                 content_type,
                 chunk_size,
@@ -326,7 +326,7 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
         chunk_size=chunk_size,
         total_parts=total_parts,
         expires_at=expires_at,
-        filename=req.filename,
+        filename=filename,
         file_size=req.file_size,
         content_type=content_type,
         document_type=document_type,
@@ -888,13 +888,7 @@ async def list_active(ctx: UploadContext, owner_id: str, query: PageQuery) -> Pa
     after_ts: datetime | None = None
     after_id: uuid.UUID | None = None
     if query.cursor:
-        after_ts, raw_id = decode_cursor(query.cursor)
-        try:
-            after_id = uuid.UUID(raw_id)
-        except ValueError:
-            raise BadRequest(
-                "cursor is not valid", code="invalid_cursor", details={"field": "cursor"}
-            ) from None
+        after_ts, after_id = decode_cursor(query.cursor)
     rows = await ctx.db.fetch(
         f"""
         SELECT {SESSION_COLUMNS}, COALESCE(p.n, 0) AS parts, COALESCE(p.bytes, 0) AS bytes

@@ -17,7 +17,6 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,7 +27,7 @@ from app.core import upload_schemas as us
 from app.core.direct_upload import StreamingObjectWriter, finalize_direct, new_direct_writer
 from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from app.core.events import Priority
-from app.core.schemas import Page, PageQuery
+from app.core.schemas import Page, PageQuery, ProcessingOptions
 from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
 from app.gateway.formstream import FormPart, read_form
@@ -325,6 +324,7 @@ async def simple(request: Request) -> Response:
     async def open_file(part: FormPart, fields: dict[str, str]) -> StreamingObjectWriter:
         nonlocal writer, document_id
         rules.check_filename(part.filename or "")
+        _options(fields.get("processing_options"))  # refuse bad options before storing
         _, content_type = rules.classify(
             part.filename or "", part.content_type, fields.get("document_type")
         )
@@ -336,7 +336,7 @@ async def simple(request: Request) -> Response:
         assert writer is not None
         form = convert(fields, SimpleFields)
         options = _options(form.processing_options)
-        filename = file_part.filename or ""
+        filename = rules.check_filename(file_part.filename or "")
         document_type, content_type = rules.classify(
             filename, file_part.content_type, form.document_type
         )
@@ -365,19 +365,11 @@ async def simple(request: Request) -> Response:
 
 
 def _options(raw: str | None) -> dict[str, Any]:
+    """The ``processing_options`` form field: JSON text, validated like ``reprocess``'s."""
     if not raw:
         return {}
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise BadRequest(
-            "processing_options must be a JSON object",
-            code="invalid_json",
-            details={"field": "processing_options"},
-        )
-    return value
+    decode_json(raw, Any, field="processing_options")  # malformed JSON: 400 before 422
+    return decode_json(raw, ProcessingOptions, field="processing_options").to_dict()
 
 
 def routes() -> list[ApiRoute]:
