@@ -60,6 +60,8 @@ class PartInfo(Response):
 class UploadStatus(Response):
     upload_id: str
     status: str
+    """``initiated``, ``uploading``, ``completed``, ``cancelled``, ``expired``, or ``lost``
+    (storage lost the parts: ``POST .../restart/{upload_id}``, then send every part)."""
     filename: str
     file_size: int
     chunk_size: int

@@ -293,6 +293,14 @@ async def status(request: Request) -> Response:
     )
 
 
+async def restart(request: Request) -> Response:
+    """A lost upload (410 ``upload_lost``) starts again in place: same ids, no parts."""
+    ident = identity(request)
+    return json_response(
+        await mp.restart(_ctx(request), ident.user_id, request.path_params["upload_id"])
+    )
+
+
 async def cancel(request: Request) -> Response:
     ident = identity(request)
     return json_response(
@@ -395,7 +403,7 @@ def routes() -> list[ApiRoute]:
             body=ChunkFields,
             body_media_type="multipart/form-data",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 413, 422, 503],
+            errors=[400, 404, 409, 410, 413, 422, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -404,7 +412,7 @@ def routes() -> list[ApiRoute]:
             methods=["PUT"],
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 503],
+            errors=[400, 404, 409, 410, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -413,7 +421,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="A presigned S3 UploadPart URL for one part",
             response=us.PresignedPart,
-            errors=[400, 404, 409, 503],
+            errors=[400, 404, 409, 410, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -422,7 +430,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="Complete the upload and queue its job (idempotent)",
             response=us.CompletedUpload,
-            errors=[404, 409, 503],
+            errors=[404, 409, 410, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -444,6 +452,16 @@ def routes() -> list[ApiRoute]:
             summary="Upload progress, received and missing parts",
             response=us.UploadStatus,
             errors=[404, 503],
+            tags=tags,
+        ),
+        ApiRoute(
+            f"{PREFIX}/restart/{{upload_id}}",
+            restart,
+            methods=["POST"],
+            summary="Restart a lost upload (410 upload_lost): a fresh storage upload for "
+            "the same session and job; send every part again (idempotent)",
+            response=us.UploadStatus,
+            errors=[404, 409, 503],
             tags=tags,
         ),
         ApiRoute(
