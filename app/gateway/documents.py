@@ -456,7 +456,7 @@ def routes() -> list[ApiRoute]:
             query=ChunkQuery,
             summary="A document's chunks in order",
             response=ChunkPage,
-            errors=[*errors, 422],
+            errors=[*errors, 400, 422],
             tags=["documents"],
         ),
         ApiRoute(

@@ -480,6 +480,7 @@ def routes() -> list[ApiRoute]:
             query=PageQuery,
             summary="The caller's unfinished uploads, newest first",
             response=Page[us.ActiveUpload],
+            errors=[400, 422],
             tags=tags,
         ),
     ]
