@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, unquote
 
 import httpx
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from app.core.errors import BadRequest
 from app.core.jsonguard import MAX_JSON_DEPTH, nesting_depth, too_deep
-from app.core.schemas import encode_cursor
-from app.core.upload_rules import content_disposition
+from app.core.schemas import decode_cursor, encode_cursor
+from app.core.upload_rules import check_filename, content_disposition
 from app.gateway.services import Services
 from tests import fixtures_uploads as fx
 
@@ -69,6 +74,30 @@ def test_depth_guard_measures_without_recursing() -> None:
     assert not too_deep("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
     assert too_deep("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
     assert not too_deep('["' + "[" * 10_000 + '"]')  # brackets inside a string
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n'),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_json_values)
+def test_depth_guard_agrees_with_a_recursive_count(value: Any) -> None:
+    assert nesting_depth(msgspec.json.encode(value)) == _depth(value)
 
 
 # --- item 5: deep nesting and processing_options -----------------------------------------
@@ -162,6 +191,10 @@ def _b64(raw: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+def _b64_bytes(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 def _bad_cursors(real: str) -> list[str]:
     some_id = str(uuid.uuid4())
     return [
@@ -180,6 +213,29 @@ def _bad_cursors(real: str) -> list[str]:
         base64.urlsafe_b64encode(b"\xff\xfe|\x00").decode(),  # not UTF-8
         "12",  # a chunk cursor on a keyset list
     ]
+
+
+_offsets = st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(-timedelta(hours=12))])
+_cursor_like = st.builds(
+    lambda when, tz, item: _b64(f"{when.replace(tzinfo=tz).isoformat()}|{item}"),
+    st.datetimes(),
+    st.none() | _offsets,
+    st.uuids().map(str) | st.text(max_size=40),
+)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.text(max_size=300) | _cursor_like | st.binary(max_size=120).map(_b64_bytes))
+def test_a_cursor_decodes_to_safe_query_arguments_or_400(cursor: str) -> None:
+    """Whatever arrives, the database gets an aware timestamp in range and a UUID."""
+    try:
+        created, item_id = decode_cursor(cursor)
+    except BadRequest as exc:
+        assert exc.code == "invalid_cursor" and exc.status == 400
+    else:
+        assert created.utcoffset() == timedelta(0)
+        assert 1970 <= created.year <= 9000
+        assert isinstance(item_id, uuid.UUID)
 
 
 async def test_every_bad_cursor_is_400_invalid_cursor(
@@ -214,6 +270,7 @@ async def test_every_bad_cursor_is_400_invalid_cursor(
 
 # --- item 7: filenames ----------------------------------------------------------------------
 
+BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 BAD_FILENAMES = [
     "report\r\n.pdf",
     "line\nfeed.txt",
@@ -314,6 +371,26 @@ async def test_unicode_filename_round_trips_to_the_download(
         assert header.isascii()
         assert header.startswith('attachment; filename="resume __.pdf"; ')
         assert _disposition_filename(header) == name
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.text(max_size=300))
+def test_a_filename_is_refused_or_safe_for_headers(name: str) -> None:
+    try:
+        clean = check_filename(name)
+    except BadRequest as exc:
+        assert exc.code == "invalid_filename" and exc.details["field"] == "filename"
+        return
+    assert clean.strip()
+    assert clean == unicodedata.normalize("NFC", clean)
+    assert len(clean.encode()) <= 255
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in clean)
+    assert not set(clean) & set(
+        "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    )
+    header = content_disposition(clean)
+    assert header.isascii() and header.isprintable()
+    assert _disposition_filename(header) == clean
 
 
 def test_content_disposition_is_ascii_with_a_utf8_filename_star() -> None:
