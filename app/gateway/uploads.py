@@ -59,7 +59,8 @@ class SimpleFields(RequestSchema):
     priority: Priority = Priority.NORMAL
     document_type: str | None = None
     processing_options: str | None = None
-    """A JSON object, as text."""
+    """A JSON object, as text, validated like ``reprocess``'s (``chunk_size``,
+    ``chunk_overlap``): malformed or nested too deep is 400, a bad value 422."""
 
 
 class PresignBody(RequestSchema):
