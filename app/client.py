@@ -7,7 +7,10 @@ remembered in a small JSON file in the state dir, keyed by the file's absolute
 path, size and mtime (and the gateway URL), so running the same command again
 after Ctrl-C, a dropped network or a gateway restart asks the status endpoint
 and sends only the parts the gateway does not have.  Parts are read from disk
-one at a time per stream (``os.pread``), never the whole file.
+one at a time per stream (``os.pread``), never the whole file.  If storage lost
+the upload (410 ``upload_lost``, or ``status`` says ``lost``), the client
+restarts the session in place (``POST .../restart/{upload_id}``: same upload
+and job ids), says so in one line and sends every part again, once per run.
 
 ``--follow`` then streams the job's progress from the WebSocket server
 (``{"type": "auth"}``, ``{"type": "subscribe"}``, ``job_progress`` messages)
@@ -180,6 +183,7 @@ class UploadClient:
         self._progress = progress
         self._progress_stream = progress_stream
         self._sleep = sleep
+        self._restarted = False
 
     async def __aenter__(self) -> UploadClient:
         if self._http is None:
@@ -286,6 +290,7 @@ class UploadClient:
     ) -> UploadResult:
         path = Path(path)
         size = path.stat().st_size
+        self._restarted = False
         state, missing, resumed = await self._resume(path)
         if state is None:
             body: dict[str, Any] = {
@@ -312,11 +317,14 @@ class UploadClient:
             missing = list(range(1, state.total_parts + 1))
         sent: list[int] = []
         for _round in range(3):
-            if missing:
-                sent += await self._send_parts(path, state, missing)
             try:
+                if missing:
+                    sent += await self._send_parts(path, state, missing)
                 done = (await self._request("POST", f"{API}/complete/{state.upload_id}")).json()
             except UploadError as exc:
+                if exc.code == "upload_lost" and not self._restarted:
+                    missing = await self._restart(state)
+                    continue
                 if exc.code == "missing_parts":  # e.g. S3 lost one: send them again
                     missing = list(exc.details.get("missing_parts", []))
                     continue
@@ -346,10 +354,24 @@ class UploadClient:
                 raise
             self._forget(path)  # unknown, expired or foreign: start over
             return None, [], False
+        if st["status"] == "lost":
+            return state, await self._restart(state), True
         if st["status"] in ("initiated", "uploading", "completed"):
             return state, list(st["missing_parts"]), True
         self._forget(path)
         return None, [], False
+
+    async def _restart(self, state: _State) -> list[int]:
+        """Storage lost the upload: start it again in place; the parts to send."""
+        st = (await self._request("POST", f"{API}/restart/{state.upload_id}")).json()
+        self._restarted = True
+        print(
+            "sluice upload: storage lost this upload's parts; restarted it (same upload "
+            f"and job), sending all {state.total_parts} part(s) again",
+            file=self._progress_stream or sys.stderr,
+            flush=True,
+        )
+        return list(st["missing_parts"])
 
     async def _send_parts(self, path: Path, state: _State, missing: list[int]) -> list[int]:
         todo: asyncio.Queue[int] = asyncio.Queue()

@@ -267,9 +267,11 @@ async def test_initiate_rejects_bad_files(
     assert r.status_code == 422
     r = await post(filename="../../etc/passwd\x00.pdf")
     assert (r.status_code, r.json()["details"]["field"]) == (400, "filename")
-    r = await post(filename="../../../etc/évil\n.pdf")
+    r = await post(filename="../../../etc/évil\n.pdf")  # control characters: refused
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_filename")
+    r = await post(filename="../../../etc/évil.pdf")
     assert r.status_code == 201  # kept for display; the key is the document id
-    assert r.json()["filename"] == "../../../etc/évil\n.pdf"
+    assert r.json()["filename"] == "../../../etc/évil.pdf"
 
 
 async def test_missing_parts_block_complete(
@@ -406,7 +408,7 @@ async def test_simple_upload_streams_and_enqueues(
         f"{BASE}/simple",
         headers=auth_headers,
         files={"file": ("data.json", data, "application/json")},
-        data={"priority": "low", "processing_options": '{"lang": "en"}'},
+        data={"priority": "low", "processing_options": '{"chunk_size": 64}'},
     )
     assert r.status_code == 201, r.text
     body = r.json()
@@ -420,7 +422,7 @@ async def test_simple_upload_streams_and_enqueues(
     assert dict(row) == {
         "priority": "low",
         "status": "queued",
-        "processing_options": {"lang": "en"},
+        "processing_options": {"chunk_size": 64},
         "document_type": "json",
     }
 

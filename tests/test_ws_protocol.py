@@ -9,8 +9,10 @@ import msgspec
 import pytest
 
 from app.core.auth import TokenService
+from app.core.errors import Unauthorized
 from app.core.events import ProgressEvent
 from app.ws.protocol import (
+    CLOSE_INVALID_DATA,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
     Auth,
@@ -224,6 +226,36 @@ def test_oversized_message_errors_then_closes_1009() -> None:
     assert isinstance(error, Reply) and isinstance(error.message, Error)
     assert error.message.code == "message_too_large"
     assert close == Close(CLOSE_MESSAGE_TOO_BIG, "message too large")
+
+
+def test_rejected_query_token_errors_then_closes_4401() -> None:
+    tokens = TokenService(JWT_SECRET)
+    s = Session(
+        tokens,
+        endpoint="progress",
+        connection_id="c",
+        heartbeat_interval=30,
+        rejected=Unauthorized("token has expired", code="token_expired"),
+    )
+    error, close = s.opened()
+    assert isinstance(error, Reply) and isinstance(error.message, Error)
+    assert error.message.code == "token_expired"
+    assert close == Close(CLOSE_UNAUTHORIZED, "token_expired")
+    assert s.closed and s.receive(b'{"type":"ping"}') == []
+
+
+@pytest.mark.parametrize("authenticated_as", ["alice", None])
+def test_deeply_nested_message_errors_then_closes_1007(authenticated_as: str | None) -> None:
+    s, _ = session(Clock(), authenticated_as=authenticated_as)
+    deep = b'{"type":"ping","user_id":' + b"[" * 400 + b"]" * 400 + b"}"
+    error, close = s.receive(deep)
+    assert isinstance(error, Reply) and isinstance(error.message, Error)
+    assert error.message.code == "invalid_json"
+    assert close == Close(CLOSE_INVALID_DATA, "message nested too deeply")
+    s2, _ = session(Clock(), authenticated_as=authenticated_as)  # 64 levels are fine
+    nested = b'{"type":"ping","user_id":' + b"[" * 63 + b"]" * 63 + b"}"
+    [pong] = s2.receive(nested)
+    assert isinstance(pong, Reply) and isinstance(pong.message, Pong)
 
 
 def test_unknown_channel_is_refused() -> None:

@@ -20,7 +20,7 @@ import httpx
 import msgspec
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from app.core.auth import TokenService
 from app.core.embedded import free_port
@@ -135,18 +135,23 @@ def deps_token(tokens: TokenService, user: str) -> str:
 
 
 @pytest.mark.parametrize("token", ["garbage", "expired"])
-async def test_bad_query_token_is_refused_before_upgrade(
+async def test_bad_query_token_is_accepted_then_closed_4401(
     ws_server: WsProcess, tokens: TokenService, token: str
 ) -> None:
+    """Browsers see a refused handshake only as 1006; an accepted one closed with
+    4401 and a reason tells them it is the token, not the network."""
     if token == "expired":
         past = TokenService(JWT_SECRET, clock=lambda: time.time() - 7200)
         token = past.mint("u", ttl_seconds=60)
-    with pytest.raises(InvalidStatus) as info:
-        async with connect(f"{ws_server.url}/api/v1/ws/progress?token={token}", open_timeout=5):
-            pass
-    assert info.value.response.status_code == 401
-    body = msgspec.json.decode(info.value.response.body)
-    assert body["error"] in ("invalid_token", "token_expired")
+    async with connect(f"{ws_server.url}/api/v1/ws/progress?token={token}", open_timeout=5) as ws:
+        error = msgspec.json.decode(await asyncio.wait_for(ws.recv(), 5))
+        assert error["type"] == "error"
+        assert error["code"] in ("invalid_token", "token_expired")
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 4401
+    assert info.value.rcvd.reason == error["code"]
     assert token not in ws_server.log()
 
 
@@ -243,6 +248,27 @@ async def test_oversized_frame_gets_error_then_1009(ws_server: WsProcess, deps_t
         with pytest.raises(ConnectionClosed) as info:
             await c.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize("authenticated", [True, False])
+async def test_deeply_nested_frame_gets_error_then_1007(
+    ws_server: WsProcess, deps_token: str, authenticated: bool
+) -> None:
+    """Nesting 5,000 deep in the untyped ``user_id`` was a RecursionError: close
+    1011 and a traceback.  It is refused as invalid data before decoding."""
+    deep = '{"type": "auth", "token": "x", "user_id": ' + "[" * 5000 + "]" * 5000 + "}"
+    async with ws_client(ws_server.url, deps_token if authenticated else None) as c:
+        if authenticated:
+            await c.expect("connected")
+        await c.send(deep)
+        error = await c.expect("error")
+        assert error["code"] == "invalid_json" and error["details"]["max_depth"] == 64
+        with pytest.raises(ConnectionClosed) as info:
+            await c.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1007
+    assert "RecursionError" not in ws_server.log()
+    async with ws_client(ws_server.url, deps_token) as c:  # the server is fine
+        await c.expect("connected")
 
 
 async def test_other_users_job_is_indistinguishable_from_unknown(

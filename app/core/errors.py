@@ -83,6 +83,13 @@ class Conflict(SluiceError):
     default_code = "conflict"
 
 
+class Gone(SluiceError):
+    """The resource existed but is gone for good (an upload whose storage was lost)."""
+
+    status = 410
+    default_code = "gone"
+
+
 class PayloadTooLarge(SluiceError):
     status = 413
     default_code = "payload_too_large"

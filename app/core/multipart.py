@@ -19,6 +19,15 @@ settings, clock).  The rules:
   answer.  The job is handed to the queue after the commit and
   ``enqueued_at`` is recorded; a completion interrupted in between is
   enqueued later by a repeated ``complete`` or by the sweeper.
+* **lost uploads**: when S3 no longer knows the multipart upload (aborted by
+  a lifecycle rule or an operator, lost by a restarted dev S3 server) and the
+  object was not completed, the parts it held are gone: part PUTs, form
+  chunks, presign and complete answer 410 ``upload_lost``, and ``status``
+  reports ``lost`` with no parts.  :func:`restart` recovers the session in
+  place: a fresh S3 multipart upload under the same upload, job and
+  document ids, recorded parts cleared, TTL renewed; the client sends every
+  part again.  Parts are only ever recorded against the session's current
+  S3 upload id, so a part that raced a restart is refused, not mis-recorded.
 * **cancel** aborts the S3 upload and cancels the job through
   :func:`app.core.jobs.request_cancel`, the one cancel path.
 * the **sweeper** (:mod:`app.core.upload_sweeper`) aborts sessions past
@@ -49,6 +58,7 @@ from app.core.documents import create_document, create_job, object_key_for
 from app.core.errors import (
     BadRequest,
     Conflict,
+    Gone,
     NotFound,
     ServiceUnavailable,
 )
@@ -245,8 +255,8 @@ async def publish(ctx: UploadContext, event: ProgressEvent | None) -> None:
 
 
 async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> InitiatedUpload:
-    check_filename(req.filename)
-    document_type, content_type = classify(req.filename, req.content_type, req.document_type)
+    filename = check_filename(req.filename)
+    document_type, content_type = classify(filename, req.content_type, req.document_type)
     check_size(req.file_size, ctx.settings.max_upload_size_bytes)
     if req.checksum_sha256 is not None and not re.fullmatch(
         r"[0-9a-fA-F]{64}", req.checksum_sha256
@@ -273,11 +283,11 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
             await create_document(
                 conn,
                 owner_id=owner_id,
-                filename=req.filename,
+                filename=filename,
                 content_type=content_type,
                 document_type=document_type,
                 size_bytes=req.file_size,
-                processing_options=req.processing_options,
+                processing_options=req.processing_options.to_dict(),
                 checksum_sha256=req.checksum_sha256.lower() if req.checksum_sha256 else None,
                 document_id=document_id,
             )
@@ -301,7 +311,7 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
                 uuid.UUID(job_id),
                 s3_upload_id,
                 key,
-                req.filename,
+                filename,
                 req.file_size,
                 content_type,
                 chunk_size,
@@ -326,7 +336,7 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
         chunk_size=chunk_size,
         total_parts=total_parts,
         expires_at=expires_at,
-        filename=req.filename,
+        filename=filename,
         file_size=req.file_size,
         content_type=content_type,
         document_type=document_type,
@@ -419,9 +429,18 @@ async def upload_part(
                     code="checksum_mismatch",
                     details={"part_number": part_number},
                 ) from None
-            if code == "NoSuchUpload":
-                current = await get_session(ctx.db, session.owner_id, session.id)
-                ensure_writable(current, ctx.now())
+            # S3 answers NoSuchUpload for a forgotten upload; some servers (the
+            # embedded one) answer 500.  Either way ListParts tells for sure.
+            current = await get_session(ctx.db, session.owner_id, session.id)
+            ensure_writable(current, ctx.now())
+            if await _list_s3_parts(ctx, current, max_parts=1) is None:
+                if await _object_complete(ctx, current):
+                    raise Conflict(
+                        "upload is already complete; call complete",
+                        code="upload_completed",
+                        details={"status": "completed"},
+                    ) from None
+                raise upload_lost(current) from None
             raise
     return await record_part(
         ctx,
@@ -441,6 +460,8 @@ async def record_part(
     async with ctx.db.acquire() as conn, conn.transaction():
         current = await get_session(conn, session.owner_id, session.id, lock=True)
         ensure_writable(current, ctx.now())
+        if current.s3_upload_id != session.s3_upload_id:  # restarted while this part was sent
+            raise upload_lost(current)
         await conn.execute(
             """
             INSERT INTO upload_parts (upload_id, part_number, size, etag, md5)
@@ -506,6 +527,8 @@ async def presign_part(
     """A presigned ``UploadPart`` URL; ``complete`` verifies the part with ListParts."""
     ensure_writable(session, ctx.now())
     expected = check_part(session, part_number)
+    if await _lost(ctx, session):  # a presigned URL for a lost upload could never work
+        raise upload_lost(session)
     params: dict[str, Any] = {
         "Bucket": ctx.bucket,
         "Key": session.object_key,
@@ -543,8 +566,45 @@ class _Part(msgspec.Struct):
     etag: str
 
 
-async def _list_s3_parts(ctx: UploadContext, session: Session) -> dict[int, _Part] | None:
-    """Every part S3 holds for the session, or None once S3 no longer knows the upload."""
+def upload_lost(session: Session) -> Gone:
+    """410 ``upload_lost``: storage no longer has the session's multipart upload."""
+    log.warning("upload_lost", upload_id=session.id, job_id=session.job_id)
+    return Gone(
+        "storage no longer has this upload's parts (the multipart upload was aborted or "
+        "lost); restart it with POST /api/v1/documents/upload/restart/{upload_id} and "
+        "send every part again",
+        code="upload_lost",
+        details={"upload_id": session.id, "total_parts": session.total_parts},
+    )
+
+
+async def _object_complete(ctx: UploadContext, session: Session) -> bool:
+    """Whether the object exists at the file's size (completed by a call that crashed
+    before recording it)."""
+    async with storage_errors("head_object"):
+        try:
+            head = await ctx.s3.head_object(Bucket=ctx.bucket, Key=session.object_key)
+        except ClientError as exc:
+            if client_error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+    return int(head["ContentLength"]) == session.file_size
+
+
+async def _lost(ctx: UploadContext, session: Session) -> bool:
+    """Whether S3 forgot the session's multipart upload without completing it."""
+    return await _list_s3_parts(ctx, session, max_parts=1) is None and not (
+        await _object_complete(ctx, session)
+    )
+
+
+async def _list_s3_parts(
+    ctx: UploadContext, session: Session, *, max_parts: int = 1000
+) -> dict[int, _Part] | None:
+    """Every part S3 holds for the session, or None once S3 no longer knows the upload.
+
+    With ``max_parts`` below 1000 only the first page is read (a probe).
+    """
     found: dict[int, _Part] = {}
     marker = 0
     async with storage_errors("list_parts"):
@@ -554,7 +614,7 @@ async def _list_s3_parts(ctx: UploadContext, session: Session) -> dict[int, _Par
                     Bucket=ctx.bucket,
                     Key=session.object_key,
                     UploadId=session.s3_upload_id,
-                    MaxParts=1000,
+                    MaxParts=max_parts,
                     PartNumberMarker=marker,
                 )
             except ClientError as exc:
@@ -564,7 +624,7 @@ async def _list_s3_parts(ctx: UploadContext, session: Session) -> dict[int, _Par
             for p in resp.get("Parts", []):
                 n = int(p["PartNumber"])
                 found[n] = _Part(n, int(p["Size"]), _unquote(str(p["ETag"])))
-            if not resp.get("IsTruncated"):
+            if not resp.get("IsTruncated") or max_parts < 1000:
                 return found
             marker = int(resp["NextPartNumberMarker"])
 
@@ -580,8 +640,9 @@ async def _db_parts(conn: Db, sid: str) -> dict[int, _Part]:
 
 async def _reconcile(
     ctx: UploadContext, conn: Db, session: Session, *, authoritative: bool
-) -> dict[int, _Part]:
-    """Merge S3's ListParts into the recorded parts and return the verified set.
+) -> dict[int, _Part] | None:
+    """Merge S3's ListParts into the recorded parts and return the verified set,
+    or None when the upload is lost (S3 forgot it and the object is not complete).
 
     Parts S3 holds at the right size that Sluice did not record (a crash
     between S3 and Postgres, a presigned upload) or recorded with another
@@ -592,7 +653,9 @@ async def _reconcile(
     s3_parts = await _list_s3_parts(ctx, session)
     db_parts = await _db_parts(conn, session.id)
     if s3_parts is None:
-        return db_parts
+        # Completed by an earlier call that crashed before recording it: complete
+        # finishes from the recorded parts.  Otherwise the parts are gone.
+        return db_parts if await _object_complete(ctx, session) else None
     fixes = [
         p
         for p in s3_parts.values()
@@ -642,9 +705,12 @@ async def _reconcile(
 async def status(ctx: UploadContext, owner_id: str, upload_id: str) -> UploadStatus:
     session = await get_session(ctx.db, owner_id, upload_id)
     now = ctx.now()
+    lost = False
     if session.status in ACTIVE_STATUSES and not session.expired_at(now):
         async with ctx.db.acquire() as conn:
-            parts = await _reconcile(ctx, conn, session, authoritative=False)
+            reconciled = await _reconcile(ctx, conn, session, authoritative=False)
+        lost = reconciled is None
+        parts = reconciled or {}
         if parts and session.status == "initiated":
             await ctx.db.execute(
                 "UPDATE upload_sessions SET status = 'uploading' "
@@ -660,6 +726,8 @@ async def status(ctx: UploadContext, owner_id: str, upload_id: str) -> UploadSta
         shown = "uploading"
     if shown == "uploading" and session.job_status == JobStatus.CANCELLED:
         shown = "cancelled"
+    elif lost and session.job_status != JobStatus.CANCELLED:
+        shown = "lost"  # POST .../restart/{upload_id} starts it again
     return UploadStatus(
         upload_id=session.id,
         status=shown,
@@ -683,6 +751,51 @@ async def status(ctx: UploadContext, owner_id: str, upload_id: str) -> UploadSta
         created_at=session.created_at,
         completed_at=session.completed_at,
     )
+
+
+async def restart(ctx: UploadContext, owner_id: str, upload_id: str) -> UploadStatus:
+    """Start a fresh S3 multipart upload for a lost session, in place.
+
+    Same upload, job and document ids; the recorded parts are cleared and the
+    TTL renewed, so the client sends every part again.  Idempotent: when S3
+    still knows the session's upload (never lost, or a racing restart won)
+    nothing changes.  404 for an unknown or expired session, 409 for a
+    cancelled or completed one.  Returns the session's status.
+    """
+    created_id: str | None = None
+    try:
+        async with ctx.db.acquire() as conn, conn.transaction():
+            session = await get_session(conn, owner_id, upload_id, lock=True)
+            ensure_writable(session, ctx.now())
+            if await _lost(ctx, session):
+                async with storage_errors("create_multipart_upload"):
+                    created = await ctx.s3.create_multipart_upload(
+                        Bucket=ctx.bucket,
+                        Key=session.object_key,
+                        ContentType=session.content_type,
+                        Metadata={"document-id": session.document_id, "owner": _ascii(owner_id)},
+                    )
+                created_id = str(created["UploadId"])
+                await conn.execute(
+                    "DELETE FROM upload_parts WHERE upload_id = $1::uuid", session.id
+                )
+                await conn.execute(
+                    "UPDATE upload_sessions SET s3_upload_id = $2, status = 'initiated', "
+                    "expires_at = $3, updated_at = now() WHERE id = $1::uuid",
+                    session.id,
+                    created_id,
+                    ctx.now() + timedelta(hours=ctx.settings.upload_session_ttl_hours),
+                )
+    except BaseException:
+        if created_id is not None:
+            with contextlib.suppress(Exception):  # best effort: nothing half-written stays
+                await ctx.s3.abort_multipart_upload(
+                    Bucket=ctx.bucket, Key=session.object_key, UploadId=created_id
+                )
+        raise
+    if created_id is not None:
+        log.info("upload_restarted", upload_id=session.id, job_id=session.job_id)
+    return await status(ctx, owner_id, upload_id)
 
 
 # --- completion --------------------------------------------------------------------------
@@ -721,6 +834,8 @@ async def complete(ctx: UploadContext, owner_id: str, upload_id: str) -> Complet
             )
         ensure_writable(session, ctx.now())
         parts = await _reconcile(ctx, conn, session, authoritative=True)
+        if parts is None:
+            raise upload_lost(session)
         missing = [n for n in range(1, session.total_parts + 1) if n not in parts]
         if missing:
             raise Conflict(
@@ -888,13 +1003,7 @@ async def list_active(ctx: UploadContext, owner_id: str, query: PageQuery) -> Pa
     after_ts: datetime | None = None
     after_id: uuid.UUID | None = None
     if query.cursor:
-        after_ts, raw_id = decode_cursor(query.cursor)
-        try:
-            after_id = uuid.UUID(raw_id)
-        except ValueError:
-            raise BadRequest(
-                "cursor is not valid", code="invalid_cursor", details={"field": "cursor"}
-            ) from None
+        after_ts, after_id = decode_cursor(query.cursor)
     rows = await ctx.db.fetch(
         f"""
         SELECT {SESSION_COLUMNS}, COALESCE(p.n, 0) AS parts, COALESCE(p.bytes, 0) AS bytes

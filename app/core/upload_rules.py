@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import math
 import re
+import unicodedata
+from urllib.parse import quote
 
 from app.core.documents import DOCUMENT_TYPES
 from app.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -41,7 +43,13 @@ EXTENSIONS = {
     "htm": "html",
 }
 _UNDECLARED_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
-_MAX_FILENAME = 1024
+MAX_FILENAME_BYTES = 255
+"""Longest filename accepted, in UTF-8 bytes after NFC normalisation (as most file systems)."""
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+"""Bidirectional formatting characters: they make ``evil\u202etxt.exe`` read as ``evilexe.txt``."""
+_LINE_SEPARATORS = frozenset("\u2028\u2029")
 HEX_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
@@ -54,13 +62,63 @@ def decide_chunk_size(file_size: int, configured: int) -> tuple[int, int]:
 
 
 def check_filename(filename: str) -> str:
-    if not filename.strip() or len(filename) > _MAX_FILENAME or "\x00" in filename:
-        raise BadRequest(
-            f"filename must be 1-{_MAX_FILENAME} characters without NUL bytes",
+    """The filename normalised to NFC, or 400 ``invalid_filename``.
+
+    Refused (never silently altered): empty or blank names; control characters
+    (C0, DEL, C1) and Unicode line separators; bidirectional controls
+    (U+202A-U+202E, U+2066-U+2069, U+200E/U+200F, U+061C); lone surrogates;
+    names over :data:`MAX_FILENAME_BYTES` UTF-8 bytes.  Invariant: a name that
+    passes is safe to store, to log and to put (encoded by
+    :func:`content_disposition`) in an HTTP header.
+    """
+
+    def refuse(reason: str, **details: object) -> BadRequest:
+        return BadRequest(
+            f"filename {reason}",
             code="invalid_filename",
-            details={"field": "filename"},
+            details={"field": "filename", "reason": reason, **details},
         )
-    return filename
+
+    name = unicodedata.normalize("NFC", filename)
+    if not name.strip():
+        raise refuse("must not be empty")
+    for ch in name:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F or ch in _LINE_SEPARATORS:
+            raise refuse("must not contain control characters", character=f"U+{code:04X}")
+        if ch in _BIDI_CONTROLS:
+            raise refuse(
+                "must not contain bidirectional control characters", character=f"U+{code:04X}"
+            )
+        if 0xD800 <= code <= 0xDFFF:
+            raise refuse("must be valid Unicode", character=f"U+{code:04X}")
+    size = len(name.encode("utf-8"))
+    if size > MAX_FILENAME_BYTES:
+        raise refuse(
+            f"must be at most {MAX_FILENAME_BYTES} bytes in UTF-8",
+            limit=MAX_FILENAME_BYTES,
+            size=size,
+        )
+    return name
+
+
+def content_disposition(filename: str, disposition: str = "attachment") -> str:
+    """An RFC 6266 ``Content-Disposition`` value: an ASCII fallback and ``filename*``.
+
+    ``attachment; filename="resume.pdf"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf``.
+    The fallback drops accents (NFKD) and replaces what remains outside
+    printable ASCII, quotes and backslashes with ``_``; the header is pure ASCII.
+    """
+    ascii_name = (
+        "".join(
+            ch if 0x20 <= ord(ch) < 0x7F and ch not in '"\\' else "_"
+            for ch in unicodedata.normalize("NFKD", filename)
+            if not unicodedata.combining(ch)
+        ).strip()
+        or "download"
+    )
+    encoded = quote(filename, safe="", encoding="utf-8", errors="replace")
+    return f"{disposition}; filename=\"{ascii_name}\"; filename*=UTF-8''{encoded}"
 
 
 def classify(filename: str, content_type: str, document_type: str | None) -> tuple[str, str]:

@@ -7,12 +7,11 @@ like the ``stage_progress`` of progress events.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 import msgspec
 
 from app.core.events import Priority
-from app.core.schemas import Request, Response
+from app.core.schemas import ProcessingOptions, Request, Response
 
 
 class InitiateUpload(Request):
@@ -20,7 +19,8 @@ class InitiateUpload(Request):
     file_size: int
     content_type: str = ""
     document_type: str | None = None
-    processing_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    processing_options: ProcessingOptions = msgspec.field(default_factory=ProcessingOptions)
+    """Validated like ``reprocess``'s: a bad value is a 422 here, not a failed job."""
     priority: Priority = Priority.NORMAL
     checksum_sha256: str | None = None
 
@@ -60,6 +60,8 @@ class PartInfo(Response):
 class UploadStatus(Response):
     upload_id: str
     status: str
+    """``initiated``, ``uploading``, ``completed``, ``cancelled``, ``expired``, or ``lost``
+    (storage lost the parts: ``POST .../restart/{upload_id}``, then send every part)."""
     filename: str
     file_size: int
     chunk_size: int

@@ -25,10 +25,18 @@ from app.core.errors import Conflict, NotFound, ServiceUnavailable
 from app.core.events import JobStatus, Priority
 from app.core.logging import get_logger
 from app.core.queue import queue_depth_by_priority, workers_alive
-from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
+from app.core.schemas import (
+    Page,
+    PageQuery,
+    ProcessingOptions,
+    decode_cursor,
+    decode_seq_cursor,
+    encode_cursor,
+)
 from app.core.schemas import Request as RequestBody
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
+from app.core.upload_rules import content_disposition
 from app.gateway.http import ApiRoute, identity, json_response, query_params, read_json
 from app.gateway.jobs import parse_id
 from app.gateway.services import Services, services
@@ -97,11 +105,6 @@ class DownloadLink(ResponseBody):
     url: str
     expires_in: int
     filename: str
-
-
-class ProcessingOptions(RequestBody):
-    chunk_size: Annotated[int, msgspec.Meta(ge=16, le=8192)] | None = None
-    chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=4096)] | None = None
 
 
 class ReprocessRequest(RequestBody):
@@ -186,7 +189,7 @@ async def list_documents(request: Request) -> Response:
         where.append(f"d.status = ${len(args)}")
     if q.cursor:
         created, last_id = decode_cursor(q.cursor)
-        args += [created, parse_id(last_id, "document")]
+        args += [created, last_id]
         where.append(f"(d.created_at, d.id) < (${len(args) - 1}, ${len(args)})")
     args.append(q.limit + 1)
     rows = await svc.db.fetch(
@@ -212,12 +215,7 @@ async def list_chunks(request: Request) -> Response:
     svc = services(request)
     doc = await _load(svc.db, request.path_params["document_id"], identity(request).user_id)
     q = query_params(request, ChunkQuery)
-    after = -1
-    if q.cursor:
-        try:
-            after = int(q.cursor)
-        except ValueError:
-            raise NotFound("cursor is not valid", code="invalid_cursor") from None
+    after = decode_seq_cursor(q.cursor) if q.cursor else -1
     source = doc.deduplicated_of or doc.document_id
     rows = await svc.db.fetch(
         "SELECT seq, text, token_count, page_start, page_end, char_start, char_end, sha256 "
@@ -251,13 +249,12 @@ async def download(request: Request) -> Response:
             ) from None
         raise ServiceUnavailable("object storage unavailable", code="storage_unavailable") from exc
     expires = svc.settings.presign_expiry_seconds
-    safe_name = row["filename"].replace('"', "").replace("\\", "")
     url = await svc.s3_public.generate_presigned_url(
         "get_object",
         Params={
             "Bucket": bucket,
             "Key": row["object_key"],
-            "ResponseContentDisposition": f'attachment; filename="{safe_name}"',
+            "ResponseContentDisposition": content_disposition(row["filename"]),
         },
         ExpiresIn=expires,
     )
@@ -352,13 +349,7 @@ async def reprocess(request: Request) -> Response:
             )
         options = dict(row["processing_options"] or {})
         if body.processing_options is not None:
-            options.update(
-                {
-                    k: v
-                    for k, v in msgspec.structs.asdict(body.processing_options).items()
-                    if v is not None
-                }
-            )
+            options.update(body.processing_options.to_dict())
         await conn.execute(
             "UPDATE documents SET processing_options = $2, updated_at = now() WHERE id = $1",
             doc_uuid,
@@ -465,7 +456,7 @@ def routes() -> list[ApiRoute]:
             query=ChunkQuery,
             summary="A document's chunks in order",
             response=ChunkPage,
-            errors=[*errors, 422],
+            errors=[*errors, 400, 422],
             tags=["documents"],
         ),
         ApiRoute(

@@ -84,7 +84,10 @@ def _parse_headers(raw: bytes) -> FormPart:
         params[key.lower()] = value
     if "filename*" in params:  # RFC 5987: charset''percent-encoded
         charset, _, encoded = params["filename*"].partition("''")
-        params["filename"] = unquote(encoded, encoding=charset or "utf-8", errors="strict")
+        try:
+            params["filename"] = unquote(encoded, encoding=charset or "utf-8", errors="strict")
+        except (LookupError, UnicodeDecodeError):  # unknown charset, or bytes not in it
+            raise _invalid("filename* is not valid percent-encoded text") from None
     if "name" not in params:
         raise _invalid("a form part has no name")
     return FormPart(

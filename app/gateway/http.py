@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from app.core.auth import Identity
 from app.core.errors import BadRequest, PayloadTooLarge, Unauthorized, ValidationFailed
+from app.core.jsonguard import MAX_JSON_DEPTH, too_deep
 
 T = TypeVar("T")
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -94,15 +95,30 @@ async def read_json(request: Request, type_: type[T]) -> T:
     return decode_json(bytes(body), type_)
 
 
-def decode_json(data: bytes | str, type_: type[T]) -> T:
+def decode_json(data: bytes | str, type_: type[T], *, field: str | None = None) -> T:
+    """Decode client JSON as ``type_``: 400 ``invalid_json`` (also for nesting deeper
+    than :data:`~app.core.jsonguard.MAX_JSON_DEPTH`), 422 ``validation_error``.
+
+    ``field`` names a form field holding the JSON (its errors then name it).
+    """
+    what = field or "request body"
+    details = {"field": field} if field else {}
     if not data:
-        raise BadRequest("request body must be a JSON document", code="invalid_json")
+        raise BadRequest(f"{what} must be a JSON document", code="invalid_json", details=details)
+    if too_deep(data):
+        raise BadRequest(
+            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep",
+            code="invalid_json",
+            details={**details, "max_depth": MAX_JSON_DEPTH},
+        )
     try:
         return msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, field) from None
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise BadRequest(
+            f"{what} is not valid JSON: {exc}", code="invalid_json", details=details
+        ) from None
 
 
 def convert(data: Any, type_: type[T]) -> T:
@@ -113,9 +129,12 @@ def convert(data: Any, type_: type[T]) -> T:
         raise validation_error(exc) from None
 
 
-def validation_error(exc: msgspec.ValidationError) -> ValidationFailed:
+def validation_error(exc: msgspec.ValidationError, within: str | None = None) -> ValidationFailed:
+    """422 naming the offending field; ``within`` is the form field holding the JSON."""
     text, _, where = str(exc).partition(" - at `")
     path = where.rstrip("`")
+    if within is not None:
+        path = f"$.{within}{path.removeprefix('$')}"
     field = path.removeprefix("$.").split("[", 1)[0] if path.startswith("$.") else None
     message = f"{field}: {text}" if field else text
     return ValidationFailed(message, details={"field": field, "path": path or None})

@@ -135,7 +135,7 @@ async def list_jobs(request: Request) -> Response:
         where.append(f"j.document_id = ${len(args)}")
     if q.cursor:
         created, last_id = decode_cursor(q.cursor)
-        args += [created, parse_id(last_id, "job")]
+        args += [created, last_id]
         where.append(f"(j.created_at, j.id) < (${len(args) - 1}, ${len(args)})")
     args.append(q.limit + 1)
     rows = await svc.db.fetch(

@@ -17,7 +17,6 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,7 +27,7 @@ from app.core import upload_schemas as us
 from app.core.direct_upload import StreamingObjectWriter, finalize_direct, new_direct_writer
 from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from app.core.events import Priority
-from app.core.schemas import Page, PageQuery
+from app.core.schemas import Page, PageQuery, ProcessingOptions
 from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
 from app.gateway.formstream import FormPart, read_form
@@ -60,7 +59,8 @@ class SimpleFields(RequestSchema):
     priority: Priority = Priority.NORMAL
     document_type: str | None = None
     processing_options: str | None = None
-    """A JSON object, as text."""
+    """A JSON object, as text, validated like ``reprocess``'s (``chunk_size``,
+    ``chunk_overlap``): malformed or nested too deep is 400, a bad value 422."""
 
 
 class PresignBody(RequestSchema):
@@ -294,6 +294,14 @@ async def status(request: Request) -> Response:
     )
 
 
+async def restart(request: Request) -> Response:
+    """A lost upload (410 ``upload_lost``) starts again in place: same ids, no parts."""
+    ident = identity(request)
+    return json_response(
+        await mp.restart(_ctx(request), ident.user_id, request.path_params["upload_id"])
+    )
+
+
 async def cancel(request: Request) -> Response:
     ident = identity(request)
     return json_response(
@@ -325,6 +333,7 @@ async def simple(request: Request) -> Response:
     async def open_file(part: FormPart, fields: dict[str, str]) -> StreamingObjectWriter:
         nonlocal writer, document_id
         rules.check_filename(part.filename or "")
+        _options(fields.get("processing_options"))  # refuse bad options before storing
         _, content_type = rules.classify(
             part.filename or "", part.content_type, fields.get("document_type")
         )
@@ -336,7 +345,7 @@ async def simple(request: Request) -> Response:
         assert writer is not None
         form = convert(fields, SimpleFields)
         options = _options(form.processing_options)
-        filename = file_part.filename or ""
+        filename = rules.check_filename(file_part.filename or "")
         document_type, content_type = rules.classify(
             filename, file_part.content_type, form.document_type
         )
@@ -365,19 +374,11 @@ async def simple(request: Request) -> Response:
 
 
 def _options(raw: str | None) -> dict[str, Any]:
+    """The ``processing_options`` form field: JSON text, validated like ``reprocess``'s."""
     if not raw:
         return {}
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise BadRequest(
-            "processing_options must be a JSON object",
-            code="invalid_json",
-            details={"field": "processing_options"},
-        )
-    return value
+    decode_json(raw, Any, field="processing_options")  # malformed JSON: 400 before 422
+    return decode_json(raw, ProcessingOptions, field="processing_options").to_dict()
 
 
 def routes() -> list[ApiRoute]:
@@ -403,7 +404,7 @@ def routes() -> list[ApiRoute]:
             body=ChunkFields,
             body_media_type="multipart/form-data",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 413, 422, 503],
+            errors=[400, 404, 409, 410, 413, 422, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -412,7 +413,7 @@ def routes() -> list[ApiRoute]:
             methods=["PUT"],
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 503],
+            errors=[400, 404, 409, 410, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -421,7 +422,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="A presigned S3 UploadPart URL for one part",
             response=us.PresignedPart,
-            errors=[400, 404, 409, 503],
+            errors=[400, 404, 409, 410, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -430,7 +431,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="Complete the upload and queue its job (idempotent)",
             response=us.CompletedUpload,
-            errors=[404, 409, 503],
+            errors=[404, 409, 410, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -455,6 +456,16 @@ def routes() -> list[ApiRoute]:
             tags=tags,
         ),
         ApiRoute(
+            f"{PREFIX}/restart/{{upload_id}}",
+            restart,
+            methods=["POST"],
+            summary="Restart a lost upload (410 upload_lost): a fresh storage upload for "
+            "the same session and job; send every part again (idempotent)",
+            response=us.UploadStatus,
+            errors=[404, 409, 503],
+            tags=tags,
+        ),
+        ApiRoute(
             f"{PREFIX}/cancel/{{upload_id}}",
             cancel,
             methods=["DELETE"],
@@ -470,6 +481,7 @@ def routes() -> list[ApiRoute]:
             query=PageQuery,
             summary="The caller's unfinished uploads, newest first",
             response=Page[us.ActiveUpload],
+            errors=[400, 422],
             tags=tags,
         ),
     ]

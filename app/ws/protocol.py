@@ -29,6 +29,7 @@ import msgspec
 from app.core.auth import Identity, TokenService
 from app.core.errors import Unauthorized
 from app.core.events import ProgressEvent
+from app.core.jsonguard import MAX_JSON_DEPTH, too_deep
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -37,6 +38,7 @@ MAX_JOBS_PER_MESSAGE = 100
 MAX_SUBSCRIPTIONS = 1000
 """Jobs one connection may follow at once."""
 CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_DATA = 1007
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW_CONSUMER = 4429
@@ -304,6 +306,12 @@ class Session:
     auth deadline; ``auth`` may be sent again with a fresh token for the same
     user to extend the session.  Until then only ``auth`` and ``ping`` are
     answered.  Replies that need no I/O (``pong``, errors) are produced here.
+
+    A query token that failed verification (``rejected``) is reported after
+    the upgrade: an error message, then close 4401 with the error code as the
+    reason, so a browser can tell an auth failure from a network failure.  A
+    frame nested deeper than :data:`~app.core.jsonguard.MAX_JSON_DEPTH` is
+    never decoded: an error message, then close 1007.
     """
 
     def __init__(
@@ -316,8 +324,10 @@ class Session:
         identity: Identity | None = None,
         clock: Callable[[], float] = time.time,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        rejected: Unauthorized | None = None,
     ) -> None:
         self._tokens = tokens
+        self._rejected = rejected
         self.endpoint: Endpoint = endpoint
         self.connection_id = connection_id
         self.heartbeat_interval = heartbeat_interval
@@ -331,7 +341,15 @@ class Session:
         return self.identity is not None
 
     def opened(self) -> list[Action]:
-        """The handshake is done: greet a client that authenticated in the URL."""
+        """The handshake is done: greet a client that authenticated in the URL,
+        or refuse one whose URL token failed."""
+        if self._rejected is not None:
+            self.closed = True
+            exc = self._rejected
+            return [
+                Reply(Error(code=exc.code, message=exc.message)),
+                Close(CLOSE_UNAUTHORIZED, exc.code),
+            ]
         if self.identity is None:
             return []
         return [Authenticated(self.identity, first=True), Reply(self._connected(self.identity))]
@@ -351,6 +369,18 @@ class Session:
                     )
                 ),
                 Close(CLOSE_MESSAGE_TOO_BIG, "message too large"),
+            ]
+        if too_deep(data):
+            self.closed = True
+            return [
+                Reply(
+                    Error(
+                        code="invalid_json",
+                        message=f"message is nested more than {MAX_JSON_DEPTH} levels deep",
+                        details={"max_depth": MAX_JSON_DEPTH},
+                    )
+                ),
+                Close(CLOSE_INVALID_DATA, "message nested too deeply"),
             ]
         message = parse(data)
         match message:

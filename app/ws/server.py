@@ -3,8 +3,9 @@
 Endpoints on one port:
 
 * ``WS /api/v1/ws/progress`` and ``WS /api/v1/ws/notifications`` -- token in
-  ``?token=`` (a bad one is refused with HTTP 401 before the upgrade) or in a
-  first ``{"type": "auth"}`` message;
+  ``?token=`` (a bad or expired one is accepted, then closed with 4401 and the
+  error code as the reason: browsers see no HTTP status) or in a first
+  ``{"type": "auth"}`` message;
 * ``GET /health`` (200, or 503 while Redis pub/sub is down) and ``GET /metrics``.
 
 Each connection is a :class:`Connection`: the protocol decisions come from
@@ -205,7 +206,7 @@ class WsServer:
         self.tokens = tokens
         self.options = options
         self._accepted: weakref.WeakKeyDictionary[
-            ServerConnection, tuple[Endpoint, Identity | None]
+            ServerConnection, tuple[Endpoint, Identity | None, Unauthorized | None]
         ] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connections: set[Connection] = set()
@@ -238,15 +239,14 @@ class WsServer:
                 {"error": "not_found", "message": "no such endpoint"},
             )
         identity: Identity | None = None
+        rejected: Unauthorized | None = None
         tokens = parse_qs(url.query).get("token")
         if tokens:
             try:
                 identity = self.tokens.verify(tokens[0])
-            except Unauthorized as exc:
-                return _json(
-                    connection, HTTPStatus.UNAUTHORIZED, {"error": exc.code, "message": exc.message}
-                )
-        self._accepted[connection] = (endpoint, identity)
+            except Unauthorized as exc:  # said after the upgrade: close 4401 with a reason
+                rejected = exc
+        self._accepted[connection] = (endpoint, identity, rejected)
         return None
 
     def _health(self, connection: ServerConnection) -> Response:
@@ -261,7 +261,7 @@ class WsServer:
     # -- WebSocket connections --
 
     async def handle(self, ws: ServerConnection) -> None:
-        endpoint, identity = self._accepted.pop(ws, ("progress", None))
+        endpoint, identity, rejected = self._accepted.pop(ws, ("progress", None, None))
         session = Session(
             self.tokens,
             endpoint=endpoint,
@@ -269,13 +269,14 @@ class WsServer:
             heartbeat_interval=self.settings.websocket_heartbeat_interval,
             identity=identity,
             max_message_bytes=self.options.max_message_bytes,
+            rejected=rejected,
         )
         conn = Connection(ws, session, self)
         self.connections.add(conn)
         self.metrics.connections.labels(endpoint=endpoint).inc()
         loop = asyncio.get_running_loop()
         try:
-            if identity is None:
+            if identity is None and rejected is None:
                 conn.auth_timer = loop.call_later(
                     self.options.auth_timeout,
                     lambda: self._act_soon(conn, conn.session.auth_deadline_passed()),
