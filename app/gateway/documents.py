@@ -29,7 +29,7 @@ from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
 from app.core.schemas import Request as RequestBody
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
-from app.gateway.http import ApiRoute, identity, json_response, query_params, read_json
+from app.gateway.http import ApiRoute, identity, json_response, query_params, read_optional_json
 from app.gateway.jobs import parse_id
 from app.gateway.services import Services, services
 
@@ -325,9 +325,7 @@ async def reprocess(request: Request) -> Response:
     owner = identity(request).user_id
     doc_id = request.path_params["document_id"]
     doc_uuid = parse_id(doc_id, "document")
-    body = (
-        await read_json(request, ReprocessRequest) if await request.body() else ReprocessRequest()
-    )
+    body = await read_optional_json(request, ReprocessRequest, ReprocessRequest())
     async with svc.db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "SELECT status, processing_options FROM documents WHERE id = $1 AND owner_id = $2 "

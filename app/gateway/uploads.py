@@ -1,20 +1,26 @@
 """Upload routes: resumable multipart sessions and single-request uploads.
 
 The handlers only read HTTP (paths, headers, bodies) and call
-:mod:`app.core.multipart` / :mod:`app.core.direct_upload`.  Part bodies are
-read into one buffer of exactly the part's size while their MD5 is computed
-piece by piece, so a request never holds more than one part in memory; the
-multipart form routes use the streaming reader in :mod:`app.gateway.formstream`
-rather than Starlette's spooling parser.
+:mod:`app.core.multipart` / :mod:`app.core.direct_upload`.  Every body is read
+through :func:`~app.gateway.http.iter_body` with the route's limit (the part
+size for parts, plus :data:`FORM_OVERHEAD` for forms; the simple-upload
+threshold for ``/simple``; ``MAX_JSON_BODY_KB`` for JSON).  Part bodies are
+written into a buffer that grows as the bytes arrive (never reserved up front)
+while their MD5 is computed piece by piece, so a request never holds more than
+what it has sent, at most one part; a user has at most
+``MAX_PARTS_IN_FLIGHT_PER_USER`` part requests in progress per gateway process
+(:class:`PartSlots`).  The multipart form routes use the streaming reader in
+:mod:`app.gateway.formstream` rather than Starlette's spooling parser.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -26,7 +32,7 @@ from app.core import multipart as mp
 from app.core import upload_rules as rules
 from app.core import upload_schemas as us
 from app.core.direct_upload import StreamingObjectWriter, finalize_direct, new_direct_writer
-from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from app.core.errors import BadRequest, PayloadTooLarge, RateLimited, ValidationFailed
 from app.core.events import Priority
 from app.core.schemas import Page, PageQuery
 from app.core.schemas import Request as RequestSchema
@@ -35,17 +41,64 @@ from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
     ApiRoute,
     convert,
-    decode_json,
+    declared_length,
     identity,
+    iter_body,
     json_response,
     query_params,
     read_json,
+    read_optional_json,
+    too_large,
 )
 from app.gateway.services import Services, services
 
 PREFIX = "/api/v1/documents/upload"
 FORM_OVERHEAD = 64 * 1024
 """Allowance for form field headers and text fields around a file."""
+PART_SLOT_RETRY_AFTER_SECONDS = 1
+
+
+class PartSlots:
+    """Part uploads in progress per user, in this gateway process.
+
+    Invariant: a user holds at most ``limit`` slots; :meth:`hold` refuses the
+    next one with 429 ``too_many_parts_in_flight`` (with ``Retry-After``) before
+    anything is read, and releases its slot on every path (``finally``), so a
+    failed, refused or abandoned part never leaks one.  Other users are unaffected.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def in_flight(self, user_id: str) -> int:
+        return self._held.get(user_id, 0)
+
+    @contextlib.contextmanager
+    def hold(self, user_id: str) -> Iterator[None]:
+        held = self._held.get(user_id, 0)
+        if held >= self.limit:
+            raise RateLimited(
+                f"at most {self.limit} parts may be uploaded at once; retry when one finishes",
+                code="too_many_parts_in_flight",
+                details={"limit": self.limit, "retry_after": PART_SLOT_RETRY_AFTER_SECONDS},
+                headers={"Retry-After": str(PART_SLOT_RETRY_AFTER_SECONDS)},
+            )
+        self._held[user_id] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[user_id] - 1
+            if left:
+                self._held[user_id] = left
+            else:
+                del self._held[user_id]
+
+
+def part_slots(request: Request) -> PartSlots:
+    slots = request.app.state.part_slots
+    assert isinstance(slots, PartSlots)
+    return slots
 
 
 class ChunkFields(RequestSchema):
@@ -137,15 +190,11 @@ async def read_exact(
 ) -> tuple[io.BytesIO, bytes]:
     """Read exactly ``size`` bytes (400 on more or fewer) and their MD5.
 
-    The buffer is sized once up front and the pieces are written into it in
-    place: no regrowth copies, and S3's client reads it without another copy
-    (a ``BytesIO`` sharing a joined ``bytes`` would be copied on ``getbuffer``).
+    The buffer grows as the pieces arrive (nothing is reserved before the client
+    has sent it; ``BytesIO`` grows geometrically, so no quadratic copying) and S3's
+    client streams from it without another copy.
     """
     buf = io.BytesIO()
-    if size:
-        buf.seek(size - 1)
-        buf.write(b"\0")
-        buf.seek(0)
     md5 = hashlib.md5(usedforsecurity=False)
     got = 0
     async for piece in chunks:
@@ -179,7 +228,11 @@ async def initiate(request: Request) -> Response:
 
 
 async def put_part(request: Request) -> Response:
-    """Raw part body, with ``Content-MD5`` (base64) or ``X-Chunk-Hash`` (hex)."""
+    """Raw part body, with ``Content-MD5`` (base64) or ``X-Chunk-Hash`` (hex).
+
+    Everything that can refuse the part (token, size, slot, session, state) is
+    checked before its body is read.
+    """
     ident = identity(request)
     ctx = _ctx(request)
     started = time.perf_counter()
@@ -187,16 +240,21 @@ async def put_part(request: Request) -> Response:
     declared = rules.parse_md5(
         content_md5=request.headers.get("content-md5"), hex_md5=request.headers.get("x-chunk-hash")
     )
-    session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
-    mp.ensure_writable(session, ctx.now())
-    expected = mp.check_part(session, part_number)
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit():
-        mp.check_part(session, part_number, int(length), size_field="Content-Length")
-    body, md5 = await read_exact(request.stream(), expected)
-    accepted = await mp.upload_part(
-        ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
-    )
+    limit = max_part_size(ctx.settings)
+    length = declared_length(request)
+    if length is not None and length > limit:
+        raise too_large(limit, code="part_too_large", field="Content-Length")
+    with part_slots(request).hold(ident.user_id):
+        session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
+        mp.ensure_writable(session, ctx.now())
+        expected = mp.check_part(session, part_number)
+        if length is not None:
+            mp.check_part(session, part_number, length, size_field="Content-Length")
+        chunks = iter_body(request, limit, code="part_too_large")
+        body, md5 = await read_exact(chunks, expected)
+        accepted = await mp.upload_part(
+            ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
+        )
     _count_part(request, "put", accepted.size, started)
     return json_response(accepted)
 
@@ -206,38 +264,40 @@ async def chunk_form(request: Request) -> Response:
     ident = identity(request)
     ctx = _ctx(request)
     started = time.perf_counter()
-    part = _PartBuffer(max_part_size(ctx.settings))
+    limit = max_part_size(ctx.settings)
+    part = _PartBuffer(limit)
 
     async def open_part(_part: FormPart, _fields: dict[str, str]) -> _PartBuffer:
         return part
 
-    fields, _ = await read_form(request, "chunk_file", open_part)
-    for required in ("upload_id", "part_number", "chunk_hash"):
-        if required not in fields:
-            raise ValidationFailed(
-                f"{required}: a form field is required", details={"field": required}
+    with part_slots(request).hold(ident.user_id):
+        fields, _ = await read_form(request, "chunk_file", open_part, limit=limit + FORM_OVERHEAD)
+        for required in ("upload_id", "part_number", "chunk_hash"):
+            if required not in fields:
+                raise ValidationFailed(
+                    f"{required}: a form field is required", details={"field": required}
+                )
+        form = convert(fields, ChunkFields)
+        session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
+        mp.ensure_writable(session, ctx.now())
+        mp.check_part(session, form.part_number, part.size, form.total_parts)
+        if form.is_final_chunk is not None and form.is_final_chunk != (
+            form.part_number == session.total_parts
+        ):
+            raise BadRequest(
+                "is_final_chunk disagrees with part_number and total_parts",
+                code="invalid_is_final_chunk",
+                details={"field": "is_final_chunk"},
             )
-    form = convert(fields, ChunkFields)
-    session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
-    mp.ensure_writable(session, ctx.now())
-    mp.check_part(session, form.part_number, part.size, form.total_parts)
-    if form.is_final_chunk is not None and form.is_final_chunk != (
-        form.part_number == session.total_parts
-    ):
-        raise BadRequest(
-            "is_final_chunk disagrees with part_number and total_parts",
-            code="invalid_is_final_chunk",
-            details={"field": "is_final_chunk"},
+        declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
+        accepted = await mp.upload_part(
+            ctx,
+            session,
+            form.part_number,
+            part.body,
+            computed_md5=part.md5.digest(),
+            declared_md5=declared,
         )
-    declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
-    accepted = await mp.upload_part(
-        ctx,
-        session,
-        form.part_number,
-        part.body,
-        computed_md5=part.md5.digest(),
-        declared_md5=declared,
-    )
     _count_part(request, "form", accepted.size, started)
     return json_response(accepted)
 
@@ -274,8 +334,7 @@ async def presign(request: Request) -> Response:
     ident = identity(request)
     ctx = _ctx(request)
     part_number = _int(request.path_params["part_number"], "part_number")
-    raw = await request.body() if request.headers.get("content-length", "0") != "0" else b""
-    body = decode_json(raw, PresignBody) if raw.strip() else PresignBody()
+    body = await read_optional_json(request, PresignBody, PresignBody())
     session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
     return json_response(await mp.presign_part(ctx, session, part_number, body.content_md5))
 
@@ -332,7 +391,7 @@ async def simple(request: Request) -> Response:
         return writer
 
     try:
-        fields, file_part = await read_form(request, "file", open_file)
+        fields, file_part = await read_form(request, "file", open_file, limit=limit + FORM_OVERHEAD)
         assert writer is not None
         form = convert(fields, SimpleFields)
         options = _options(form.processing_options)
