@@ -75,6 +75,8 @@ class _Body:
     """The app called ``receive`` (so the server sent any ``100 Continue``)."""
     disconnected: bool = False
     timed_out: bool = False
+    answering: bool = False
+    """The response has started: the body is the guard's to drain, not the app's."""
 
     @classmethod
     def of(cls, scope: Scope) -> _Body:
@@ -113,8 +115,10 @@ class BodyGuardMiddleware:
 
         async def guarded_receive() -> Message:
             body.asked = True
-            if body.complete or body.disconnected:
-                return await receive()  # only a disconnect can come now
+            if body.complete or body.disconnected or body.answering:
+                # only a disconnect can come now, or the app listens for one while
+                # its response goes out (the guard drains the body meanwhile)
+                return await receive()
             try:
                 async with asyncio.timeout(policy.idle_timeout):
                     message = await receive()
@@ -152,6 +156,7 @@ class BodyGuardMiddleware:
         True when the body was received in full (the connection stays usable);
         False when it was left unread (the response must close the connection).
         """
+        body.answering = True
         if body.disconnected or body.timed_out:
             return False
         if body.expect_continue and not body.asked:

@@ -483,7 +483,7 @@ def routes() -> list[ApiRoute]:
             summary="Process again with new options (a new job)",
             response=ReprocessResponse,
             status_code=202,
-            errors=[*errors, 409, 422],
+            errors=[*errors, 408, 409, 413, 422],
             tags=["documents"],
         ),
     ]

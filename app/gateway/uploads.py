@@ -197,17 +197,22 @@ async def read_exact(
     buf = io.BytesIO()
     md5 = hashlib.md5(usedforsecurity=False)
     got = 0
-    async for piece in chunks:
-        if got + len(piece) > size:
-            raise BadRequest(
-                f"part must be exactly {size} bytes; more were sent",
-                code="invalid_part_size",
-                details={"field": field, "expected_size": size},
-            )
-        buf.write(piece)
-        md5.update(piece)
-        got += len(piece)
+    try:
+        async for piece in chunks:
+            if got + len(piece) > size:
+                raise BadRequest(
+                    f"part must be exactly {size} bytes; more were sent",
+                    code="invalid_part_size",
+                    details={"field": field, "expected_size": size},
+                )
+            buf.write(piece)
+            md5.update(piece)
+            got += len(piece)
+    except BaseException:
+        buf.close()  # free it now, not when the error's traceback goes
+        raise
     if got != size:
+        buf.close()
         raise BadRequest(
             f"part must be exactly {size} bytes, got {got}",
             code="invalid_part_size",
@@ -252,9 +257,10 @@ async def put_part(request: Request) -> Response:
             mp.check_part(session, part_number, length, size_field="Content-Length")
         chunks = iter_body(request, limit, code="part_too_large")
         body, md5 = await read_exact(chunks, expected)
-        accepted = await mp.upload_part(
-            ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
-        )
+        with body:
+            accepted = await mp.upload_part(
+                ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
+            )
     _count_part(request, "put", accepted.size, started)
     return json_response(accepted)
 
@@ -270,7 +276,7 @@ async def chunk_form(request: Request) -> Response:
     async def open_part(_part: FormPart, _fields: dict[str, str]) -> _PartBuffer:
         return part
 
-    with part_slots(request).hold(ident.user_id):
+    with part_slots(request).hold(ident.user_id), part.body:
         fields, _ = await read_form(request, "chunk_file", open_part, limit=limit + FORM_OVERHEAD)
         for required in ("upload_id", "part_number", "chunk_hash"):
             if required not in fields:
@@ -450,7 +456,7 @@ def routes() -> list[ApiRoute]:
             summary="Start a resumable upload (creates the job)",
             body=us.InitiateUpload,
             response=us.InitiatedUpload,
-            errors=[413, 415, 422, 429, 503],
+            errors=[408, 413, 415, 422, 429, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -462,7 +468,7 @@ def routes() -> list[ApiRoute]:
             body=ChunkFields,
             body_media_type="multipart/form-data",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 413, 422, 503],
+            errors=[400, 404, 408, 409, 413, 422, 429, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -471,7 +477,7 @@ def routes() -> list[ApiRoute]:
             methods=["PUT"],
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 503],
+            errors=[400, 404, 408, 409, 413, 429, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -480,7 +486,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="A presigned S3 UploadPart URL for one part",
             response=us.PresignedPart,
-            errors=[400, 404, 409, 503],
+            errors=[400, 404, 408, 409, 413, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -501,7 +507,7 @@ def routes() -> list[ApiRoute]:
             body=SimpleFields,
             body_media_type="multipart/form-data",
             response=us.CompletedUpload,
-            errors=[400, 413, 415, 422, 429, 503],
+            errors=[400, 408, 413, 415, 422, 429, 503],
             tags=tags,
         ),
         ApiRoute(
