@@ -33,6 +33,7 @@ import pytest
 
 from app.core.auth import TokenService
 from app.core.settings import Settings
+from app.gateway.uploads import PartBuffer
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import GatewayProcess, gateway_env
 
@@ -400,3 +401,19 @@ def test_stalled_body_gets_408(
         timeout=60,
     )
     assert r.status_code == 200, r.text
+
+
+def test_part_buffer_reserves_as_bytes_arrive() -> None:
+    part = PartBuffer(PART)
+    part.add(b"abc")
+    assert part.body.getbuffer().nbytes <= PartBuffer.MIN_RESERVE  # not the part's size
+    data = bytes(range(256)) * (PART // 256)
+    part = PartBuffer(PART)
+    reserved = []
+    for i in range(0, PART, 64 * 1024):
+        part.add(data[i : i + 64 * 1024])
+        reserved.append(part.body.getbuffer().nbytes)
+        assert reserved[-1] <= max(8 * part.size, PartBuffer.MIN_RESERVE)
+    assert len(set(reserved)) <= 6  # a few regrowths, not one per piece
+    body = part.finish()
+    assert body.read() == data and part.md5.digest() == hashlib.md5(data).digest()
