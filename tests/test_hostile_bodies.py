@@ -285,6 +285,11 @@ def test_clients_dropping_mid_part_are_one_info_line_each(
     assert all("status=499" in line and "bytes_received=" in line for line in lines), lines
     for marker in ("Traceback", "unhandled_error", "Exception in ASGI", "status=500"):
         assert marker not in log, log
+    metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    part_route = 'route="/api/v1/documents/upload/{upload_id}/parts/{part_number}"'
+    counted = [m for m in metrics.splitlines() if part_route in m and 'method="PUT"' in m]
+    assert any('status="499"' in m for m in counted), counted
+    assert not any('status="500"' in m for m in counted), counted
     # every slot was given back: each user can send parts again
     for user in users:
         assert_slots_free(gateway, tokens, user, uploads[user])

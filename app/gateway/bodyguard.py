@@ -22,6 +22,8 @@ it sees every response, including refusals made before a handler runs
   protocols).  A request refused before the app asked for its body is answered
   at once, without reading and with ``Connection: close``: the client never sends
   the body.
+* An unexpected exception (a 500, answered outside this middleware) drains the
+  same way before it propagates.
 * **Vanished clients.**  A client that disconnects before its body is complete
   (:class:`~starlette.requests.ClientDisconnect`, or ``http.disconnect`` from
   ``receive``) is not a server error: no traceback, no 500.  The request is
@@ -147,6 +149,13 @@ class BodyGuardMiddleware:
             await self.app(scope, guarded_receive, guarded_send)
         except ClientDisconnect:
             body.disconnected = True
+        except Exception:
+            # The 500 is rendered outside this middleware (Starlette's outermost
+            # ServerErrorMiddleware), and the server closes the connection after
+            # it: drain first so that it can be read.
+            if not body.complete and not body.answering:
+                await self._drain(body, receive)
+            raise
         if body.disconnected:
             scope.setdefault("state", {})["client_disconnected"] = body.received
 
