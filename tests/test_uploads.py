@@ -565,7 +565,7 @@ async def _form_events(body: bytes, content_type: str, piece: int) -> list[Any]:
         "path": "/",
         "headers": [(b"content-type", content_type.encode())],
     }
-    return [e async for e in iter_form(StarletteRequest(scope, receive))]
+    return [e async for e in iter_form(StarletteRequest(scope, receive), limit=len(body))]
 
 
 async def test_streaming_form_reader_handles_any_chunking() -> None:

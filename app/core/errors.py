@@ -78,6 +78,13 @@ class NotFound(SluiceError):
     default_code = "not_found"
 
 
+class RequestTimeout(SluiceError):
+    """The client stopped sending its request body."""
+
+    status = 408
+    default_code = "body_timeout"
+
+
 class Conflict(SluiceError):
     status = 409
     default_code = "conflict"

@@ -92,6 +92,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_requests_per_minute: PositiveInt = 100
     cors_origins: tuple[str, ...] = ()
     """Comma-separated list of origins allowed by CORS (``*`` for any)."""
+    max_json_body_kb: PositiveInt = 64
+    """Largest body of a JSON control route (initiate, presign, reprocess, search...);
+    a larger one is refused with 413 before it is read (declared) or as soon as the
+    count passes it (chunked)."""
+    max_parts_in_flight_per_user: PositiveInt = 8
+    """Part uploads one user may have in progress at once, per gateway process;
+    the next one is refused with 429 ``too_many_parts_in_flight``."""
+    upload_body_timeout_seconds: PositiveInt = 30
+    """A request body that sends nothing for this long is refused with 408
+    ``body_timeout`` and its buffer freed."""
+    refused_body_drain_mb: Annotated[int, msgspec.Meta(ge=0)] = 1024
+    """At most this many MiB of a refused request's unread body are read and
+    discarded before the refusal is sent, so that clients that send their whole
+    body before reading (urllib, requests, fetch) get the answer rather than a
+    connection reset.  Discarding holds no memory; a body declared larger than
+    this is not drained and its connection is closed."""
+    refused_body_drain_seconds: Annotated[int, msgspec.Meta(ge=0)] = 30
+    """At most this long is spent draining a refused request's body."""
 
     # --- WebSocket server ---------------------------------------------------------------
     websocket_host: str = "localhost"
@@ -160,6 +178,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def multipart_upload_threshold_bytes(self) -> int:
         return self.multipart_upload_threshold_mb * 1024 * 1024
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        return self.max_json_body_kb * 1024
+
+    @property
+    def refused_body_drain_bytes(self) -> int:
+        return self.refused_body_drain_mb * 1024 * 1024
 
 
 JWT_SECRET_MIN_LENGTH = 32

@@ -19,6 +19,7 @@ from app.core.settings import Settings
 from app.core.storage import ensure_bucket
 from app.core.upload_sweeper import run_sweeper
 from app.gateway import documents, health, jobs, search, uploads
+from app.gateway.bodyguard import BodyGuardMiddleware, BodyPolicy
 from app.gateway.middleware import (
     AuthMiddleware,
     HttpMetrics,
@@ -93,6 +94,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         exception_handlers=exception_handlers(),
         middleware=[
             Middleware(RequestContextMiddleware, metrics=HttpMetrics.of(registry)),
+            Middleware(BodyGuardMiddleware, policy=BodyPolicy.of(settings)),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
@@ -111,6 +113,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
             Middleware(RateLimitMiddleware, settings=settings),
         ],
     )
+    app.state.part_slots = uploads.PartSlots(settings.max_parts_in_flight_per_user)
     if services is not None:
         app.state.services = services
     return app

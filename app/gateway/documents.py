@@ -37,7 +37,13 @@ from app.core.schemas import Request as RequestBody
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
 from app.core.upload_rules import content_disposition
-from app.gateway.http import ApiRoute, identity, json_response, query_params, read_json
+from app.gateway.http import (
+    ApiRoute,
+    identity,
+    json_response,
+    query_params,
+    read_optional_json,
+)
 from app.gateway.jobs import parse_id
 from app.gateway.services import Services, services
 
@@ -322,9 +328,7 @@ async def reprocess(request: Request) -> Response:
     owner = identity(request).user_id
     doc_id = request.path_params["document_id"]
     doc_uuid = parse_id(doc_id, "document")
-    body = (
-        await read_json(request, ReprocessRequest) if await request.body() else ReprocessRequest()
-    )
+    body = await read_optional_json(request, ReprocessRequest, ReprocessRequest())
     async with svc.db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "SELECT status, processing_options FROM documents WHERE id = $1 AND owner_id = $2 "
@@ -476,7 +480,7 @@ def routes() -> list[ApiRoute]:
             summary="Process again with new options (a new job)",
             response=ReprocessResponse,
             status_code=202,
-            errors=[*errors, 409, 422],
+            errors=[*errors, 408, 409, 413, 422],
             tags=["documents"],
         ),
     ]

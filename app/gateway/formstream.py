@@ -27,6 +27,7 @@ import msgspec
 from starlette.requests import Request
 
 from app.core.errors import BadRequest, ValidationFailed
+from app.gateway.http import iter_body
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PARTS = 32
@@ -97,14 +98,15 @@ def _parse_headers(raw: bytes) -> FormPart:
     )
 
 
-async def iter_form(request: Request) -> AsyncIterator[FormEvent]:
-    """Stream the events of a ``multipart/form-data`` request body."""
+async def iter_form(request: Request, limit: int) -> AsyncIterator[FormEvent]:
+    """Stream the events of a ``multipart/form-data`` request body of at most
+    ``limit`` bytes (413 beyond, see :func:`~app.gateway.http.iter_body`)."""
     delimiter = b"--" + boundary_of(request.headers.get("content-type", ""))
     body_end = b"\r\n" + delimiter
     buf = bytearray()
     state = "preamble"
     parts = 0
-    async for chunk in request.stream():
+    async for chunk in iter_body(request, limit):
         buf += chunk
         while True:
             if state == "preamble":
@@ -173,8 +175,11 @@ async def read_form(
     request: Request,
     file_field: str,
     open_sink: Callable[[FormPart, dict[str, str]], Awaitable[FileSink]],
+    *,
+    limit: int,
 ) -> tuple[dict[str, str], FormPart]:
-    """Stream a form with exactly one file part named ``file_field``.
+    """Stream a form with exactly one file part named ``file_field``; the whole
+    body is at most ``limit`` bytes.
 
     Text fields (UTF-8, each at most :data:`MAX_TEXT_FIELD` bytes) are collected
     and returned.  When the file part starts, ``open_sink(part, fields_so_far)``
@@ -188,7 +193,7 @@ async def read_form(
     sink: FileSink | None = None
     current: str | None = None
     text = bytearray()
-    async for event in iter_form(request):
+    async for event in iter_form(request, limit):
         if isinstance(event, FormPart):
             current = event.name
             text.clear()

@@ -1,8 +1,9 @@
 """Request/response plumbing for the gateway's JSON API.
 
-Handlers are plain Starlette endpoints.  They read bodies with
-:func:`read_json` (msgspec-validated against a Struct), answer with
-:func:`json_response`, and raise :class:`~app.core.errors.SluiceError` for
+Handlers are plain Starlette endpoints.  They read bodies only through
+:func:`iter_body` (and :func:`read_body` / :func:`read_json` built on it), which
+bound every body by a per-route limit before and while reading it; they answer
+with :func:`json_response`, and raise :class:`~app.core.errors.SluiceError` for
 anything that goes wrong.  Routes are declared with :class:`ApiRoute`, which
 records the schemas a handler actually uses so that ``/openapi.json`` is
 generated from them rather than written by hand.
@@ -10,22 +11,22 @@ generated from them rather than written by hand.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from app.core.auth import Identity
 from app.core.errors import BadRequest, PayloadTooLarge, Unauthorized, ValidationFailed
 from app.core.jsonguard import MAX_JSON_DEPTH, too_deep
+from app.gateway.services import services
 
 T = TypeVar("T")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-MAX_JSON_BODY = 1024 * 1024
 _encoder = msgspec.json.Encoder()
 
 
@@ -74,25 +75,81 @@ def json_response(
     )
 
 
+def declared_length(request: Request) -> int | None:
+    """The request's ``Content-Length``, or ``None`` when it sends none (chunked)."""
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def too_large(
+    limit: int, *, code: str = "payload_too_large", field: str = "body"
+) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"request body exceeds {limit} bytes",
+        code=code,
+        details={"field": field, "limit": limit},
+    )
+
+
+async def iter_body(
+    request: Request, limit: int, *, code: str = "payload_too_large", field: str = "body"
+) -> AsyncIterator[bytes]:
+    """Yield the request body as it arrives, never more than ``limit`` bytes in all.
+
+    Invariants: a declared ``Content-Length`` over ``limit`` is refused (413,
+    ``code``) before a byte is read, so a client waiting on ``Expect:
+    100-continue`` is never asked for the body; a chunked body is counted and
+    refused as soon as the count passes ``limit``; nothing is buffered here (each
+    piece is yielded as received).  A client that goes away raises
+    :class:`~starlette.requests.ClientDisconnect`; a body that stalls is refused
+    by the body guard (:mod:`app.gateway.bodyguard`), which owns the timeout.
+    """
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise too_large(limit, code=code, field=field)
+    received = 0
+    more = declared != 0
+    while more:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        piece: bytes = message.get("body", b"")
+        received += len(piece)
+        if received > limit:
+            raise too_large(limit, code=code, field=field)
+        more = bool(message.get("more_body", False))
+        if piece:
+            yield piece
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes (413 beyond; see :func:`iter_body`)."""
+    body = bytearray()
+    async for piece in iter_body(request, limit):
+        body += piece
+    return bytes(body)
+
+
+def json_body_limit(request: Request) -> int:
+    """``MAX_JSON_BODY_KB`` of the app serving ``request``."""
+    return services(request).settings.max_json_body_bytes
+
+
 async def read_json(request: Request, type_: type[T]) -> T:
     """Decode and validate the request body as ``type_``.
 
-    Malformed JSON is 400 ``invalid_json``; a body that does not match the
-    schema is 422 ``validation_error`` with the offending path in ``details``.
+    The body is read through :func:`iter_body` with the JSON control-route limit
+    (``MAX_JSON_BODY_KB``; 413 ``payload_too_large`` beyond it).  Malformed JSON
+    is 400 ``invalid_json``; a body that does not match the schema is 422
+    ``validation_error`` with the offending path in ``details``.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
-        raise PayloadTooLarge(
-            f"JSON body exceeds {MAX_JSON_BODY} bytes", details={"limit": MAX_JSON_BODY}
-        )
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > MAX_JSON_BODY:
-            raise PayloadTooLarge(
-                f"JSON body exceeds {MAX_JSON_BODY} bytes", details={"limit": MAX_JSON_BODY}
-            )
-    return decode_json(bytes(body), type_)
+    return decode_json(await read_body(request, json_body_limit(request)), type_)
+
+
+async def read_optional_json(request: Request, type_: type[T], default: T) -> T:
+    """Like :func:`read_json`, but an empty (or all-whitespace) body is ``default``."""
+    raw = await read_body(request, json_body_limit(request))
+    return decode_json(raw, type_) if raw.strip() else default
 
 
 def decode_json(data: bytes | str, type_: type[T], *, field: str | None = None) -> T:

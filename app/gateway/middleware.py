@@ -3,7 +3,9 @@
 * :class:`RequestContextMiddleware` gives every request an id (``X-Request-ID``,
   taken from the client when it is sane), binds it to structlog's context so
   every log line of the request carries it, logs one access line, and feeds
-  the Prometheus request metrics.
+  the Prometheus request metrics; a request whose client went away mid-body
+  (see :mod:`app.gateway.bodyguard`) is logged as ``client_disconnected`` with
+  status 499 instead.
 * :class:`AuthMiddleware` verifies the bearer token on every ``/api/v1`` route
   and stores the :class:`~app.core.auth.Identity` in ``scope["state"]``.
 * :func:`exception_handlers` renders every error in the one JSON shape; an
@@ -30,6 +32,7 @@ from app.core.auth import TokenService
 from app.core.errors import SluiceError, Unauthorized
 from app.core.logging import get_logger
 from app.core.schemas import ErrorBody
+from app.gateway.bodyguard import CLIENT_CLOSED_REQUEST
 from app.gateway.http import json_response
 
 log = get_logger("sluice.gateway")
@@ -112,9 +115,22 @@ class RequestContextMiddleware:
             finally:
                 elapsed = time.perf_counter() - started
                 route = _route_template(scope)
+                gone = scope["state"].get("client_disconnected")
+                if gone is not None:
+                    status = CLIENT_CLOSED_REQUEST
                 self.metrics.requests.labels(scope["method"], route, str(status)).inc()
                 self.metrics.latency.labels(scope["method"], route).observe(elapsed)
-                if route not in {"/health", "/health/ready", "/metrics"}:
+                if gone is not None:
+                    log.info(
+                        "client_disconnected",
+                        method=scope["method"],
+                        path=scope["path"],
+                        route=route,
+                        status=status,
+                        bytes_received=gone,
+                        duration_ms=round(elapsed * 1000, 2),
+                    )
+                elif route not in {"/health", "/health/ready", "/metrics"}:
                     log.info(
                         "request",
                         method=scope["method"],

@@ -180,7 +180,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             body=SearchRequest,
             response=SearchResponse,
-            errors=[400, 401, 422, 503],
+            errors=[400, 401, 408, 413, 422, 503],
             summary="Semantic search over your indexed documents",
             tags=["search"],
         ),

@@ -1,20 +1,26 @@
 """Upload routes: resumable multipart sessions and single-request uploads.
 
 The handlers only read HTTP (paths, headers, bodies) and call
-:mod:`app.core.multipart` / :mod:`app.core.direct_upload`.  Part bodies are
-read into one buffer of exactly the part's size while their MD5 is computed
-piece by piece, so a request never holds more than one part in memory; the
-multipart form routes use the streaming reader in :mod:`app.gateway.formstream`
-rather than Starlette's spooling parser.
+:mod:`app.core.multipart` / :mod:`app.core.direct_upload`.  Every body is read
+through :func:`~app.gateway.http.iter_body` with the route's limit (the part
+size for parts, plus :data:`FORM_OVERHEAD` for forms; the simple-upload
+threshold for ``/simple``; ``MAX_JSON_BODY_KB`` for JSON).  Part bodies are
+written into a :class:`PartBuffer` that grows as the bytes arrive (never
+reserved up front) while their MD5 is computed piece by piece, so a request never holds more than
+what it has sent, at most one part; a user has at most
+``MAX_PARTS_IN_FLIGHT_PER_USER`` part requests in progress per gateway process
+(:class:`PartSlots`).  The multipart form routes use the streaming reader in
+:mod:`app.gateway.formstream` rather than Starlette's spooling parser.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -25,7 +31,7 @@ from app.core import multipart as mp
 from app.core import upload_rules as rules
 from app.core import upload_schemas as us
 from app.core.direct_upload import StreamingObjectWriter, finalize_direct, new_direct_writer
-from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from app.core.errors import BadRequest, PayloadTooLarge, RateLimited, ValidationFailed
 from app.core.events import Priority
 from app.core.schemas import Page, PageQuery, ProcessingOptions
 from app.core.schemas import Request as RequestSchema
@@ -34,17 +40,65 @@ from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
     ApiRoute,
     convert,
+    declared_length,
     decode_json,
     identity,
+    iter_body,
     json_response,
     query_params,
     read_json,
+    read_optional_json,
+    too_large,
 )
 from app.gateway.services import Services, services
 
 PREFIX = "/api/v1/documents/upload"
 FORM_OVERHEAD = 64 * 1024
 """Allowance for form field headers and text fields around a file."""
+PART_SLOT_RETRY_AFTER_SECONDS = 1
+
+
+class PartSlots:
+    """Part uploads in progress per user, in this gateway process.
+
+    Invariant: a user holds at most ``limit`` slots; :meth:`hold` refuses the
+    next one with 429 ``too_many_parts_in_flight`` (with ``Retry-After``) before
+    anything is read, and releases its slot on every path (``finally``), so a
+    failed, refused or abandoned part never leaks one.  Other users are unaffected.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def in_flight(self, user_id: str) -> int:
+        return self._held.get(user_id, 0)
+
+    @contextlib.contextmanager
+    def hold(self, user_id: str) -> Iterator[None]:
+        held = self._held.get(user_id, 0)
+        if held >= self.limit:
+            raise RateLimited(
+                f"at most {self.limit} parts may be uploaded at once; retry when one finishes",
+                code="too_many_parts_in_flight",
+                details={"limit": self.limit, "retry_after": PART_SLOT_RETRY_AFTER_SECONDS},
+                headers={"Retry-After": str(PART_SLOT_RETRY_AFTER_SECONDS)},
+            )
+        self._held[user_id] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[user_id] - 1
+            if left:
+                self._held[user_id] = left
+            else:
+                del self._held[user_id]
+
+
+def part_slots(request: Request) -> PartSlots:
+    slots = request.app.state.part_slots
+    assert isinstance(slots, PartSlots)
+    return slots
 
 
 class ChunkFields(RequestSchema):
@@ -132,39 +186,75 @@ def max_part_size(settings: Settings) -> int:
     )[0]
 
 
+class PartBuffer:
+    """One part held in memory as it arrives, with its MD5.
+
+    Room is reserved as bytes arrive, never before: the reservation doubles from
+    :data:`MIN_RESERVE` (twice what has arrived) until that would reach a quarter
+    of ``capacity`` (the part's size), and then becomes the whole part.  So a slow
+    client that sent a few bytes costs 64 KiB, not a part; a part costs its size
+    only once an eighth of it has arrived; at most an eighth of the part is copied
+    by regrowth (no quadratic copying, and the big buffer is allocated once, which
+    keeps the allocator's peak where a fixed buffer would be); and S3's client
+    streams from :meth:`finish`'s ``BytesIO`` without another copy.
+    """
+
+    MIN_RESERVE = 64 * 1024
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.body = io.BytesIO()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+        self._reserved = 0
+
+    def add(self, data: bytes) -> None:
+        end = self.size + len(data)
+        if end > self._reserved:
+            room = max(self.MIN_RESERVE, 2 * end)
+            self._reserve(max(end, self.capacity if 4 * room >= self.capacity else room))
+        self.body.write(data)
+        self.md5.update(data)
+        self.size = end
+
+    def _reserve(self, room: int) -> None:
+        self.body.seek(room - 1)
+        self.body.write(b"\0")
+        self.body.seek(self.size)
+        self._reserved = room
+
+    def finish(self) -> io.BytesIO:
+        """The part's bytes (the unused reservation dropped), positioned at 0."""
+        self.body.truncate(self.size)
+        self.body.seek(0)
+        return self.body
+
+
 async def read_exact(
     chunks: AsyncIterator[bytes], size: int, *, field: str = "body"
 ) -> tuple[io.BytesIO, bytes]:
-    """Read exactly ``size`` bytes (400 on more or fewer) and their MD5.
-
-    The buffer is sized once up front and the pieces are written into it in
-    place: no regrowth copies, and S3's client reads it without another copy
-    (a ``BytesIO`` sharing a joined ``bytes`` would be copied on ``getbuffer``).
-    """
-    buf = io.BytesIO()
-    if size:
-        buf.seek(size - 1)
-        buf.write(b"\0")
-        buf.seek(0)
-    md5 = hashlib.md5(usedforsecurity=False)
-    got = 0
-    async for piece in chunks:
-        if got + len(piece) > size:
+    """Read exactly ``size`` bytes (400 on more or fewer) into a :class:`PartBuffer`;
+    return it and the bytes' MD5.  The buffer is freed at once on any failure."""
+    part = PartBuffer(size)
+    try:
+        async for piece in chunks:
+            if part.size + len(piece) > size:
+                raise BadRequest(
+                    f"part must be exactly {size} bytes; more were sent",
+                    code="invalid_part_size",
+                    details={"field": field, "expected_size": size},
+                )
+            part.add(piece)
+        if part.size != size:
             raise BadRequest(
-                f"part must be exactly {size} bytes; more were sent",
+                f"part must be exactly {size} bytes, got {part.size}",
                 code="invalid_part_size",
-                details={"field": field, "expected_size": size},
+                details={"field": field, "expected_size": size, "size": part.size},
             )
-        buf.write(piece)
-        md5.update(piece)
-        got += len(piece)
-    if got != size:
-        raise BadRequest(
-            f"part must be exactly {size} bytes, got {got}",
-            code="invalid_part_size",
-            details={"field": field, "expected_size": size, "size": got},
-        )
-    return buf, md5.digest()
+    except BaseException:
+        part.body.close()  # free it now, not when the error's traceback goes
+        raise
+    return part.finish(), part.md5.digest()
 
 
 # --- sessions --------------------------------------------------------------------------
@@ -179,7 +269,11 @@ async def initiate(request: Request) -> Response:
 
 
 async def put_part(request: Request) -> Response:
-    """Raw part body, with ``Content-MD5`` (base64) or ``X-Chunk-Hash`` (hex)."""
+    """Raw part body, with ``Content-MD5`` (base64) or ``X-Chunk-Hash`` (hex).
+
+    Everything that can refuse the part (token, size, slot, session, state) is
+    checked before its body is read.
+    """
     ident = identity(request)
     ctx = _ctx(request)
     started = time.perf_counter()
@@ -187,16 +281,22 @@ async def put_part(request: Request) -> Response:
     declared = rules.parse_md5(
         content_md5=request.headers.get("content-md5"), hex_md5=request.headers.get("x-chunk-hash")
     )
-    session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
-    mp.ensure_writable(session, ctx.now())
-    expected = mp.check_part(session, part_number)
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit():
-        mp.check_part(session, part_number, int(length), size_field="Content-Length")
-    body, md5 = await read_exact(request.stream(), expected)
-    accepted = await mp.upload_part(
-        ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
-    )
+    limit = max_part_size(ctx.settings)
+    length = declared_length(request)
+    if length is not None and length > limit:
+        raise too_large(limit, code="part_too_large", field="Content-Length")
+    with part_slots(request).hold(ident.user_id):
+        session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
+        mp.ensure_writable(session, ctx.now())
+        expected = mp.check_part(session, part_number)
+        if length is not None:
+            mp.check_part(session, part_number, length, size_field="Content-Length")
+        chunks = iter_body(request, limit, code="part_too_large")
+        body, md5 = await read_exact(chunks, expected)
+        with body:
+            accepted = await mp.upload_part(
+                ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
+            )
     _count_part(request, "put", accepted.size, started)
     return json_response(accepted)
 
@@ -206,38 +306,40 @@ async def chunk_form(request: Request) -> Response:
     ident = identity(request)
     ctx = _ctx(request)
     started = time.perf_counter()
-    part = _PartBuffer(max_part_size(ctx.settings))
+    limit = max_part_size(ctx.settings)
+    part = _FormPart(limit)
 
-    async def open_part(_part: FormPart, _fields: dict[str, str]) -> _PartBuffer:
+    async def open_part(_part: FormPart, _fields: dict[str, str]) -> _FormPart:
         return part
 
-    fields, _ = await read_form(request, "chunk_file", open_part)
-    for required in ("upload_id", "part_number", "chunk_hash"):
-        if required not in fields:
-            raise ValidationFailed(
-                f"{required}: a form field is required", details={"field": required}
+    with part_slots(request).hold(ident.user_id), part.body:
+        fields, _ = await read_form(request, "chunk_file", open_part, limit=limit + FORM_OVERHEAD)
+        for required in ("upload_id", "part_number", "chunk_hash"):
+            if required not in fields:
+                raise ValidationFailed(
+                    f"{required}: a form field is required", details={"field": required}
+                )
+        form = convert(fields, ChunkFields)
+        session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
+        mp.ensure_writable(session, ctx.now())
+        mp.check_part(session, form.part_number, part.size, form.total_parts)
+        if form.is_final_chunk is not None and form.is_final_chunk != (
+            form.part_number == session.total_parts
+        ):
+            raise BadRequest(
+                "is_final_chunk disagrees with part_number and total_parts",
+                code="invalid_is_final_chunk",
+                details={"field": "is_final_chunk"},
             )
-    form = convert(fields, ChunkFields)
-    session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
-    mp.ensure_writable(session, ctx.now())
-    mp.check_part(session, form.part_number, part.size, form.total_parts)
-    if form.is_final_chunk is not None and form.is_final_chunk != (
-        form.part_number == session.total_parts
-    ):
-        raise BadRequest(
-            "is_final_chunk disagrees with part_number and total_parts",
-            code="invalid_is_final_chunk",
-            details={"field": "is_final_chunk"},
+        declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
+        accepted = await mp.upload_part(
+            ctx,
+            session,
+            form.part_number,
+            part.finish(),
+            computed_md5=part.md5.digest(),
+            declared_md5=declared,
         )
-    declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
-    accepted = await mp.upload_part(
-        ctx,
-        session,
-        form.part_number,
-        part.body,
-        computed_md5=part.md5.digest(),
-        declared_md5=declared,
-    )
     _count_part(request, "form", accepted.size, started)
     return json_response(accepted)
 
@@ -249,33 +351,24 @@ def _count_part(request: Request, route: str, size: int, started: float) -> None
     m.part_seconds.observe(time.perf_counter() - started)
 
 
-class _PartBuffer:
-    """A form route's part, held in memory (one part per request) with its MD5."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.body = io.BytesIO()
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
+class _FormPart(PartBuffer):
+    """A form route's part (the ``chunk_file`` sink), at most ``capacity`` bytes."""
 
     async def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
+        if self.size + len(data) > self.capacity:
             raise PayloadTooLarge(
-                f"a part can be at most {self.limit} bytes",
+                f"a part can be at most {self.capacity} bytes",
                 code="part_too_large",
-                details={"field": "chunk_file", "limit": self.limit},
+                details={"field": "chunk_file", "limit": self.capacity},
             )
-        self.body.write(data)
-        self.md5.update(data)
+        self.add(data)
 
 
 async def presign(request: Request) -> Response:
     ident = identity(request)
     ctx = _ctx(request)
     part_number = _int(request.path_params["part_number"], "part_number")
-    raw = await request.body() if request.headers.get("content-length", "0") != "0" else b""
-    body = decode_json(raw, PresignBody) if raw.strip() else PresignBody()
+    body = await read_optional_json(request, PresignBody, PresignBody())
     session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
     return json_response(await mp.presign_part(ctx, session, part_number, body.content_md5))
 
@@ -341,7 +434,7 @@ async def simple(request: Request) -> Response:
         return writer
 
     try:
-        fields, file_part = await read_form(request, "file", open_file)
+        fields, file_part = await read_form(request, "file", open_file, limit=limit + FORM_OVERHEAD)
         assert writer is not None
         form = convert(fields, SimpleFields)
         options = _options(form.processing_options)
@@ -392,7 +485,7 @@ def routes() -> list[ApiRoute]:
             summary="Start a resumable upload (creates the job)",
             body=us.InitiateUpload,
             response=us.InitiatedUpload,
-            errors=[413, 415, 422, 429, 503],
+            errors=[408, 413, 415, 422, 429, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -404,7 +497,7 @@ def routes() -> list[ApiRoute]:
             body=ChunkFields,
             body_media_type="multipart/form-data",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 410, 413, 422, 503],
+            errors=[400, 404, 408, 409, 410, 413, 422, 429, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -413,7 +506,7 @@ def routes() -> list[ApiRoute]:
             methods=["PUT"],
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
             response=us.PartAccepted,
-            errors=[400, 404, 409, 410, 503],
+            errors=[400, 404, 408, 409, 410, 413, 429, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -422,7 +515,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="A presigned S3 UploadPart URL for one part",
             response=us.PresignedPart,
-            errors=[400, 404, 409, 410, 503],
+            errors=[400, 404, 408, 409, 410, 413, 503],
             tags=tags,
         ),
         ApiRoute(
@@ -443,7 +536,7 @@ def routes() -> list[ApiRoute]:
             body=SimpleFields,
             body_media_type="multipart/form-data",
             response=us.CompletedUpload,
-            errors=[400, 413, 415, 422, 429, 503],
+            errors=[400, 408, 413, 415, 422, 429, 503],
             tags=tags,
         ),
         ApiRoute(
