@@ -406,7 +406,7 @@ async def test_simple_upload_streams_and_enqueues(
         f"{BASE}/simple",
         headers=auth_headers,
         files={"file": ("data.json", data, "application/json")},
-        data={"priority": "low", "processing_options": '{"lang": "en"}'},
+        data={"priority": "low", "processing_options": '{"chunk_size": 256}'},
     )
     assert r.status_code == 201, r.text
     body = r.json()
@@ -420,7 +420,7 @@ async def test_simple_upload_streams_and_enqueues(
     assert dict(row) == {
         "priority": "low",
         "status": "queued",
-        "processing_options": {"lang": "en"},
+        "processing_options": {"chunk_size": 256},
         "document_type": "json",
     }
 

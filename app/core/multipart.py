@@ -277,7 +277,7 @@ async def initiate(ctx: UploadContext, owner_id: str, req: InitiateUpload) -> In
                 content_type=content_type,
                 document_type=document_type,
                 size_bytes=req.file_size,
-                processing_options=req.processing_options,
+                processing_options=req.processing_options.as_dict(),
                 checksum_sha256=req.checksum_sha256.lower() if req.checksum_sha256 else None,
                 document_id=document_id,
             )

@@ -15,7 +15,7 @@ import io
 import time
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -33,13 +33,17 @@ from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
 from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
+    ApiLink,
     ApiRoute,
+    HeaderParam,
     convert,
+    convert_strict,
     decode_json,
     identity,
     json_response,
     query_params,
     read_json,
+    whole_floats_as_ints,
 )
 from app.gateway.services import Services, services
 
@@ -48,24 +52,31 @@ FORM_OVERHEAD = 64 * 1024
 """Allowance for form field headers and text fields around a file."""
 
 
+_PART_NUMBER = msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": rules.MAX_PARTS})
+
+
 class ChunkFields(RequestSchema):
-    upload_id: str
-    part_number: int
-    chunk_hash: str
-    total_parts: int | None = None
+    upload_id: Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+    part_number: Annotated[int, _PART_NUMBER]
+    chunk_hash: us.HexMd5
+    total_parts: Annotated[int, _PART_NUMBER] | None = None
     is_final_chunk: bool | None = None
 
 
 class SimpleFields(RequestSchema):
     priority: Priority = Priority.NORMAL
-    document_type: str | None = None
+    document_type: us.DocumentType | None = None
     processing_options: str | None = None
     """A JSON object, as text."""
 
 
+_MAYBE_HEX_MD5 = msgspec.Meta(extra_json_schema={"pattern": "^(?:[0-9a-fA-F]{32})?$"})
+
+
 class PresignBody(RequestSchema):
-    content_md5: str | None = None
-    """Hex MD5 of the part; when given, storage rejects any other bytes."""
+    content_md5: Annotated[str, _MAYBE_HEX_MD5] | None = None
+    """Hex MD5 of the part (empty is the same as absent); when given, storage rejects
+    any other bytes."""
 
 
 class UploadMetrics:
@@ -365,6 +376,7 @@ async def simple(request: Request) -> Response:
 
 
 def _options(raw: str | None) -> dict[str, Any]:
+    """The ``processing_options`` form field: JSON text of :class:`~us.ProcessingOptions`."""
     if not raw:
         return {}
     try:
@@ -377,11 +389,42 @@ def _options(raw: str | None) -> dict[str, Any]:
             code="invalid_json",
             details={"field": "processing_options"},
         )
-    return value
+    try:
+        return convert_strict(whole_floats_as_ints(value), us.ProcessingOptions).as_dict()
+    except ValidationFailed as exc:
+        exc.message = f"processing_options: {exc.message}"
+        exc.details["field"] = "processing_options"
+        raise
+
+
+_UPLOAD_ID = {"upload_id": "$response.body#/upload_id"}
+_PART_HEADERS = (
+    HeaderParam(
+        name="Content-MD5",
+        description="The part's MD5, base64 (RFC 1864; the padding may be left out); "
+        "this or X-Chunk-Hash is required",
+        schema={"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw](==)?$"},
+    ),
+    HeaderParam(
+        name="X-Chunk-Hash",
+        description="The part's MD5, 32 hex digits; this or Content-MD5 is required",
+        schema={"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+    ),
+)
+
+
+_GET_JOB = ApiLink(
+    name="GetJob", operation="get_get_job", parameters={"job_id": "$response.body#/job_id"}
+)
 
 
 def routes() -> list[ApiRoute]:
     tags = ["uploads"]
+    session_links = [
+        ApiLink(name="GetStatus", operation="get_status", parameters=_UPLOAD_ID),
+        ApiLink(name="Complete", operation="post_complete", parameters=_UPLOAD_ID),
+        ApiLink(name="Cancel", operation="delete_cancel", parameters=_UPLOAD_ID),
+    ]
     return [
         ApiRoute(
             f"{PREFIX}/initiate",
@@ -391,7 +434,26 @@ def routes() -> list[ApiRoute]:
             summary="Start a resumable upload (creates the job)",
             body=us.InitiateUpload,
             response=us.InitiatedUpload,
-            errors=[413, 415, 422, 429, 503],
+            errors=[415],
+            links=[
+                *session_links,
+                ApiLink(
+                    name="PutFirstPart",
+                    operation="put_put_part",
+                    parameters={**_UPLOAD_ID, "part_number": "1"},
+                ),
+                ApiLink(
+                    name="SendFirstPartAsForm",
+                    operation="post_chunk_form",
+                    request_body={"upload_id": "$response.body#/upload_id", "part_number": 1},
+                ),
+                ApiLink(
+                    name="PresignFirstPart",
+                    operation="post_presign",
+                    parameters={**_UPLOAD_ID, "part_number": "1"},
+                ),
+                _GET_JOB,
+            ],
             tags=tags,
         ),
         ApiRoute(
@@ -402,8 +464,9 @@ def routes() -> list[ApiRoute]:
             "total_parts, chunk_hash, chunk_file)",
             body=ChunkFields,
             body_media_type="multipart/form-data",
+            files=["chunk_file"],
             response=us.PartAccepted,
-            errors=[400, 404, 409, 413, 422, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -411,8 +474,10 @@ def routes() -> list[ApiRoute]:
             put_part,
             methods=["PUT"],
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
+            raw_body=True,
+            headers=_PART_HEADERS,
             response=us.PartAccepted,
-            errors=[400, 404, 409, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -420,8 +485,10 @@ def routes() -> list[ApiRoute]:
             presign,
             methods=["POST"],
             summary="A presigned S3 UploadPart URL for one part",
+            body=PresignBody,
+            body_required=False,
             response=us.PresignedPart,
-            errors=[400, 404, 409, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -430,7 +497,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="Complete the upload and queue its job (idempotent)",
             response=us.CompletedUpload,
-            errors=[404, 409, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -441,8 +508,18 @@ def routes() -> list[ApiRoute]:
             summary="Upload a small file in one multipart/form-data request",
             body=SimpleFields,
             body_media_type="multipart/form-data",
+            files=["file"],
+            json_fields={"processing_options": us.ProcessingOptions},
             response=us.CompletedUpload,
-            errors=[400, 413, 415, 422, 429, 503],
+            errors=[415],
+            links=[
+                ApiLink(
+                    name="GetDocument",
+                    operation="get_get_document",
+                    parameters={"document_id": "$response.body#/document_id"},
+                ),
+                _GET_JOB,
+            ],
             tags=tags,
         ),
         ApiRoute(
@@ -451,7 +528,7 @@ def routes() -> list[ApiRoute]:
             methods=["GET"],
             summary="Upload progress, received and missing parts",
             response=us.UploadStatus,
-            errors=[404, 503],
+            errors=[404],
             tags=tags,
         ),
         ApiRoute(
@@ -460,7 +537,7 @@ def routes() -> list[ApiRoute]:
             methods=["DELETE"],
             summary="Abort the upload and cancel its job (idempotent)",
             response=us.CancelledUpload,
-            errors=[404, 409, 503],
+            errors=[404, 409],
             tags=tags,
         ),
         ApiRoute(
