@@ -24,6 +24,7 @@ the schema like the generated ones and for its precise status and code.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.core.auth import TokenService
 from app.core.settings import Settings
+from app.gateway.app import api_routes
+from app.gateway.http import ApiLink, ApiRoute
+from app.gateway.openapi import build_openapi
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import GatewayProcess, gateway_env
 
@@ -353,3 +357,92 @@ def test_bidi_override_never_reaches_a_stored_filename(api: httpx.Client, api_sc
     else:
         assert response.status_code == 201, response.text
         assert "\u202e" not in response.json()["filename"]
+
+
+# --- what the schema promises, pinned one case at a time ----------------------------------
+
+
+def test_a_whole_float_is_an_integer(api: httpx.Client, api_schema: Any) -> None:
+    """JSON Schema reads ``10.0`` as the integer 10, so the API must too."""
+    response = api.post(f"{UPLOAD}/initiate", json={"filename": "f.txt", "file_size": 10.0})
+    assert response.status_code == 201, response.text
+    assert response.json()["file_size"] == 10
+    _conforms(api_schema, f"{UPLOAD}/initiate", "POST", response)
+    half = api.post(f"{UPLOAD}/initiate", json={"filename": "f.txt", "file_size": 10.5})
+    assert (half.status_code, half.json()["details"]["field"]) == (422, "file_size")
+
+
+def test_content_md5_without_padding_is_accepted(api: httpx.Client, api_schema: Any) -> None:
+    data = b"sluice" * 100
+    init = api.post(f"{UPLOAD}/initiate", json={"filename": "p.txt", "file_size": len(data)})
+    assert init.status_code == 201, init.text
+    digest = base64.b64encode(hashlib.md5(data).digest()).decode()
+    url = f"{UPLOAD}/{init.json()['upload_id']}/parts/1"
+    response = api.put(url, content=data, headers={"Content-MD5": digest.rstrip("=")})
+    assert response.status_code == 200, response.text
+    _conforms(api_schema, f"{UPLOAD}/{{upload_id}}/parts/{{part_number}}", "PUT", response)
+
+
+def test_405_names_every_method_of_the_path(api: httpx.Client) -> None:
+    response = api.put(f"/api/v1/documents/{uuid.uuid4()}")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET, HEAD"
+    assert response.json()["error"] == "method_not_allowed"
+
+
+def test_links_and_default_errors_are_generated_from_the_routes() -> None:
+    spec = build_openapi(api_routes(), title="t", version="1")
+    ops = {op["operationId"]: op for path in spec["paths"].values() for op in path.values()}
+    links = ops["post_initiate"]["responses"]["201"]["links"]
+    assert {link["operationId"] for link in links.values()} >= {
+        "get_status",
+        "post_complete",
+        "delete_cancel",
+        "post_presign",
+        "put_put_part",
+        "post_chunk_form",
+    }
+    document_targets = {
+        link["operationId"]
+        for link in ops["get_list_documents"]["responses"]["200"]["links"].values()
+    }
+    assert document_targets == {
+        "get_get_document",
+        "get_list_chunks",
+        "get_download",
+        "post_reprocess",
+        "delete_delete_document",
+    }
+    for op_id, op in ops.items():
+        statuses = set(op["responses"])
+        if "security" in op:
+            assert {"401", "429", "503"} <= statuses, op_id
+        if "requestBody" in op:
+            assert {"400", "408", "413"} <= statuses, op_id
+    # The part PUT documents its raw body and its checksum headers.
+    put = ops["put_put_part"]
+    assert put["requestBody"]["content"] == {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+    }
+    assert {p["name"] for p in put["parameters"] if p["in"] == "header"} == {
+        "Content-MD5",
+        "X-Chunk-Hash",
+    }
+    form = ops["post_chunk_form"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["required"]) == {"upload_id", "part_number", "chunk_hash", "chunk_file"}
+
+
+def test_a_link_to_no_operation_is_refused() -> None:
+    route = ApiRoute(
+        "/api/v1/x",
+        _never_called,
+        methods=["GET"],
+        summary="x",
+        links=[ApiLink(name="Nowhere", operation="get_nothing", parameters={"id": "$.id"})],
+    )
+    with pytest.raises(ValueError, match="get_nothing"):
+        build_openapi([route], title="t", version="1")
+
+
+async def _never_called(_request: Any) -> Any:
+    raise AssertionError("not a real route")
