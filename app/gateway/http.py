@@ -204,7 +204,9 @@ def whole_floats_as_ints(value: Any) -> Any:
     any depth msgspec could decode is safe here."""
     if isinstance(value, float):
         return int(value) if value.is_integer() else value
-    stack = [value]
+    if not isinstance(value, (list, dict)):
+        return value
+    stack: list[list[Any] | dict[Any, Any]] = [value]
     while stack:
         node = stack.pop()
         items = enumerate(node) if isinstance(node, list) else node.items()
