@@ -31,6 +31,7 @@ from app.core.events import Priority
 from app.core.schemas import Page, PageQuery
 from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
+from app.gateway.documents import document_links
 from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
     ApiLink,
@@ -45,6 +46,7 @@ from app.gateway.http import (
     read_json,
     whole_floats_as_ints,
 )
+from app.gateway.jobs import job_links
 from app.gateway.services import Services, services
 
 PREFIX = "/api/v1/documents/upload"
@@ -413,9 +415,11 @@ _PART_HEADERS = (
 )
 
 
-_GET_JOB = ApiLink(
-    name="GetJob", operation="get_get_job", parameters={"job_id": "$response.body#/job_id"}
-)
+_OTHERS = [
+    *job_links("$response.body#/job_id"),
+    *document_links("$response.body#/document_id"),
+]
+"""Links from an upload's answer to its job's and its document's routes."""
 
 
 def routes() -> list[ApiRoute]:
@@ -452,7 +456,7 @@ def routes() -> list[ApiRoute]:
                     operation="post_presign",
                     parameters={**_UPLOAD_ID, "part_number": "1"},
                 ),
-                _GET_JOB,
+                *_OTHERS,
             ],
             tags=tags,
         ),
@@ -512,14 +516,7 @@ def routes() -> list[ApiRoute]:
             json_fields={"processing_options": us.ProcessingOptions},
             response=us.CompletedUpload,
             errors=[415],
-            links=[
-                ApiLink(
-                    name="GetDocument",
-                    operation="get_get_document",
-                    parameters={"document_id": "$response.body#/document_id"},
-                ),
-                _GET_JOB,
-            ],
+            links=_OTHERS,
             tags=tags,
         ),
         ApiRoute(
