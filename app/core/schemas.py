@@ -59,13 +59,22 @@ class WhoAmI(Response):
 
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=200)]
+Cursor = Annotated[
+    str,
+    msgspec.Meta(
+        description="Opaque; the next_cursor of the previous page (400 invalid_cursor otherwise)",
+        extra_json_schema={"pattern": "^[A-Za-z0-9_-]*$"},
+    ),
+]
+"""A page cursor: documented as URL-safe base64 but checked by :func:`decode_cursor`
+(so a bad one is 400 ``invalid_cursor``, not a schema error)."""
 
 
 class PageQuery(Request):
     """``?limit=&cursor=`` for every paginated list."""
 
     limit: Limit = 50
-    cursor: str | None = None
+    cursor: Cursor | None = None
 
 
 class ProcessingOptions(Request):

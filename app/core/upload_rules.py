@@ -50,6 +50,18 @@ _BIDI_CONTROLS = frozenset(
 )
 """Bidirectional formatting characters: they make ``evil\u202etxt.exe`` read as ``evilexe.txt``."""
 _LINE_SEPARATORS = frozenset("\u2028\u2029")
+FILENAME_CHARS = r"[^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+"""A character :func:`check_filename` accepts, as a regex class (for the API schema)."""
+FILENAME_PATTERN = (
+    f"^{FILENAME_CHARS}*\\.(?:"
+    + "|".join("".join(f"[{c.upper()}{c}]" for c in ext) for ext in EXTENSIONS)
+    + ")$"
+)
+"""What :func:`check_filename` and :func:`classify` accept, as a JSON Schema pattern
+(the extension is case-insensitive)."""
+FILENAME_JSON_SCHEMA = {"pattern": FILENAME_PATTERN, "maxLength": MAX_FILENAME_BYTES}
+"""``maxLength`` counts characters: a non-ASCII name can pass it and still exceed
+:data:`MAX_FILENAME_BYTES` (400 ``invalid_filename``)."""
 HEX_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
@@ -182,8 +194,9 @@ def parse_md5(*, content_md5: str | None, hex_md5: str | None) -> bytes:
             )
         return bytes.fromhex(hex_md5.strip())
     if content_md5:
-        try:
-            digest = base64.b64decode(content_md5.strip(), validate=True)
+        value = content_md5.strip()
+        try:  # RFC 1864 pads to 24 characters; 22 without the padding is as clear
+            digest = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
         except ValueError:
             digest = b""
         if len(digest) != 16:

@@ -7,22 +7,38 @@ like the ``stage_progress`` of progress events.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
+from app.core.documents import DOCUMENT_TYPES
 from app.core.events import Priority
 from app.core.schemas import ProcessingOptions, Request, Response
+from app.core.upload_rules import FILENAME_JSON_SCHEMA, HEX_MD5
+
+Filename = Annotated[
+    str, msgspec.Meta(extra_json_schema=FILENAME_JSON_SCHEMA, examples=["annual report 2025.pdf"])
+]
+"""A file's name; checked by :func:`~app.core.upload_rules.check_filename` (400
+``invalid_filename``) and :func:`~app.core.upload_rules.classify` (415), not by the decoder."""
+DocumentType = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(DOCUMENT_TYPES)})]
+"""One of the accepted document types; it must match the file's extension (415 otherwise)."""
+HexMd5 = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": HEX_MD5.pattern})]
+"""An MD5 as 32 hex digits; checked by :func:`~app.core.upload_rules.parse_md5`
+(400 ``invalid_checksum``), not by the decoder."""
 
 
 class InitiateUpload(Request):
-    filename: str
-    file_size: int
+    filename: Filename
+    file_size: Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1}, examples=[12582912])]
     content_type: str = ""
-    document_type: str | None = None
+    document_type: DocumentType | None = None
     processing_options: ProcessingOptions = msgspec.field(default_factory=ProcessingOptions)
     """Validated like ``reprocess``'s: a bad value is a 422 here, not a failed job."""
     priority: Priority = Priority.NORMAL
-    checksum_sha256: str | None = None
+    checksum_sha256: (
+        Annotated[str, msgspec.Meta(extra_json_schema={"pattern": "^[0-9a-fA-F]{64}$"})] | None
+    ) = None
 
 
 class InitiatedUpload(Response):

@@ -26,6 +26,7 @@ from app.core.events import JobStatus, Priority
 from app.core.logging import get_logger
 from app.core.queue import queue_depth_by_priority, workers_alive
 from app.core.schemas import (
+    Cursor,
     Page,
     PageQuery,
     ProcessingOptions,
@@ -38,6 +39,7 @@ from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
 from app.core.upload_rules import content_disposition
 from app.gateway.http import (
+    ApiLink,
     ApiRoute,
     identity,
     json_response,
@@ -99,7 +101,7 @@ class ChunkView(ResponseBody):
 
 class ChunkQuery(RequestBody):
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 100
-    cursor: str | None = None
+    cursor: Cursor | None = None
 
 
 class ChunkPage(ResponseBody):
@@ -412,9 +414,24 @@ async def processing_metrics(request: Request) -> Response:
     )
 
 
+def document_links(source: str) -> list[ApiLink]:
+    """Links from a response holding a document id at ``source`` to every document route."""
+    param = {"document_id": source}
+    return [
+        ApiLink(name=f"{op.title().replace('_', '')}", operation=f"{method}_{op}", parameters=param)
+        for method, op in (
+            ("get", "get_document"),
+            ("get", "list_chunks"),
+            ("get", "download"),
+            ("post", "reprocess"),
+            ("delete", "delete_document"),
+        )
+    ]
+
+
 def routes() -> list[ApiRoute]:
     doc = "/api/v1/documents/{document_id}"
-    errors = [401, 404]
+    errors = [404]
     return [
         ApiRoute(
             "/api/v1/documents/processing/metrics",
@@ -422,7 +439,6 @@ def routes() -> list[ApiRoute]:
             methods=["GET"],
             summary="Jobs by status, stage timings, queue depth, workers alive",
             response=ProcessingMetrics,
-            errors=[401],
             tags=["documents"],
         ),
         ApiRoute(
@@ -432,7 +448,7 @@ def routes() -> list[ApiRoute]:
             summary="List your documents",
             query=DocumentListQuery,
             response=Page[DocumentView],
-            errors=[400, 401, 422],
+            links=document_links("$response.body#/items/0/document_id"),
             tags=["documents"],
         ),
         ApiRoute(
@@ -460,7 +476,7 @@ def routes() -> list[ApiRoute]:
             query=ChunkQuery,
             summary="A document's chunks in order",
             response=ChunkPage,
-            errors=[*errors, 400, 422],
+            errors=errors,
             tags=["documents"],
         ),
         ApiRoute(
@@ -469,7 +485,7 @@ def routes() -> list[ApiRoute]:
             methods=["GET"],
             summary="A presigned URL to download the original file",
             response=DownloadLink,
-            errors=[*errors, 409, 503],
+            errors=[*errors, 409],
             tags=["documents"],
         ),
         ApiRoute(
@@ -477,10 +493,18 @@ def routes() -> list[ApiRoute]:
             reprocess,
             methods=["POST"],
             body=ReprocessRequest,
+            body_required=False,
             summary="Process again with new options (a new job)",
             response=ReprocessResponse,
             status_code=202,
-            errors=[*errors, 408, 409, 413, 422],
+            errors=[*errors, 409],
+            links=[
+                ApiLink(
+                    name="GetJob",
+                    operation="get_get_job",
+                    parameters={"job_id": "$response.body#/job_id"},
+                )
+            ],
             tags=["documents"],
         ),
     ]

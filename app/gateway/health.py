@@ -86,7 +86,7 @@ def routes() -> list[ApiRoute]:
             readiness,
             methods=["GET"],
             response=Readiness,
-            errors=[503],
+            other_responses={503: Readiness},
             summary="Readiness: Postgres, Redis and S3 with latencies",
             auth=False,
             tags=["health"],

@@ -11,7 +11,7 @@ generated from them rather than written by hand.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -30,8 +30,50 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 _encoder = msgspec.json.Encoder()
 
 
+class ApiLink(msgspec.Struct, frozen=True, kw_only=True):
+    """An OpenAPI link from a route's success response to another operation.
+
+    ``operation`` is the target's operationId (``<method>_<endpoint name>``);
+    ``parameters`` maps the target's parameter names to runtime expressions
+    such as ``$response.body#/upload_id``.  :func:`~app.gateway.openapi.build_openapi`
+    refuses a link to an operation that does not exist, so links cannot rot.
+    """
+
+    name: str
+    operation: str
+    parameters: dict[str, str] = msgspec.field(default_factory=dict)
+    request_body: dict[str, Any] | None = None
+    """Fields of the target's JSON or form body (merged into a generated one)."""
+    description: str = ""
+
+
+class HeaderParam(msgspec.Struct, frozen=True, kw_only=True):
+    """A request header a handler reads, documented as an OpenAPI header parameter."""
+
+    name: str
+    description: str
+    schema: dict[str, Any]
+    required: bool = False
+
+
+BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+"""The JSON Schema of a raw byte body or a form's file field."""
+
+
 class ApiRoute(Route):
-    """A Starlette route that also describes itself for OpenAPI."""
+    """A Starlette route that also describes itself for OpenAPI.
+
+    Request bodies are one of: a JSON Struct (``body``); a multipart form whose
+    text fields are the Struct ``body`` and whose binary fields are ``files``
+    (``json_fields`` are form fields that carry JSON text, documented with
+    their type); or raw bytes (``raw_body``).
+
+    ``other_responses`` are statuses answered with a body other than the error
+    shape (``/health/ready``'s 503 is a :class:`Readiness`).  The documented
+    error statuses are ``errors`` plus the ones every route of
+    a kind can answer (:meth:`default_errors`), so a route cannot forget the
+    401 of authentication, the 408/413 of a body or the 503 of an outage.
+    """
 
     def __init__(
         self,
@@ -42,10 +84,17 @@ class ApiRoute(Route):
         summary: str,
         body: type | None = None,
         body_media_type: str = "application/json",
+        body_required: bool = True,
+        raw_body: bool = False,
+        files: Sequence[str] = (),
+        json_fields: Mapping[str, Any] | None = None,
+        headers: Sequence[HeaderParam] = (),
         query: type | None = None,
         response: Any = None,
         status_code: int = 200,
         errors: Sequence[int] = (),
+        other_responses: Mapping[int, Any] | None = None,
+        links: Sequence[ApiLink] = (),
         auth: bool = True,
         tags: Sequence[str] = (),
         response_media_type: str = "application/json",
@@ -53,14 +102,49 @@ class ApiRoute(Route):
         super().__init__(path, endpoint, methods=list(methods))
         self.summary = summary
         self.body = body
-        self.body_media_type = body_media_type
+        self.body_media_type = "application/octet-stream" if raw_body else body_media_type
+        self.body_required = body_required
+        self.raw_body = raw_body
+        self.files = tuple(files)
+        self.json_fields = dict(json_fields or {})
+        self.headers = tuple(headers)
         self.query = query
         self.response = response
         self.status_code = status_code
-        self.errors = tuple(errors)
+        self.other_responses = dict(other_responses or {})
+        self.links = tuple(links)
         self.auth = auth
         self.tags = tuple(tags)
         self.response_media_type = response_media_type
+        self.errors = tuple(sorted({*errors, *self.default_errors()} - set(self.other_responses)))
+
+    @property
+    def has_body(self) -> bool:
+        return self.body is not None or self.raw_body or bool(self.files)
+
+    def default_errors(self) -> set[int]:
+        """Statuses every route of this kind can answer, whatever its handler does.
+
+        * authenticated: 401 (token), 429 (rate limit, parts in flight), 503
+          (``database_unavailable`` / ``redis_unavailable``: every authenticated
+          route reads Postgres, and the rate limiter Redis);
+        * with a body: 400 (malformed), 408 (``body_timeout``), 413
+          (``payload_too_large``), and 422 when the body has a schema;
+        * with a query: 422 (unknown or invalid parameters), and 400
+          (``invalid_cursor``) when it has a ``cursor``.
+        """
+        found: set[int] = set()
+        if self.auth:
+            found |= {401, 429, 503}
+        if self.has_body:
+            found |= {400, 408, 413}
+            if self.body is not None:
+                found.add(422)
+        if self.query is not None:
+            found.add(422)
+            if "cursor" in getattr(self.query, "__struct_fields__", ()):
+                found.add(400)
+        return found
 
 
 def json_response(
@@ -171,11 +255,42 @@ def decode_json(data: bytes | str, type_: type[T], *, field: str | None = None) 
     try:
         return msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as exc:
-        raise validation_error(exc, field) from None
+        if "got `float`" not in str(exc):
+            raise validation_error(exc, field) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(
             f"{what} is not valid JSON: {exc}", code="invalid_json", details=details
         ) from None
+    # JSON has one number type: ``2.0`` is the integer 2 to JSON Schema (and so to
+    # the documented schema), but not to msgspec's strict decoder.  The depth guard
+    # above already bounds how deep this generic decode can go.
+    return convert_strict(whole_floats_as_ints(msgspec.json.decode(data)), type_, field)
+
+
+def whole_floats_as_ints(value: Any) -> Any:
+    """``value`` with every integral float (``2.0``) made an ``int``; iterative, so
+    any depth msgspec could decode is safe here."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if not isinstance(value, (list, dict)):
+        return value
+    stack: list[list[Any] | dict[Any, Any]] = [value]
+    while stack:
+        node = stack.pop()
+        items = enumerate(node) if isinstance(node, list) else node.items()
+        for key, item in items:
+            if isinstance(item, float) and item.is_integer():
+                node[key] = int(item)
+            elif isinstance(item, (list, dict)):
+                stack.append(item)
+    return value
+
+
+def convert_strict(data: Any, type_: type[T], field: str | None = None) -> T:
+    try:
+        return msgspec.convert(data, type=type_)
+    except msgspec.ValidationError as exc:
+        raise validation_error(exc, field) from None
 
 
 def convert(data: Any, type_: type[T]) -> T:
@@ -198,8 +313,25 @@ def validation_error(exc: msgspec.ValidationError, within: str | None = None) ->
 
 
 def query_params(request: Request, type_: type[T]) -> T:
-    """Validate the query string against a Struct of optional fields."""
-    return convert(dict(request.query_params), type_)
+    """Validate the query string against a Struct of optional fields.
+
+    A parameter given twice is refused rather than one copy silently winning,
+    and so is a value the lax conversion would read as ``None`` (``?status=null``):
+    a query value is text, and absent is spelt by leaving it out.
+    """
+    params = request.query_params
+    for name in params:
+        if len(params.getlist(name)) > 1:
+            raise ValidationFailed(
+                f"{name}: give the parameter at most once", details={"field": name, "path": None}
+            )
+    parsed = convert(dict(params), type_)
+    for name in params:
+        if getattr(parsed, name, "") is None:
+            raise ValidationFailed(
+                f"{name}: {params[name]!r} is not a value", details={"field": name, "path": None}
+            )
+    return parsed
 
 
 def identity(request: Request) -> Identity:

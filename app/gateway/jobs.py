@@ -27,7 +27,7 @@ from app.core.logging import get_logger
 from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
-from app.gateway.http import ApiRoute, identity, json_response, query_params
+from app.gateway.http import ApiLink, ApiRoute, identity, json_response, query_params
 from app.gateway.services import Services, services
 
 log = get_logger("sluice.gateway.jobs")
@@ -68,7 +68,7 @@ class JobView(ResponseBody):
 class JobListQuery(PageQuery):
     status: JobStatusName | None = None
     priority: Priority | None = None
-    document_id: str | None = None
+    document_id: uuid.UUID | None = None
 
 
 JOB_COLUMNS = """
@@ -131,7 +131,7 @@ async def list_jobs(request: Request) -> Response:
         args.append(str(q.priority))
         where.append(f"j.priority = ${len(args)}")
     if q.document_id is not None:
-        args.append(parse_id(q.document_id, "document"))
+        args.append(q.document_id)
         where.append(f"j.document_id = ${len(args)}")
     if q.cursor:
         created, last_id = decode_cursor(q.cursor)
@@ -232,8 +232,18 @@ async def _object_exists(svc: Services, key: str) -> bool:
     return True
 
 
+def job_links(source: str) -> list[ApiLink]:
+    """Links from a response holding a job id at ``source`` to every job route."""
+    param = {"job_id": source}
+    return [
+        ApiLink(name="GetJob", operation="get_get_job", parameters=param),
+        ApiLink(name="CancelJob", operation="post_cancel_job", parameters=param),
+        ApiLink(name="RetryJob", operation="post_retry_job", parameters=param),
+    ]
+
+
 def routes() -> list[ApiRoute]:
-    errors = [401, 404]
+    errors = [404]
     return [
         ApiRoute(
             "/api/v1/jobs",
@@ -242,7 +252,7 @@ def routes() -> list[ApiRoute]:
             summary="List your jobs",
             query=JobListQuery,
             response=Page[JobView],
-            errors=[400, 401, 422],
+            links=job_links("$response.body#/items/0/job_id"),
             tags=["jobs"],
         ),
         ApiRoute(
@@ -252,6 +262,7 @@ def routes() -> list[ApiRoute]:
             summary="A job's status, progress, attempts, error and stage timings",
             response=JobView,
             errors=errors,
+            links=job_links("$response.body#/job_id")[1:],
             tags=["jobs"],
         ),
         ApiRoute(
@@ -261,6 +272,7 @@ def routes() -> list[ApiRoute]:
             summary="Cancel a job (a running one stops at its next boundary)",
             response=JobView,
             errors=[*errors, 409],
+            links=job_links("$response.body#/job_id")[::2],
             tags=["jobs"],
         ),
         ApiRoute(
@@ -271,6 +283,7 @@ def routes() -> list[ApiRoute]:
             response=JobView,
             status_code=202,
             errors=[*errors, 409],
+            links=job_links("$response.body#/job_id")[:2],
             tags=["jobs"],
         ),
     ]

@@ -186,7 +186,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     err.status = exc.status_code  # type: ignore[misc]
     if exc.headers:
         err.headers.update(exc.headers)
+    if exc.status_code == 405:
+        err.headers["Allow"] = ", ".join(_allowed_methods(request.scope))
     return error_response(err, request_id_of(request.scope))
+
+
+def _allowed_methods(scope: Scope) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only
+    the first route's, but a path such as a document's has one route per method)."""
+    allowed: set[str] = set()
+    for route in getattr(scope.get("app"), "routes", ()):
+        match, _ = route.matches({**scope, "method": "GET"})
+        methods = getattr(route, "methods", None)
+        if match is not Match.NONE and methods:
+            allowed |= set(methods)
+    return sorted(allowed)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -21,54 +21,69 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.core.schemas import ErrorBody
-from app.gateway.http import ApiRoute, json_response
+from app.core.upload_rules import MAX_PARTS
+from app.gateway.http import BINARY, ApiRoute, json_response
 
 _REF = "#/components/schemas/{name}"
 _PARAM_RE = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-z]+)?}")
+_PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "part_number": {"type": "integer", "minimum": 1, "maximum": MAX_PARTS},
+}
+"""Path parameters that are not ids; every ``*_id`` is a UUID (another string is 404)."""
+_UUID: dict[str, Any] = {"type": "string", "format": "uuid"}
+_ERRORS: dict[int, str] = {
+    400: "Malformed request (invalid_json, invalid_cursor, invalid_filename, invalid_form, "
+    "invalid_checksum, invalid_part_size, checksum_mismatch...)",
+    401: "Missing, malformed or expired bearer token",
+    404: "Not found, or owned by another user (indistinguishable on purpose)",
+    408: "The request body stalled (body_timeout)",
+    409: "Conflicts with the resource's state (upload_completed, upload_cancelled, job_active...)",
+    410: "The upload's storage is gone (upload_lost); start the upload again",
+    413: "The body or the file is too large (payload_too_large, part_too_large, file_too_large)",
+    415: "The file type or content type is not supported",
+    422: "A field or parameter failed validation (validation_error)",
+    429: "Rate limited (rate_limited) or too many parts in flight "
+    "(too_many_parts_in_flight); see Retry-After",
+    503: "A dependency is unavailable (database_unavailable, redis_unavailable, "
+    "storage_unavailable, queue_unavailable, embedding_unavailable); see Retry-After",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
 
 
 def build_openapi(routes: Iterable[BaseRoute], *, title: str, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes``.
+
+    Invariants: every operation documents each status its route can answer
+    (:meth:`ApiRoute.default_errors` plus its own), every error with the one
+    :class:`ErrorBody` schema; every link names an operation of the document.
+    """
     api_routes = [r for r in routes if isinstance(r, ApiRoute)]
     types: list[Any] = [ErrorBody]
     for r in api_routes:
         types += [t for t in (r.body, r.query, r.response) if t is not None]
+        types += [*r.json_fields.values(), *r.other_responses.values()]
     schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
-    lookup = dict(zip(map(id, types), schemas, strict=True))
+    lookup = dict(zip(map(id, types), schemas, strict=False))
     paths: dict[str, dict[str, Any]] = {}
+    operation_ids: set[str] = set()
     for r in api_routes:
         openapi_path = _PARAM_RE.sub(r"{\1}", r.path)
         for method in sorted(m for m in (r.methods or ()) if m != "HEAD"):
-            op: dict[str, Any] = {
-                "summary": r.summary,
-                "operationId": f"{method.lower()}_{r.name}",
-                "tags": list(r.tags),
-                "parameters": [
-                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for n in _PARAM_RE.findall(r.path)
-                ],
-                "responses": {},
-            }
-            if r.query is not None:
-                op["parameters"] += _query_parameters(components, lookup[id(r.query)])
-            if r.body is not None:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {r.body_media_type: {"schema": lookup[id(r.body)]}},
-                }
-            ok: dict[str, Any] = {"description": "OK"}
-            if r.response is not None:
-                ok["content"] = {r.response_media_type: {"schema": lookup[id(r.response)]}}
-            op["responses"][str(r.status_code)] = ok
-            for status in sorted({*r.errors, *((401,) if r.auth else ())}):
-                op["responses"][str(status)] = {
-                    "description": "Error",
-                    "content": {
-                        "application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}
-                    },
-                }
-            if r.auth:
-                op["security"] = [{"bearer": []}]
-            paths.setdefault(openapi_path, {})[method.lower()] = op
+            operation_ids.add(f"{method.lower()}_{r.name}")
+            paths.setdefault(openapi_path, {})[method.lower()] = _operation(
+                r, method, components, lookup
+            )
+    for ops in paths.values():
+        for op in ops.values():
+            for response in op["responses"].values():
+                for name, link in response.get("links", {}).items():
+                    if link["operationId"] not in operation_ids:
+                        raise ValueError(f"link {name} names no operation {link['operationId']}")
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -82,12 +97,118 @@ def build_openapi(routes: Iterable[BaseRoute], *, title: str, version: str) -> d
     }
 
 
-def _query_parameters(components: dict[str, Any], schema: dict[str, Any]) -> list[dict[str, Any]]:
+def _operation(
+    r: ApiRoute, method: str, components: dict[str, Any], lookup: dict[int, Any]
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": r.summary,
+        "operationId": f"{method.lower()}_{r.name}",
+        "tags": list(r.tags),
+        "parameters": [
+            {
+                "name": n,
+                "in": "path",
+                "required": True,
+                "schema": _PATH_PARAMS.get(n, _UUID if n.endswith("_id") else {"type": "string"}),
+            }
+            for n in _PARAM_RE.findall(r.path)
+        ],
+        "responses": {},
+    }
+    if r.query is not None:
+        op["parameters"] += _query_parameters(components, lookup[id(r.query)])
+    op["parameters"] += [
+        {"name": h.name, "in": "header", "required": h.required, "description": h.description}
+        | {"schema": h.schema}
+        for h in r.headers
+    ]
+    if r.has_body:
+        op["requestBody"] = {
+            "required": r.body_required,
+            "content": {r.body_media_type: _body_content(r, components, lookup)},
+        }
+    ok: dict[str, Any] = {"description": "OK"}
+    if r.response is not None:
+        ok["content"] = {r.response_media_type: {"schema": lookup[id(r.response)]}}
+    if r.links:
+        ok["links"] = {
+            link.name: {
+                "operationId": link.operation,
+                "description": link.description or link.name,
+            }
+            | ({"parameters": dict(link.parameters)} if link.parameters else {})
+            | ({"requestBody": link.request_body} if link.request_body is not None else {})
+            for link in r.links
+        }
+    op["responses"][str(r.status_code)] = ok
+    for status, type_ in r.other_responses.items():
+        op["responses"][str(status)] = {
+            "description": _ERRORS.get(status, "Other"),
+            "content": {r.response_media_type: {"schema": lookup[id(type_)]}},
+        }
+    for status in r.errors:
+        response: dict[str, Any] = {
+            "description": _ERRORS.get(status, "Error"),
+            "content": {"application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}},
+        }
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        op["responses"][str(status)] = response
+    if r.auth:
+        op["security"] = [{"bearer": []}]
+    return op
+
+
+def _body_content(r: ApiRoute, components: dict[str, Any], lookup: dict[int, Any]) -> Any:
+    if r.raw_body:
+        return {"schema": BINARY}
+    if not r.files and not r.json_fields:
+        assert r.body is not None
+        return {"schema": lookup[id(r.body)]}
+    # A multipart form: text fields from the Struct (a form field is a string or
+    # absent, never null), JSON fields with their own schema, binary files.
+    fields = _resolve(components, lookup[id(r.body)]) if r.body is not None else {}
+    properties = {
+        name: _not_null(prop)
+        for name, prop in fields.get("properties", {}).items()
+        if name not in r.json_fields
+    }
+    properties |= {name: lookup[id(t)] for name, t in r.json_fields.items()}
+    properties |= dict.fromkeys(r.files, BINARY)
+    required = [n for n in fields.get("required", []) if n not in r.json_fields]
+    content: dict[str, Any] = {
+        "schema": {
+            "type": "object",
+            "properties": properties,
+            "required": [*required, *r.files],
+            "additionalProperties": False,
+        }
+    }
+    if r.json_fields:
+        content["encoding"] = {n: {"contentType": "application/json"} for n in r.json_fields}
+    return content
+
+
+def _resolve(components: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     ref = schema.get("$ref", "")
-    resolved = components.get(ref.rsplit("/", 1)[-1], schema)
+    found: dict[str, Any] = components.get(ref.rsplit("/", 1)[-1], schema)
+    return found
+
+
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    options = prop.get("anyOf")
+    if options is None:
+        return prop
+    kept = [o for o in options if o.get("type") != "null"]
+    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    return (kept[0] if len(kept) == 1 else {"anyOf": kept}) | rest
+
+
+def _query_parameters(components: dict[str, Any], schema: dict[str, Any]) -> list[dict[str, Any]]:
+    resolved = _resolve(components, schema)
     required = set(resolved.get("required", []))
     return [
-        {"name": name, "in": "query", "required": name in required, "schema": prop}
+        {"name": name, "in": "query", "required": name in required, "schema": _not_null(prop)}
         for name, prop in resolved.get("properties", {}).items()
     ]
 

@@ -36,10 +36,16 @@ from app.gateway.services import services
 HNSW_EF_SEARCH = 200
 
 
+DocumentId = Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+"""Checked by the handler (422 ``validation_error`` naming ``document_ids``)."""
+
+
 class SearchRequest(RequestBody):
-    query: Annotated[str, msgspec.Meta(min_length=1, max_length=4000)]
+    query: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=4000, examples=["termination notice period"])
+    ]
     top_k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
-    document_ids: Annotated[list[str], msgspec.Meta(max_length=1000)] | None = None
+    document_ids: Annotated[list[DocumentId], msgspec.Meta(max_length=1000)] | None = None
 
 
 class SearchHit(ResponseBody):
@@ -180,7 +186,6 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             body=SearchRequest,
             response=SearchResponse,
-            errors=[400, 401, 408, 413, 422, 503],
             summary="Semantic search over your indexed documents",
             tags=["search"],
         ),

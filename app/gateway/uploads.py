@@ -21,8 +21,9 @@ import io
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,9 +37,12 @@ from app.core.events import Priority
 from app.core.schemas import Page, PageQuery, ProcessingOptions
 from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
+from app.gateway.documents import document_links
 from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
+    ApiLink,
     ApiRoute,
+    HeaderParam,
     convert,
     declared_length,
     decode_json,
@@ -50,6 +54,7 @@ from app.gateway.http import (
     read_optional_json,
     too_large,
 )
+from app.gateway.jobs import job_links
 from app.gateway.services import Services, services
 
 PREFIX = "/api/v1/documents/upload"
@@ -101,25 +106,32 @@ def part_slots(request: Request) -> PartSlots:
     return slots
 
 
+_PART_NUMBER = msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": rules.MAX_PARTS})
+
+
 class ChunkFields(RequestSchema):
-    upload_id: str
-    part_number: int
-    chunk_hash: str
-    total_parts: int | None = None
+    upload_id: Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+    part_number: Annotated[int, _PART_NUMBER]
+    chunk_hash: us.HexMd5
+    total_parts: Annotated[int, _PART_NUMBER] | None = None
     is_final_chunk: bool | None = None
 
 
 class SimpleFields(RequestSchema):
     priority: Priority = Priority.NORMAL
-    document_type: str | None = None
+    document_type: us.DocumentType | None = None
     processing_options: str | None = None
     """A JSON object, as text, validated like ``reprocess``'s (``chunk_size``,
     ``chunk_overlap``): malformed or nested too deep is 400, a bad value 422."""
 
 
+_MAYBE_HEX_MD5 = msgspec.Meta(extra_json_schema={"pattern": "^(?:[0-9a-fA-F]{32})?$"})
+
+
 class PresignBody(RequestSchema):
-    content_md5: str | None = None
-    """Hex MD5 of the part; when given, storage rejects any other bytes."""
+    content_md5: Annotated[str, _MAYBE_HEX_MD5] | None = None
+    """Hex MD5 of the part (empty is the same as absent); when given, storage rejects
+    any other bytes."""
 
 
 class UploadMetrics:
@@ -474,8 +486,36 @@ def _options(raw: str | None) -> dict[str, Any]:
     return decode_json(raw, ProcessingOptions, field="processing_options").to_dict()
 
 
+_UPLOAD_ID = {"upload_id": "$response.body#/upload_id"}
+_PART_HEADERS = (
+    HeaderParam(
+        name="Content-MD5",
+        description="The part's MD5, base64 (RFC 1864; the padding may be left out); "
+        "this or X-Chunk-Hash is required",
+        schema={"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw](==)?$"},
+    ),
+    HeaderParam(
+        name="X-Chunk-Hash",
+        description="The part's MD5, 32 hex digits; this or Content-MD5 is required",
+        schema={"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+    ),
+)
+
+
+_OTHERS = [
+    *job_links("$response.body#/job_id"),
+    *document_links("$response.body#/document_id"),
+]
+"""Links from an upload's answer to its job's and its document's routes."""
+
+
 def routes() -> list[ApiRoute]:
     tags = ["uploads"]
+    session_links = [
+        ApiLink(name="GetStatus", operation="get_status", parameters=_UPLOAD_ID),
+        ApiLink(name="Complete", operation="post_complete", parameters=_UPLOAD_ID),
+        ApiLink(name="Cancel", operation="delete_cancel", parameters=_UPLOAD_ID),
+    ]
     return [
         ApiRoute(
             f"{PREFIX}/initiate",
@@ -485,7 +525,26 @@ def routes() -> list[ApiRoute]:
             summary="Start a resumable upload (creates the job)",
             body=us.InitiateUpload,
             response=us.InitiatedUpload,
-            errors=[408, 413, 415, 422, 429, 503],
+            errors=[415],
+            links=[
+                *session_links,
+                ApiLink(
+                    name="PutFirstPart",
+                    operation="put_put_part",
+                    parameters={**_UPLOAD_ID, "part_number": "1"},
+                ),
+                ApiLink(
+                    name="SendFirstPartAsForm",
+                    operation="post_chunk_form",
+                    request_body={"upload_id": "$response.body#/upload_id", "part_number": 1},
+                ),
+                ApiLink(
+                    name="PresignFirstPart",
+                    operation="post_presign",
+                    parameters={**_UPLOAD_ID, "part_number": "1"},
+                ),
+                *_OTHERS,
+            ],
             tags=tags,
         ),
         ApiRoute(
@@ -496,8 +555,9 @@ def routes() -> list[ApiRoute]:
             "total_parts, chunk_hash, chunk_file)",
             body=ChunkFields,
             body_media_type="multipart/form-data",
+            files=["chunk_file"],
             response=us.PartAccepted,
-            errors=[400, 404, 408, 409, 410, 413, 422, 429, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -505,8 +565,10 @@ def routes() -> list[ApiRoute]:
             put_part,
             methods=["PUT"],
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
+            raw_body=True,
+            headers=_PART_HEADERS,
             response=us.PartAccepted,
-            errors=[400, 404, 408, 409, 410, 413, 429, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -514,8 +576,10 @@ def routes() -> list[ApiRoute]:
             presign,
             methods=["POST"],
             summary="A presigned S3 UploadPart URL for one part",
+            body=PresignBody,
+            body_required=False,
             response=us.PresignedPart,
-            errors=[400, 404, 408, 409, 410, 413, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -524,7 +588,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="Complete the upload and queue its job (idempotent)",
             response=us.CompletedUpload,
-            errors=[404, 409, 410, 503],
+            errors=[404, 409, 410],
             tags=tags,
         ),
         ApiRoute(
@@ -535,8 +599,11 @@ def routes() -> list[ApiRoute]:
             summary="Upload a small file in one multipart/form-data request",
             body=SimpleFields,
             body_media_type="multipart/form-data",
+            files=["file"],
+            json_fields={"processing_options": ProcessingOptions},
             response=us.CompletedUpload,
-            errors=[400, 408, 413, 415, 422, 429, 503],
+            errors=[415],
+            links=_OTHERS,
             tags=tags,
         ),
         ApiRoute(
@@ -545,7 +612,7 @@ def routes() -> list[ApiRoute]:
             methods=["GET"],
             summary="Upload progress, received and missing parts",
             response=us.UploadStatus,
-            errors=[404, 503],
+            errors=[404],
             tags=tags,
         ),
         ApiRoute(
@@ -564,7 +631,7 @@ def routes() -> list[ApiRoute]:
             methods=["DELETE"],
             summary="Abort the upload and cancel its job (idempotent)",
             response=us.CancelledUpload,
-            errors=[404, 409, 503],
+            errors=[404, 409],
             tags=tags,
         ),
         ApiRoute(
