@@ -7,7 +7,10 @@
 * :class:`AuthMiddleware` verifies the bearer token on every ``/api/v1`` route
   and stores the :class:`~app.core.auth.Identity` in ``scope["state"]``.
 * :func:`exception_handlers` renders every error in the one JSON shape; an
-  unexpected exception becomes a 500 naming only the request id.
+  unexpected exception becomes a 500 naming only the request id, except that
+  losing Postgres or Redis (wherever in a request it happens) is a 503
+  ``database_unavailable`` / ``redis_unavailable`` with ``Retry-After``
+  (:func:`app.core.outage.as_unavailable`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.auth import TokenService
 from app.core.errors import SluiceError, Unauthorized
 from app.core.logging import get_logger
+from app.core.outage import OUTAGE_TYPES, as_unavailable
 from app.core.schemas import ErrorBody
 from app.gateway.http import json_response
 
@@ -173,7 +177,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(err, request_id_of(request.scope))
 
 
+def _outage_response(request: Request, exc: Exception) -> Response | None:
+    unavailable = as_unavailable(exc)
+    if unavailable is None:
+        return None
+    log.warning("dependency_unavailable", code=unavailable.code, error=type(exc).__name__)
+    return error_response(unavailable, request_id_of(request.scope))
+
+
+async def _outage(request: Request, exc: Exception) -> Response:
+    """Exceptions that may mean a lost Postgres/Redis: 503 if so, else a plain 500."""
+    return _outage_response(request, exc) or await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    outage = _outage_response(request, exc)  # raised in a middleware (rate limits...)
+    if outage is not None:
+        return outage
     request_id = request_id_of(request.scope)
     log.exception("unhandled_error", path=request.url.path)
     err = SluiceError(
@@ -183,4 +203,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def exception_handlers() -> dict[Any, Any]:
-    return {SluiceError: _sluice_error, HTTPException: _http_error, Exception: _unexpected}
+    return {
+        SluiceError: _sluice_error,
+        HTTPException: _http_error,
+        **dict.fromkeys(OUTAGE_TYPES, _outage),
+        Exception: _unexpected,
+    }
