@@ -125,6 +125,19 @@ async def _health_becomes(port: int, status: str, timeout: float) -> dict[str, A
     raise AssertionError(f"/health never said {status!r}; last: {seen}")
 
 
+def _gateway(svc: Services) -> httpx.AsyncClient:
+    """An in-process gateway on ``svc``, authenticated as the tests' user."""
+    transport = httpx.ASGITransport(
+        app=create_app(svc.settings, services=svc), raise_app_exceptions=False
+    )
+    token = TokenService(JWT_SECRET).mint("fault-user")
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url="http://gateway",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
 async def _make_job(svc: Services, data: bytes, document_type: str, **kw: Any) -> MadeJob:
     async with svc.db.acquire() as conn, conn.transaction():
         doc_id = await create_document(
@@ -175,11 +188,19 @@ async def test_worker_rides_out_a_redis_kill_and_a_restart_then_runs_a_new_job(
     proc, port, procs = fault_worker
     pid = proc.pid
     assert (await _health(port))["status"] == "ok"
+    failed = await _make_job(fault_services, b"Retried during the outage. " * 20, "txt")
+    await fault_services.db.execute(
+        "UPDATE jobs SET status = 'failed' WHERE id = $1::uuid", failed.job_id
+    )
 
     fault_stack.redis.kill()  # SIGKILL, as a crash or an OOM kill would
     killed = time.monotonic()
     degraded = await _health_becomes(port, "degraded", timeout=10)
     assert degraded["redis"] == "down"
+    async with _gateway(fault_services) as gateway:  # the gateway answers 503, not 500
+        r = await gateway.post(f"/api/v1/jobs/{failed.job_id}/retry")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "redis_unavailable" and int(r.headers["Retry-After"]) > 0
     async with httpx.AsyncClient() as client:
         metrics = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=3)).text
     assert "sluice_worker_redis_up 0.0" in metrics
@@ -197,6 +218,8 @@ async def test_worker_rides_out_a_redis_kill_and_a_restart_then_runs_a_new_job(
     job = await _make_job(fault_services, b"After the outage. " * 20, "txt")
     await _eventually(lambda: fault_services.queue.enqueue(job.job_id, Priority.NORMAL), 20)
     assert await _wait_done(fault_services, job.job_id, timeout=60) == ("completed", 1)
+    # The retry the client was refused is not lost: the job row said "queued".
+    assert await _wait_done(fault_services, failed.job_id, timeout=30) == ("completed", 1)
     assert proc.poll() is None and proc.pid == pid
 
 
@@ -248,14 +271,7 @@ async def test_three_postgres_outages_during_one_job_cost_no_attempt(
     pages = [[" ".join(page_sentence(p, i) for i in range(12))] for p in range(1, 61)]
     data = make_pdf(pages)
     job = await _make_job(svc, data, "pdf", options={"chunk_size": 24, "chunk_overlap": 4})
-    app = create_app(svc.settings, services=svc)
-    token = TokenService(JWT_SECRET).mint("fault-user")
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    gateway = httpx.AsyncClient(
-        transport=transport,
-        base_url="http://gateway",
-        headers={"Authorization": f"Bearer {token}"},
-    )
+    gateway = _gateway(svc)
     await svc.queue.enqueue(job.job_id, Priority.NORMAL)
 
     async def seq() -> tuple[str, int]:

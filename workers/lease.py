@@ -218,7 +218,9 @@ async def resync_queue(
     """
     rows = await ctx.db.fetch(
         """
-        SELECT id::text AS id, priority FROM jobs
+        SELECT id::text AS id, priority,
+               (lease_owner IS NULL OR lease_expires_at < now()) AS lease_free
+        FROM jobs
         WHERE status IN ('queued', 'retrying')
           AND updated_at <= now() - make_interval(secs => $1)
         ORDER BY updated_at LIMIT 5000
@@ -227,9 +229,20 @@ async def resync_queue(
     )
     enqueued = []
     for row in rows:
-        if not await ctx.queue.is_queued(row["id"]) and await ctx.queue.enqueue(
-            row["id"], row["priority"]
-        ):
+        if await ctx.queue.is_queued(row["id"]):
+            # Waiting that long, yet marked started in ARQ: its worker could not tell
+            # ARQ how the run ended (Redis was down then), and ARQ would hold it for
+            # the whole job timeout.  Not after a data loss (grace 0): a worker may
+            # just have picked the job up (nor while one holds its lease, taking it).
+            if (
+                grace_seconds >= RESYNC_GRACE_SECONDS
+                and row["lease_free"]
+                and await ctx.queue.is_started(row["id"])
+            ):
+                await ctx.queue.requeue_lost(row["id"], row["priority"])
+                log.warning("stuck_job_released", job_id=row["id"])
+            continue
+        if await ctx.queue.enqueue(row["id"], row["priority"]):
             enqueued.append(row["id"])
             log.warning("lost_job_requeued", job_id=row["id"])
     return enqueued

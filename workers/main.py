@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.core.errors import ConfigError
 from app.core.logging import configure_logging, get_logger
-from app.core.outage import is_redis_outage
+from app.core.outage import is_database_outage, is_redis_outage
 from app.core.queue import QUEUE_NAME, queue_depth_by_priority, read_limit_for, redis_settings
 from app.core.settings import Settings
 from workers import lease
@@ -72,8 +72,11 @@ async def maintenance_loop(ctx: WorkerContext, worker: Worker | None) -> None:
             await maintenance_tick(ctx, worker, resync=now - last_resync >= RESYNC_EVERY_SECONDS)
             if now - last_resync >= RESYNC_EVERY_SECONDS:
                 last_resync = now
-        except Exception:  # a dependency hiccup must not stop recovery for good
-            log.warning("maintenance_failed", exc_info=True)
+        except Exception as exc:  # a dependency hiccup must not stop recovery for good
+            outage = is_redis_outage(exc) or is_database_outage(exc)
+            if is_redis_outage(exc):
+                ctx.set_redis_up(False)
+            log.warning("maintenance_failed", error=type(exc).__name__, exc_info=not outage)
         await asyncio.sleep(interval)
 
 

@@ -197,15 +197,19 @@ class JobRun:
         )
         delay = DATABASE_WAIT[0]
         while True:
+            # Pooled connections that lived through the outage are broken in ways
+            # asyncpg does not always notice (a stale reply confuses the protocol):
+            # replace them all.
+            await self.ctx.db.expire_connections()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311
             delay = min(delay * 2, DATABASE_WAIT[1])
             try:
                 await self.ctx.db.fetchval("SELECT 1")
-            except Exception as probe:
-                if not is_database_outage(probe):
-                    raise
+            except Exception as probe:  # not back yet, whatever it says
+                log.info("database_still_unavailable", error=type(probe).__name__)
                 continue
             break
+        await self.ctx.db.expire_connections()
         self.ctx.set_database_up(True)
         log.info("database_back_job_resuming", job_id=self.job_id)
 
@@ -375,8 +379,9 @@ class JobRun:
             await asyncio.sleep(interval)
             try:
                 ok = await lease.renew(self.ctx.db, self.job_id, self.token, self.ctx.lease_seconds)
-            except Exception:  # Postgres briefly away: try again next tick
-                log.warning("lease_renew_failed", job_id=self.job_id, exc_info=True)
+            except Exception as exc:  # Postgres briefly away: try again next tick
+                outage = is_database_outage(exc)
+                log.warning("lease_renew_failed", job_id=self.job_id, exc_info=not outage)
                 continue
             if not ok:
                 self.lease_lost = True

@@ -177,6 +177,10 @@ class JobQueue:
         """True while ARQ holds the job (waiting, deferred or running)."""
         return bool(await self._redis.exists(job_key_prefix + job_id))
 
+    async def is_started(self, job_id: str) -> bool:
+        """True while ARQ has the job marked in progress (its in-progress key)."""
+        return bool(await self._redis.exists(in_progress_key_prefix + job_id))
+
     async def abort(self, job_id: str) -> None:
         """Ask ARQ to drop a job that has not started (a worker removes it unrun).
 

@@ -21,6 +21,7 @@ import uuid
 import weakref
 from typing import Any
 
+import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
@@ -177,21 +178,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(err, request_id_of(request.scope))
 
 
-def _outage_response(request: Request, exc: Exception) -> Response | None:
+async def _outage_response(request: Request, exc: Exception) -> Response | None:
     unavailable = as_unavailable(exc)
     if unavailable is None:
         return None
     log.warning("dependency_unavailable", code=unavailable.code, error=type(exc).__name__)
+    if unavailable.code == "database_unavailable":
+        # Pooled connections that lived through the outage may be broken in ways
+        # asyncpg does not notice: have them all replaced on their next use.
+        db = getattr(getattr(request.app.state, "services", None), "db", None)
+        if isinstance(db, asyncpg.Pool):
+            await db.expire_connections()
     return error_response(unavailable, request_id_of(request.scope))
 
 
 async def _outage(request: Request, exc: Exception) -> Response:
     """Exceptions that may mean a lost Postgres/Redis: 503 if so, else a plain 500."""
-    return _outage_response(request, exc) or await _unexpected(request, exc)
+    return await _outage_response(request, exc) or await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    outage = _outage_response(request, exc)  # raised in a middleware (rate limits...)
+    outage = await _outage_response(request, exc)  # raised in a middleware (rate limits...)
     if outage is not None:
         return outage
     request_id = request_id_of(request.scope)
