@@ -193,6 +193,14 @@ async def test_worker_rides_out_a_redis_kill_and_a_restart_then_runs_a_new_job(
         "UPDATE jobs SET status = 'failed' WHERE id = $1::uuid", failed.job_id
     )
 
+    pages = [[" ".join(page_sentence(p, i) for i in range(12))] for p in range(1, 31)]
+    running = await _make_job(fault_services, make_pdf(pages), "pdf")
+    await fault_services.queue.enqueue(running.job_id, Priority.NORMAL)
+    deadline = time.monotonic() + 60
+    while (await _status(fault_services, running.job_id))[0] != "running":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
     fault_stack.redis.kill()  # SIGKILL, as a crash or an OOM kill would
     killed = time.monotonic()
     degraded = await _health_becomes(port, "degraded", timeout=10)
@@ -218,6 +226,8 @@ async def test_worker_rides_out_a_redis_kill_and_a_restart_then_runs_a_new_job(
     job = await _make_job(fault_services, b"After the outage. " * 20, "txt")
     await _eventually(lambda: fault_services.queue.enqueue(job.job_id, Priority.NORMAL), 20)
     assert await _wait_done(fault_services, job.job_id, timeout=60) == ("completed", 1)
+    # The job that was running carried on through it all, on its first attempt.
+    assert await _wait_done(fault_services, running.job_id, timeout=60) == ("completed", 1)
     # The retry the client was refused is not lost: the job row said "queued".
     assert await _wait_done(fault_services, failed.job_id, timeout=30) == ("completed", 1)
     assert proc.poll() is None and proc.pid == pid

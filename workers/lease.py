@@ -37,6 +37,7 @@ from asyncpg.pool import PoolConnectionProxy
 from app.core.events import JobStatus, ProgressEvent, publish_event
 from app.core.jobs import record_progress
 from app.core.logging import get_logger
+from app.core.outage import is_redis_outage
 from app.core.queue import QUEUE_EPOCH_KEY, WORKER_SLOTS_KEY, WORKERS_KEY
 from workers.context import WorkerContext
 
@@ -103,8 +104,10 @@ async def _publish(ctx: WorkerContext, events: list[ProgressEvent]) -> None:
     for event in events:
         try:
             await publish_event(ctx.redis, event)
-        except Exception:
-            log.warning("event_publish_failed", job_id=event.job_id, exc_info=True)
+        except Exception as exc:
+            log.warning(
+                "event_publish_failed", job_id=event.job_id, exc_info=not is_redis_outage(exc)
+            )
 
 
 async def live_workers(ctx: WorkerContext) -> list[str]:

@@ -52,7 +52,7 @@ from app.core.errors import JobCancelled, PermanentError, SluiceError, Transient
 from app.core.events import JobStatus, ProgressEvent, Stage, publish_event
 from app.core.jobs import record_progress
 from app.core.logging import get_logger
-from app.core.outage import is_database_outage
+from app.core.outage import is_database_outage, is_redis_outage
 from app.core.queue import JobQueue
 from workers import lease
 from workers.context import WorkerContext
@@ -232,8 +232,10 @@ class JobRun:
         if event is not None:
             try:
                 await publish_event(self.ctx.redis, event)
-            except Exception:
-                log.warning("event_publish_failed", job_id=self.job_id, exc_info=True)
+            except Exception as exc:
+                log.warning(
+                    "event_publish_failed", job_id=self.job_id, exc_info=not is_redis_outage(exc)
+                )
         return event
 
     # -- checkpoints ---------------------------------------------------------------------
