@@ -383,5 +383,5 @@ async def test_resync_releases_a_waiting_job_that_arq_still_marks_started(
         job.job_id,
     )
     assert job.job_id not in await resync_queue(worker_ctx)  # ARQ holds it: no new entry
-    assert not await services.queue.is_started(job.job_id)
+    assert not await services.redis.exists(f"arq:in-progress:{job.job_id}")
     assert await services.queue.is_queued(job.job_id)  # and it kept its place
