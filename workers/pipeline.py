@@ -78,11 +78,11 @@ STAGE_WEIGHTS: dict[Stage, tuple[float, float]] = {
 }
 ACTIVE = (JobStatus.RUNNING,)
 BOUNDARY_CHECK_SECONDS = 0.2
+"""How stale a page/batch boundary's view of ``cancel_requested`` may be."""
 DATABASE_WAIT = (0.2, 5.0)
 """First and largest wait (seconds, jittered) between probes of a lost Postgres."""
 OUTAGE_RETRY_SECONDS = 5.0
 """Postgres unreachable before the job was taken: ARQ retries it this much later."""
-"""How stale a page/batch boundary's view of ``cancel_requested`` may be."""
 DOCUMENT_FIELDS = tuple(f.name for f in msgspec.structs.fields(DocumentInfo))
 
 
