@@ -1,5 +1,6 @@
 """``sluice dev`` end to end: the stack comes up, answers with the printed token,
-Ctrl-C leaves no process behind, and Postgres and Redis data survive a restart."""
+a crashed child is started again, Ctrl-C leaves no process behind, and Postgres
+and Redis data survive a restart."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import redis.asyncio as aioredis
 from app.core.db import create_pool
 from app.core.documents import create_document
 from app.core.embedded import free_port
+from app.devserver import RestartPolicy
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -30,6 +33,18 @@ def _children(pid: int) -> set[int]:
         text = (task / "children").read_text().split()
         found.update(int(x) for x in text)
     return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _worker_child(pid: int) -> int | None:
+    found = [c for c in _children(pid) if "-m workers" in _cmdline(c) and _alive(c)]
+    return found[0] if found else None
 
 
 def _alive(pid: int) -> bool:
@@ -84,6 +99,8 @@ class Dev:
             "HOME": os.environ.get("HOME", "/tmp"),
             "LOG_LEVEL": "WARNING",
         }
+        if "PYTHONPATH" in os.environ:  # run the code under test, not an installed copy
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self.proc = subprocess.Popen(
             argv,
             env=env,
@@ -148,6 +165,31 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             ).stdout
             alice = http.get("/api/v1/me", headers={"Authorization": f"Bearer {out.split()[-1]}"})
             assert alice.status_code == 200 and alice.json()["user_id"] == "alice"
+        # A crashed child (here the worker, SIGKILLed) is started again; the rest
+        # of the stack keeps serving meanwhile.
+        worker = _worker_child(dev.proc.pid)
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        metrics = f"http://127.0.0.1:{dev.ports['worker-metrics-port']}/health"
+        deadline = time.monotonic() + 120
+        with httpx.Client(timeout=5) as http:
+            while True:
+                me = http.get(
+                    f"{dev.gateway}/api/v1/me", headers={"Authorization": f"Bearer {dev.token}"}
+                )
+                assert me.status_code == 200, "".join(dev.output[-30:])
+                restarted = _worker_child(dev.proc.pid)
+                if restarted not in (None, worker):
+                    with suppress(httpx.HTTPError):
+                        if http.get(metrics).status_code == 200:
+                            break
+                assert time.monotonic() < deadline, "".join(dev.output[-30:])
+                time.sleep(0.5)
+        assert dev.proc.poll() is None
+        assert "child_crashed" in "".join(dev.output)
+        children = _children(dev.proc.pid)
+        assert len(children) == 6, children
+
         pg = f"postgresql://postgres@127.0.0.1:{dev.ports['postgres-port']}/sluice"
         rd = f"redis://127.0.0.1:{dev.ports['redis-port']}/0"
         doc_id = asyncio.run(_write_data(pg, rd))
@@ -163,6 +205,16 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert _processes_mentioning(str(tmp_path)) == []
     finally:
         dev.kill()
+
+
+def test_a_crashing_child_is_restarted_with_backoff_until_it_crash_loops() -> None:
+    policy = RestartPolicy(limit=5, window=60, backoff=(0.5, 10))
+    assert [policy.after_crash("worker", t) for t in (0, 1, 2, 3)] == [0.5, 1, 2, 4]
+    assert policy.after_crash("gateway", 4) == 0.5  # counted per child
+    assert policy.after_crash("worker", 5) is None  # 5 crashes within 60 s: a crash loop
+    calm = RestartPolicy(limit=5, window=60, backoff=(0.5, 10))
+    delays = [calm.after_crash("worker", t * 31.0) for t in range(10)]
+    assert delays == [0.5] + [1.0] * 9  # now and then is not a loop: never given up
 
 
 async def _write_data(pg: str, rd: str) -> str:

@@ -31,7 +31,7 @@ from tests.fixtures_pipeline import (
     wait_for_status,
 )
 from workers.context import WorkerContext
-from workers.lease import reap_expired
+from workers.lease import reap_expired, resync_queue
 from workers.pipeline import JobRun, Outcome, RetryLater
 from workers.settings import build_worker
 from workers.stages.chunk import chunk_pages
@@ -366,3 +366,22 @@ async def test_a_worker_that_lost_its_lease_writes_nothing(
     assert await chunk_rows(services, job.document_id) == []
     snap = await job_snapshot(services.db, job.job_id)
     assert snap is not None and snap.status == JobStatus.RUNNING  # left to its new owner
+
+
+async def test_resync_releases_a_waiting_job_that_arq_still_marks_started(
+    services: Services, worker_ctx: WorkerContext, make_job: MakeJob
+) -> None:
+    """A worker that could not tell ARQ how a run ended (Redis was down when its
+    job asked for a retry) leaves the in-progress key: ARQ would hold the job for
+    the whole job timeout.  The periodic resync lets it run again at once."""
+    job = await make_job(b"Stuck behind an in-progress key. " * 5, "txt")
+    await services.queue.enqueue(job.job_id, Priority.NORMAL)
+    await services.redis.psetex(f"arq:in-progress:{job.job_id}", 3_600_000, b"1")
+    await services.db.execute(
+        "UPDATE jobs SET status = 'retrying', updated_at = now() - interval '5 minutes' "
+        "WHERE id = $1::uuid",
+        job.job_id,
+    )
+    assert job.job_id not in await resync_queue(worker_ctx)  # ARQ holds it: no new entry
+    assert not await services.redis.exists(f"arq:in-progress:{job.job_id}")
+    assert await services.queue.is_queued(job.job_id)  # and it kept its place

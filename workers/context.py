@@ -52,6 +52,35 @@ class WorkerMetrics:
             "Jobs recovered from a lapsed lease",
             registry=self.registry,
         )
+        self.redis_up = Gauge(
+            "sluice_worker_redis_up",
+            "1 while this worker reaches Redis, 0 during an outage (it keeps running)",
+            registry=self.registry,
+        )
+        self.database_up = Gauge(
+            "sluice_worker_database_up",
+            "1 while this worker reaches Postgres, 0 while a job waits for it",
+            registry=self.registry,
+        )
+        self.redis_up.set(1)
+        self.database_up.set(1)
+
+
+class DependencyHealth:
+    """What this worker knows of Redis and Postgres right now (for ``/health``).
+
+    Set by whoever notices: the poll-loop supervisor and the epoch watch
+    (Redis), a job waiting out an outage (Postgres).  Mirrored in the
+    ``sluice_worker_redis_up`` / ``sluice_worker_database_up`` gauges.
+    """
+
+    def __init__(self) -> None:
+        self.redis_up = True
+        self.database_up = True
+
+    @property
+    def degraded(self) -> bool:
+        return not (self.redis_up and self.database_up)
 
 
 @dataclass
@@ -78,6 +107,15 @@ class WorkerContext:
     """At most one recorded progress update per stage per interval (plus stage ends)."""
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     running: set[str] = field(default_factory=set)
+    health: DependencyHealth = field(default_factory=DependencyHealth)
+
+    def set_redis_up(self, up: bool) -> None:
+        self.health.redis_up = up
+        self.metrics.redis_up.set(1 if up else 0)
+
+    def set_database_up(self, up: bool) -> None:
+        self.health.database_up = up
+        self.metrics.database_up.set(1 if up else 0)
 
     @classmethod
     def timings_from(cls, settings: Settings) -> dict[str, float]:

@@ -12,6 +12,14 @@ length.  If the worker dies (SIGKILL, OOM, lost host), the lease lapses within
 * releases ARQ's in-progress key for it (:meth:`JobQueue.requeue_lost`), which
   would otherwise block the job for the whole job timeout (ARQ #343).
 
+A lapsed lease is not enough to take a job away: the reaper leaves alone the
+jobs of a worker that still sends its heartbeat to Redis (``sluice:workers``,
+written every third of a lease by each worker's maintenance loop, which needs
+no Postgres).  Such a worker is alive but cut off from Postgres (an outage, a
+network partition to the database); it renews the lease as soon as it can and
+carries on, without the job losing an attempt.  A worker reaps its *own* lapsed
+leases of jobs it no longer runs (a lease left behind by a bug cannot stick).
+
 The lease owner is a fencing token: every write of a running job checks it, so
 a worker that lost its lease (stalled, partitioned) cannot overwrite the work
 of the one that took over.  :func:`resync_queue` re-enqueues jobs that the
@@ -29,7 +37,8 @@ from asyncpg.pool import PoolConnectionProxy
 from app.core.events import JobStatus, ProgressEvent, publish_event
 from app.core.jobs import record_progress
 from app.core.logging import get_logger
-from app.core.queue import WORKER_SLOTS_KEY, WORKERS_KEY
+from app.core.outage import is_redis_outage
+from app.core.queue import QUEUE_EPOCH_KEY, WORKER_SLOTS_KEY, WORKERS_KEY
 from workers.context import WorkerContext
 
 log = get_logger("sluice.worker.lease")
@@ -95,25 +104,42 @@ async def _publish(ctx: WorkerContext, events: list[ProgressEvent]) -> None:
     for event in events:
         try:
             await publish_event(ctx.redis, event)
-        except Exception:
-            log.warning("event_publish_failed", job_id=event.job_id, exc_info=True)
+        except Exception as exc:
+            log.warning(
+                "event_publish_failed", job_id=event.job_id, exc_info=not is_redis_outage(exc)
+            )
+
+
+async def live_workers(ctx: WorkerContext) -> list[str]:
+    """Ids of the workers that sent a heartbeat within one lease, this one excluded."""
+    since_ms = int((ctx.clock() - ctx.lease_seconds) * 1000)
+    found = await ctx.redis.zrangebyscore(WORKERS_KEY, since_ms, "+inf")
+    ids = (w.decode() if isinstance(w, bytes) else str(w) for w in found)
+    return [w for w in ids if w != ctx.worker_id]
 
 
 async def reap_expired(ctx: WorkerContext) -> list[str]:
-    """Recover running jobs whose lease lapsed; returns the ids handled."""
+    """Recover running jobs whose lease lapsed and whose worker is gone; returns the
+    ids handled.  Needs Redis (the heartbeats): without it, nothing is reaped."""
     max_attempts = ctx.settings.task_retry_max_attempts
     events: list[ProgressEvent] = []
     handled: list[tuple[str, str]] = []
+    alive = await live_workers(ctx)
     async with ctx.db.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             """
             UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL
             WHERE id IN (SELECT id FROM jobs
                          WHERE status = 'running' AND lease_expires_at < now()
+                           AND NOT (id = ANY($2::uuid[]))
+                           AND NOT (coalesce(regexp_replace(lease_owner, ':[^:]*$', ''), '')
+                                    = ANY($1::text[]))
                          ORDER BY lease_expires_at LIMIT 100 FOR UPDATE SKIP LOCKED)
             RETURNING id::text AS id, priority, attempts, cancel_requested,
                       document_id, lease_expires_at
-            """
+            """,
+            alive,
+            list(ctx.running),
         )
         for row in rows:
             job_id = row["id"]
@@ -183,22 +209,43 @@ async def settle_document(
     )
 
 
-async def resync_queue(ctx: WorkerContext) -> list[str]:
-    """Enqueue waiting jobs that ARQ does not hold; returns the ids enqueued."""
+async def resync_queue(
+    ctx: WorkerContext, *, grace_seconds: float = RESYNC_GRACE_SECONDS
+) -> list[str]:
+    """Enqueue waiting jobs that ARQ does not hold; returns the ids enqueued.
+
+    ``grace_seconds`` spares jobs changed that recently (their enqueue may be
+    under way); 0 after Redis lost its data, when no enqueue can be trusted.
+    Idempotent: ARQ refuses a second job with the same id, and a job that runs
+    anyway is taken only through :func:`acquire`, which lets one worker hold it.
+    """
     rows = await ctx.db.fetch(
         """
-        SELECT id::text AS id, priority FROM jobs
+        SELECT id::text AS id, priority,
+               (lease_owner IS NULL OR lease_expires_at < now()) AS lease_free
+        FROM jobs
         WHERE status IN ('queued', 'retrying')
-          AND updated_at < now() - make_interval(secs => $1)
-        ORDER BY updated_at LIMIT 500
+          AND updated_at <= now() - make_interval(secs => $1)
+        ORDER BY updated_at LIMIT 5000
         """,
-        RESYNC_GRACE_SECONDS,
+        float(grace_seconds),
     )
     enqueued = []
     for row in rows:
-        if not await ctx.queue.is_queued(row["id"]) and await ctx.queue.enqueue(
-            row["id"], row["priority"]
-        ):
+        if await ctx.queue.is_queued(row["id"]):
+            # Waiting that long, yet marked started in ARQ: its worker could not tell
+            # ARQ how the run ended (Redis was down then), and ARQ would hold it for
+            # the whole job timeout.  Not after a data loss (grace 0): a worker may
+            # just have picked the job up (nor while one holds its lease, taking it).
+            if (
+                grace_seconds >= RESYNC_GRACE_SECONDS
+                and row["lease_free"]
+                and await ctx.queue.is_started(row["id"])
+            ):
+                await ctx.queue.requeue_lost(row["id"], row["priority"])
+                log.warning("stuck_job_released", job_id=row["id"])
+            continue
+        if await ctx.queue.enqueue(row["id"], row["priority"]):
             enqueued.append(row["id"])
             log.warning("lost_job_requeued", job_id=row["id"])
     return enqueued
@@ -226,3 +273,15 @@ async def leave(ctx: WorkerContext) -> None:
         pipe.zrem(WORKERS_KEY, ctx.worker_id)
         pipe.hdel(WORKER_SLOTS_KEY, ctx.worker_id)
         await pipe.execute()
+
+
+async def claim_new_epoch(ctx: WorkerContext) -> bool:
+    """True if Redis had lost its data and this worker is the one to resync.
+
+    :data:`~app.core.queue.QUEUE_EPOCH_KEY` is written once per Redis data set
+    (``SET NX``); its absence means a FLUSHALL, a failover to a replica that
+    lagged, or a restart without persistence.  Exactly one caller per loss
+    gets True (and a fresh worker against a fresh Redis resyncs once).
+    """
+    marker = f"{ctx.worker_id}:{int(ctx.clock() * 1000)}"
+    return bool(await ctx.redis.set(QUEUE_EPOCH_KEY, marker, nx=True))

@@ -18,7 +18,12 @@
 5. on :class:`~app.core.errors.TransientError` retries with exponential
    backoff (ARQ ``Retry``, the priority offset re-applied) up to
    ``TASK_RETRY_MAX_ATTEMPTS``; on :class:`~app.core.errors.PermanentError`
-   fails at once.
+   fails at once;
+6. rides out a Postgres outage without spending an attempt: the job waits
+   (backoff with jitter) until the database answers, renews its lease and runs
+   the stages again from its checkpoints; a final state that could not be
+   written is written once the database is back.  The reaper leaves the job
+   alone meanwhile, because this worker's heartbeat (in Redis) shows it alive.
 
 A document whose sha256 this user already has indexed (with the same
 processing options) completes at once as deduplicated, pointing at it.
@@ -47,6 +52,7 @@ from app.core.errors import JobCancelled, PermanentError, SluiceError, Transient
 from app.core.events import JobStatus, ProgressEvent, Stage, publish_event
 from app.core.jobs import record_progress
 from app.core.logging import get_logger
+from app.core.outage import is_database_outage, is_redis_outage
 from app.core.queue import JobQueue
 from workers import lease
 from workers.context import WorkerContext
@@ -73,6 +79,10 @@ STAGE_WEIGHTS: dict[Stage, tuple[float, float]] = {
 ACTIVE = (JobStatus.RUNNING,)
 BOUNDARY_CHECK_SECONDS = 0.2
 """How stale a page/batch boundary's view of ``cancel_requested`` may be."""
+DATABASE_WAIT = (0.2, 5.0)
+"""First and largest wait (seconds, jittered) between probes of a lost Postgres."""
+OUTAGE_RETRY_SECONDS = 5.0
+"""Postgres unreachable before the job was taken: ARQ retries it this much later."""
 DOCUMENT_FIELDS = tuple(f.name for f in msgspec.structs.fields(DocumentInfo))
 
 
@@ -179,17 +189,53 @@ class JobRun:
         if row["cancel_requested"]:
             raise JobCancelled("cancelled by request")
 
+    async def _await_database(self, exc: BaseException) -> None:
+        """Wait (backoff with jitter, as long as it takes) until Postgres answers."""
+        self.ctx.set_database_up(False)
+        log.warning(
+            "database_unavailable_job_waiting", job_id=self.job_id, error=type(exc).__name__
+        )
+        delay = DATABASE_WAIT[0]
+        while True:
+            # Pooled connections that lived through the outage are broken in ways
+            # asyncpg does not always notice (a stale reply confuses the protocol):
+            # replace them all.
+            await self.ctx.db.expire_connections()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311
+            delay = min(delay * 2, DATABASE_WAIT[1])
+            try:
+                await self.ctx.db.fetchval("SELECT 1")
+            except Exception as probe:  # not back yet, whatever it says
+                log.info("database_still_unavailable", error=type(probe).__name__)
+                continue
+            break
+        await self.ctx.db.expire_connections()
+        self.ctx.set_database_up(True)
+        log.info("database_back_job_resuming", job_id=self.job_id)
+
     async def _transition(
-        self, fn: Callable[[Conn], Awaitable[ProgressEvent | None]]
+        self, fn: Callable[[Conn], Awaitable[ProgressEvent | None]], *, ride: bool = True
     ) -> ProgressEvent | None:
-        """Run ``fn`` in a transaction, publish its event after the commit."""
-        async with self.ctx.db.acquire() as conn, conn.transaction():
-            event = await fn(conn)
+        """Run ``fn`` in a transaction, publish its event after the commit.  With
+        ``ride``, a lost Postgres is waited out and ``fn`` run again (it is one
+        transaction: it either committed or did not, and each ``fn`` re-checks
+        the job's state under it)."""
+        while True:
+            try:
+                async with self.ctx.db.acquire() as conn, conn.transaction():
+                    event = await fn(conn)
+                break
+            except Exception as exc:
+                if not (ride and is_database_outage(exc)):
+                    raise
+                await self._await_database(exc)
         if event is not None:
             try:
                 await publish_event(self.ctx.redis, event)
-            except Exception:
-                log.warning("event_publish_failed", job_id=self.job_id, exc_info=True)
+            except Exception as exc:
+                log.warning(
+                    "event_publish_failed", job_id=self.job_id, exc_info=not is_redis_outage(exc)
+                )
         return event
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -260,7 +306,7 @@ class JobRun:
             return Outcome.SKIPPED
         self.ctx.running.add(self.job_id)
         self.ctx.metrics.running.inc()
-        work = asyncio.create_task(self._stages(), name=f"job-{self.job_id}")
+        work = asyncio.create_task(self._ride_outages(), name=f"job-{self.job_id}")
         renewer = asyncio.create_task(self._renew(work), name=f"lease-{self.job_id}")
         try:
             try:
@@ -305,14 +351,39 @@ class JobRun:
             self._cleanup_files()
             structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
+    async def _ride_outages(self) -> Outcome:
+        """The stages; a lost Postgres pauses them instead of failing the attempt.
+
+        Once the database is back the lease is renewed (still ours: the reaper
+        spared a worker whose heartbeat it saw) and the stages run again from
+        their checkpoints, so nothing done is redone or written twice.
+        """
+        resumed = False
+        while True:
+            try:
+                if resumed:
+                    if not await lease.renew(
+                        self.ctx.db, self.job_id, self.token, self.ctx.lease_seconds
+                    ):
+                        self.lease_lost = True
+                        raise LeaseLost(self.job_id)
+                    await self.check()
+                return await self._stages()
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                await self._await_database(exc)
+                resumed = True
+
     async def _renew(self, work: asyncio.Task[Outcome]) -> None:
         interval = self.ctx.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             try:
                 ok = await lease.renew(self.ctx.db, self.job_id, self.token, self.ctx.lease_seconds)
-            except Exception:  # Postgres briefly away: try again next tick
-                log.warning("lease_renew_failed", job_id=self.job_id, exc_info=True)
+            except Exception as exc:  # Postgres briefly away: try again next tick
+                outage = is_database_outage(exc)
+                log.warning("lease_renew_failed", job_id=self.job_id, exc_info=not outage)
                 continue
             if not ok:
                 self.lease_lost = True
@@ -645,7 +716,7 @@ class JobRun:
             )
 
         try:
-            await self._transition(commit)
+            await self._transition(commit, ride=False)  # never hold up a shutdown
         except Exception:
             log.warning("release_failed", job_id=self.job_id, exc_info=True)
 
@@ -662,5 +733,13 @@ async def process_document(ctx: dict[str, Any], job_id: str) -> str:
     except RetryLater as retry:
         wctx.metrics.jobs.labels(Outcome.RETRYING).inc()
         raise Retry(defer=retry.defer_ms / 1000) from None
+    except Exception as exc:
+        if not is_database_outage(exc):
+            raise
+        # Postgres was away before the job was taken (or its start recorded):
+        # leave it queued in ARQ; the table still says it is waiting.
+        log.warning("database_unavailable_job_deferred", job_id=job_id, error=type(exc).__name__)
+        wctx.metrics.jobs.labels(Outcome.REQUEUED).inc()
+        raise Retry(defer=OUTAGE_RETRY_SECONDS) from None
     wctx.metrics.jobs.labels(outcome).inc()
     return str(outcome)

@@ -14,7 +14,9 @@ Redis, S3, the embedder loaded once, the tokenizer, the queue) and
   does not wait for it (leases, ``workers/lease.py``);
 * ARQ's own retry count is a backstop only: attempts are counted in the jobs
   table, where lease recoveries count too;
-* aborts enabled, so cancelling a waiting job drops it from the queue.
+* aborts enabled, so cancelling a waiting job drops it from the queue;
+* :class:`SluiceWorker`: ARQ's worker with one leak closed, so that its poll
+  loop can be resumed after a Redis outage (``workers/main.py``).
 """
 
 from __future__ import annotations
@@ -116,5 +118,28 @@ def worker_kwargs(ctx: WorkerContext, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+class SluiceWorker(Worker):
+    """ARQ's :class:`~arq.worker.Worker`, safe to resume after a Redis error.
+
+    ARQ's ``start_jobs`` takes a job slot (semaphore + counter) before its
+    Redis transaction and gives it back only on the errors it expects, so each
+    connection error there would leak a slot until the worker stopped taking
+    jobs.  Invariant kept here: a slot is held exactly while a job task exists.
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        for job_id in job_ids:
+            if self.job_counter >= self.max_jobs:
+                return
+            counter, task = self.job_counter, self.tasks.get(job_id.decode())
+            try:
+                await super().start_jobs([job_id])
+            except BaseException:
+                if self.job_counter > counter and self.tasks.get(job_id.decode()) is task:
+                    self.job_counter -= 1
+                    self.sem.release()
+                raise
+
+
 def build_worker(ctx: WorkerContext, **overrides: Any) -> Worker:
-    return Worker(**worker_kwargs(ctx, **overrides))
+    return SluiceWorker(**worker_kwargs(ctx, **overrides))

@@ -19,6 +19,7 @@ from app.core.db import Queryable
 from app.core.errors import Conflict, NotFound
 from app.core.events import TERMINAL_STATUSES, JobStatus, ProgressEvent, publish_event
 from app.core.logging import get_logger
+from app.core.outage import is_redis_outage
 
 log = get_logger(__name__)
 
@@ -115,8 +116,13 @@ async def record_progress(
     if redis is not None:
         try:
             await publish_event(redis, event)
-        except Exception:  # the table already holds the truth
-            log.warning("event_publish_failed", job_id=job_id, seq=event.seq, exc_info=True)
+        except Exception as exc:  # the table already holds the truth
+            log.warning(
+                "event_publish_failed",
+                job_id=job_id,
+                seq=event.seq,
+                exc_info=not is_redis_outage(exc),  # an outage needs no traceback
+            )
     return event
 
 
@@ -171,6 +177,11 @@ async def request_cancel(
     if redis is not None:  # publish after commit, so readers of the table agree
         try:
             await publish_event(redis, event)
-        except Exception:
-            log.warning("event_publish_failed", job_id=job_id, seq=event.seq, exc_info=True)
+        except Exception as exc:
+            log.warning(
+                "event_publish_failed",
+                job_id=job_id,
+                seq=event.seq,
+                exc_info=not is_redis_outage(exc),
+            )
     return event

@@ -42,14 +42,18 @@ ARQ traps this design works around (each pinned by ``tests/test_queue.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import redis.exceptions
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from app.core.events import Priority
 
@@ -70,13 +74,34 @@ WORKERS_KEY = "sluice:workers"
 WORKER_SLOTS_KEY = "sluice:workers:slots"
 """Hash: worker id -> its MAX_CONCURRENT_TASKS."""
 
+QUEUE_EPOCH_KEY = "sluice:queue:epoch"
+"""A marker written once per Redis data set by the first worker that finds it
+missing: if it vanishes, Redis lost the queue and workers resync it from the
+jobs table at once (``workers/lease.py``, :func:`claim_new_epoch`)."""
+
 JOB_EXPIRES = timedelta(days=7)
 """How long ARQ keeps a job that has not finished (queued, deferred or retried)."""
 
 
+REDIS_COMMAND_RETRIES = 3
+"""Retries of one Redis command on a lost connection (exponential backoff with
+jitter, 50 ms doubling up to 1 s): a failover or a restart of a second or two is
+invisible; a longer outage surfaces as ``redis.exceptions.ConnectionError``,
+which the gateway answers 503 ``redis_unavailable`` and a worker waits out."""
+
+
+def redis_settings(url: str) -> RedisSettings:
+    """ARQ's settings for ``url``, with the retry policy of :data:`REDIS_COMMAND_RETRIES`."""
+    return dataclasses.replace(
+        RedisSettings.from_dsn(url),
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), REDIS_COMMAND_RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
+
+
 async def connect_redis(url: str) -> ArqRedis:
     """One ARQ-flavoured Redis client (a ``redis.asyncio.Redis``) per process."""
-    return await create_pool(RedisSettings.from_dsn(url), default_queue_name=QUEUE_NAME)
+    return await create_pool(redis_settings(url), default_queue_name=QUEUE_NAME)
 
 
 def priority_score(priority: Priority | str, ready_ms: int) -> int:
@@ -122,7 +147,8 @@ class JobQueue:
         last = self._last_score.get(priority)
         if last is not None and score <= last and delay_ms == 0:
             score = last + 1  # strictly increasing: FIFO within a level in this process
-        self._last_score[priority] = max(score, last or score)
+        if delay_ms == 0:  # a deferred job must not push later ones back with it
+            self._last_score[priority] = max(score, last or score)
         return score
 
     async def enqueue(self, job_id: str, priority: Priority | str, *, delay_s: float = 0) -> bool:
@@ -150,6 +176,10 @@ class JobQueue:
     async def is_queued(self, job_id: str) -> bool:
         """True while ARQ holds the job (waiting, deferred or running)."""
         return bool(await self._redis.exists(job_key_prefix + job_id))
+
+    async def is_started(self, job_id: str) -> bool:
+        """True while ARQ has the job marked in progress (its in-progress key)."""
+        return bool(await self._redis.exists(in_progress_key_prefix + job_id))
 
     async def abort(self, job_id: str) -> None:
         """Ask ARQ to drop a job that has not started (a worker removes it unrun).

@@ -9,7 +9,10 @@
 * :class:`AuthMiddleware` verifies the bearer token on every ``/api/v1`` route
   and stores the :class:`~app.core.auth.Identity` in ``scope["state"]``.
 * :func:`exception_handlers` renders every error in the one JSON shape; an
-  unexpected exception becomes a 500 naming only the request id.
+  unexpected exception becomes a 500 naming only the request id, except that
+  losing Postgres or Redis (wherever in a request it happens) is a 503
+  ``database_unavailable`` / ``redis_unavailable`` with ``Retry-After``
+  (:func:`app.core.outage.as_unavailable`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import uuid
 import weakref
 from typing import Any
 
+import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
@@ -31,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.auth import TokenService
 from app.core.errors import SluiceError, Unauthorized
 from app.core.logging import get_logger
+from app.core.outage import OUTAGE_TYPES, as_unavailable
 from app.core.schemas import ErrorBody
 from app.gateway.bodyguard import CLIENT_CLOSED_REQUEST
 from app.gateway.http import json_response
@@ -203,7 +208,29 @@ def _allowed_methods(scope: Scope) -> list[str]:
     return sorted(allowed)
 
 
+async def _outage_response(request: Request, exc: Exception) -> Response | None:
+    unavailable = as_unavailable(exc)
+    if unavailable is None:
+        return None
+    log.warning("dependency_unavailable", code=unavailable.code, error=type(exc).__name__)
+    if unavailable.code == "database_unavailable":
+        # Pooled connections that lived through the outage may be broken in ways
+        # asyncpg does not notice: have them all replaced on their next use.
+        db = getattr(getattr(request.app.state, "services", None), "db", None)
+        if isinstance(db, asyncpg.Pool):
+            await db.expire_connections()
+    return error_response(unavailable, request_id_of(request.scope))
+
+
+async def _outage(request: Request, exc: Exception) -> Response:
+    """Exceptions that may mean a lost Postgres/Redis: 503 if so, else a plain 500."""
+    return await _outage_response(request, exc) or await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    outage = await _outage_response(request, exc)  # raised in a middleware (rate limits...)
+    if outage is not None:
+        return outage
     request_id = request_id_of(request.scope)
     log.exception("unhandled_error", path=request.url.path)
     err = SluiceError(
@@ -213,4 +240,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def exception_handlers() -> dict[Any, Any]:
-    return {SluiceError: _sluice_error, HTTPException: _http_error, Exception: _unexpected}
+    return {
+        SluiceError: _sluice_error,
+        HTTPException: _http_error,
+        **dict.fromkeys(OUTAGE_TYPES, _outage),
+        Exception: _unexpected,
+    }

@@ -1,0 +1,108 @@
+"""Telling an infrastructure outage apart from a bug.
+
+Postgres or Redis going away (restart, failover, network cut) surfaces as a
+handful of exception types from asyncpg, redis-py and the socket layer.  They
+are not errors of the request or of the job that hit them:
+
+* the gateway answers them 503 ``database_unavailable`` / ``redis_unavailable``
+  with ``Retry-After`` (:func:`as_unavailable`), in one place, the
+  error-rendering middleware;
+* a worker waits them out without spending one of the job's attempts
+  (:func:`is_database_outage`, ``workers/pipeline.py``) and keeps polling
+  the queue once Redis is back (:func:`is_redis_outage`, ``workers/main.py``).
+
+Invariant: a bare ``OSError``/``TimeoutError`` counts as a database outage only
+when it was raised from inside asyncpg (refused connect, acquire timeout), so an
+S3 or file error is never mistaken for one.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import asyncpg
+import redis.exceptions
+
+from app.core.errors import ServiceUnavailable
+
+RETRY_AFTER_SECONDS = 5
+"""``Retry-After`` sent with a 503 for an unreachable Postgres or Redis."""
+
+_PG_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError, ConnectionFailureError...
+    asyncpg.CannotConnectNowError,  # starting up or shutting down
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+_REDIS_LOST: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # BusyLoadingError too
+    redis.exceptions.TimeoutError,
+)
+
+OUTAGE_TYPES: tuple[type[BaseException], ...] = (
+    *_PG_LOST,
+    *_REDIS_LOST,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+"""Every exception type that *may* mean an outage (the gateway's handlers key on them)."""
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if isinstance(name, str) and (name == package or name.startswith(package + ".")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (bounded: no cycles)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(seen) < 8 and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _is_pg(exc: BaseException) -> bool:
+    if isinstance(exc, _PG_LOST):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "closed" in str(exc)  # "connection is closed"; not a misuse of the API
+    if isinstance(exc, OSError | TimeoutError) and not isinstance(exc, _REDIS_LOST):
+        return _raised_in(exc, "asyncpg")
+    return False
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it was raised from) means Postgres is unreachable."""
+    return any(_is_pg(e) for e in _chain(exc))
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it was raised from) means Redis is unreachable."""
+    return any(isinstance(e, _REDIS_LOST) for e in _chain(exc))
+
+
+def as_unavailable(exc: BaseException) -> ServiceUnavailable | None:
+    """The 503 a client gets for an outage behind ``exc``; None if it is no outage."""
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if is_database_outage(exc):
+        return ServiceUnavailable(
+            "the database is unreachable; try again shortly",
+            code="database_unavailable",
+            headers=headers,
+        )
+    if is_redis_outage(exc):
+        return ServiceUnavailable(
+            "the queue (Redis) is unreachable; try again shortly",
+            code="redis_unavailable",
+            headers=headers,
+        )
+    return None
