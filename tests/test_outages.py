@@ -39,6 +39,7 @@ from tests.fixtures_pipeline import (
     page_sentence,
     stream_events,
 )
+from tests.fixtures_uploads import GatewayProcess
 from workers.stages.chunk import chunk_pages
 from workers.stages.common import NullReporter
 from workers.stages.extract import extract_document
@@ -335,3 +336,45 @@ async def test_three_postgres_outages_during_one_job_cost_no_attempt(
     events = await stream_events(svc.redis, job.job_id)
     assert not any(e.status in {"retrying", "failed"} for e in events)
     assert proc.poll() is None
+
+
+@pytest.mark.timeout(300)
+async def test_processes_started_during_an_outage_wait_for_it_then_serve(
+    fault_stack: EmbeddedStack,
+    fault_env: dict[str, str],
+    fault_services: Services,
+    fault_worker: tuple[subprocess.Popen[bytes], int, WorkerProcs],
+    tmp_path: Path,
+) -> None:
+    """A worker and a gateway started while Postgres and Redis are down do not
+    exit: they wait (saying so), then serve once both are back."""
+    _, _, procs = fault_worker
+    fault_stack.postgres.stop()
+    fault_stack.redis.stop()
+    gateway = GatewayProcess(fault_env, tmp_path / "gateway.log")
+    try:
+        worker, port = procs.start()
+        gateway_up = asyncio.create_task(asyncio.to_thread(gateway.start, 180))
+        await asyncio.sleep(8)  # longer than ARQ's own five connection retries
+        assert worker.poll() is None, procs.log_of(worker)
+        assert not gateway_up.done() and gateway.proc is not None
+        assert gateway.proc.poll() is None, gateway.log_path.read_text()[-2000:]
+        assert "waiting_for_dependency" in procs.log_of(worker)
+    finally:
+        fault_stack.postgres.start()
+        fault_stack.redis.start()
+    try:
+        await gateway_up
+        await procs.wait_ready(port, worker, timeout=150)
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"{gateway.url}/health/ready", timeout=10)
+        assert ready.status_code == 200, ready.text
+        await fault_services.db.expire_connections()
+        job = await _eventually(
+            lambda: _make_job(fault_services, b"Started in an outage. " * 20, "txt"), 30
+        )
+        await _eventually(lambda: fault_services.queue.enqueue(job.job_id, Priority.NORMAL), 30)
+        assert await _wait_done(fault_services, job.job_id, timeout=90) == ("completed", 1)
+        assert worker.poll() is None
+    finally:
+        gateway.stop()

@@ -61,9 +61,10 @@ async def open_worker_context(
         db = await create_pool(
             settings.database_url.reveal(),
             max_size=max(settings.database_pool_size, settings.max_concurrent_tasks + 2),
+            wait=True,
         )
         stack.push_async_callback(db.close)
-        redis = await connect_redis(settings.redis_url.reveal())
+        redis = await connect_redis(settings.redis_url.reveal(), wait=True)
         stack.push_async_callback(redis.aclose)
         s3 = await stack.enter_async_context(open_s3(settings))
         if embedder is None:

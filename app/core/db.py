@@ -21,6 +21,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from app.core.errors import ConfigError
+from app.core.outage import is_database_outage, wait_until_reachable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _MIGRATION_LOCK_ID = 0x5_1_0_1_C_E  # any constant shared by every runner
@@ -43,17 +44,29 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, *, max_size: int = 10, min_size: int = 1) -> asyncpg.Pool:
-    """Create the process's pool; JSON/JSONB columns map to Python objects."""
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min(min_size, max_size),
-        max_size=max_size,
-        init=_init_connection,
-        command_timeout=60,
-    )
-    assert pool is not None
-    return pool
+async def create_pool(
+    dsn: str, *, max_size: int = 10, min_size: int = 1, wait: bool = False
+) -> asyncpg.Pool:
+    """Create the process's pool; JSON/JSONB columns map to Python objects.
+
+    ``wait=True`` (long-running processes) waits for an unreachable Postgres
+    instead of failing (:func:`~app.core.outage.wait_until_reachable`).
+    """
+
+    async def connect() -> asyncpg.Pool:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min(min_size, max_size),
+            max_size=max_size,
+            init=_init_connection,
+            command_timeout=60,
+        )
+        assert pool is not None
+        return pool
+
+    if not wait:
+        return await connect()
+    return await wait_until_reachable(connect, dependency="postgres", is_outage=is_database_outage)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,21 @@ S3 or file error is never mistaken for one.
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 import asyncpg
 import redis.exceptions
 
 from app.core.errors import ServiceUnavailable
+from app.core.logging import get_logger
+
+T = TypeVar("T")
+_log = get_logger("sluice.outage")
 
 RETRY_AFTER_SECONDS = 5
 """``Retry-After`` sent with a 503 for an unreachable Postgres or Redis."""
@@ -106,3 +115,57 @@ def as_unavailable(exc: BaseException) -> ServiceUnavailable | None:
             headers=headers,
         )
     return None
+
+
+START_WAIT_LOG_EVERY_SECONDS = 30.0
+"""While a process waits at start-up for a dependency, it says so this often."""
+
+
+async def wait_until_reachable(
+    connect: Callable[[], Awaitable[T]],
+    *,
+    dependency: str,
+    is_outage: Callable[[BaseException], bool],
+    max_delay: float = 5.0,
+) -> T:
+    """``await connect()`` until it succeeds, waiting out an outage at start-up.
+
+    A long-running process (gateway, worker, WebSocket server) that starts while
+    Postgres or Redis is down waits for it, with exponential backoff and jitter
+    (0.2 s doubling to ``max_delay``), instead of exiting: a dependency that
+    starts after its clients, or restarts while they do, is an outage like any
+    other.  One line is logged when the wait starts, one every
+    :data:`START_WAIT_LOG_EVERY_SECONDS`, one when it ends.  Any error that is not
+    an outage (``is_outage`` false: bad credentials, a missing database) is
+    raised at once.
+    """
+    delay = 0.2
+    started: float | None = None
+    said = 0.0
+    while True:
+        try:
+            result = await connect()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            now = time.monotonic()
+            if started is None:
+                started = now
+            if now - said >= START_WAIT_LOG_EVERY_SECONDS:
+                said = now
+                _log.warning(
+                    "waiting_for_dependency",
+                    dependency=dependency,
+                    error=type(exc).__name__,
+                    waited_s=round(now - started, 1),
+                )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (jitter)
+            delay = min(delay * 2, max_delay)
+        else:
+            if started is not None:
+                _log.info(
+                    "dependency_reachable",
+                    dependency=dependency,
+                    waited_s=round(time.monotonic() - started, 1),
+                )
+            return result

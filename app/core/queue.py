@@ -56,6 +56,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from app.core.events import Priority
+from app.core.outage import is_redis_outage, wait_until_reachable
 
 QUEUE_NAME = "sluice:queue"
 PROCESS_FUNCTION = "process_document"
@@ -99,9 +100,19 @@ def redis_settings(url: str) -> RedisSettings:
     )
 
 
-async def connect_redis(url: str) -> ArqRedis:
-    """One ARQ-flavoured Redis client (a ``redis.asyncio.Redis``) per process."""
-    return await create_pool(redis_settings(url), default_queue_name=QUEUE_NAME)
+async def connect_redis(url: str, *, wait: bool = False) -> ArqRedis:
+    """One ARQ-flavoured Redis client (a ``redis.asyncio.Redis``) per process.
+
+    ``wait=True`` (long-running processes) waits for an unreachable Redis
+    instead of failing (:func:`~app.core.outage.wait_until_reachable`).
+    """
+
+    async def connect() -> ArqRedis:
+        return await create_pool(redis_settings(url), default_queue_name=QUEUE_NAME)
+
+    if not wait:
+        return await connect()
+    return await wait_until_reachable(connect, dependency="redis", is_outage=is_redis_outage)
 
 
 def priority_score(priority: Priority | str, ready_ms: int) -> int:

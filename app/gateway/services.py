@@ -43,9 +43,11 @@ async def open_services(
     settings: Settings, *, registry: CollectorRegistry | None = None
 ) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
-        db = await create_pool(settings.database_url.reveal(), max_size=settings.database_pool_size)
+        db = await create_pool(
+            settings.database_url.reveal(), max_size=settings.database_pool_size, wait=True
+        )
         stack.push_async_callback(db.close)
-        redis = await connect_redis(settings.redis_url.reveal())
+        redis = await connect_redis(settings.redis_url.reveal(), wait=True)
         stack.push_async_callback(redis.aclose)
         s3 = await stack.enter_async_context(open_s3(settings))
         s3_public = await stack.enter_async_context(open_s3(settings, public=True))

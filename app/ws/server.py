@@ -48,6 +48,7 @@ from app.core.db import create_pool
 from app.core.errors import Conflict, NotFound, SluiceError, Unauthorized
 from app.core.jobs import request_cancel
 from app.core.logging import get_logger
+from app.core.outage import is_redis_outage, wait_until_reachable
 from app.core.settings import Settings
 from app.ws.hub import FollowResult, Hub
 from app.ws.protocol import (
@@ -434,7 +435,9 @@ async def serve(
     ``port=0`` picks a free port (see :attr:`WsServer.port`).
     """
     options = options or ServerOptions()
-    db = await create_pool(settings.database_url.reveal(), max_size=settings.database_pool_size)
+    db = await create_pool(
+        settings.database_url.reveal(), max_size=settings.database_pool_size, wait=True
+    )
     redis: Redis = Redis.from_url(settings.redis_url.reveal())
 
     def pubsub_client() -> Redis:
@@ -451,6 +454,7 @@ async def serve(
         options=options,
     )
     try:
+        await wait_until_reachable(redis.ping, dependency="redis", is_outage=is_redis_outage)
         await hub.start()
         heartbeat = settings.websocket_heartbeat_interval
         server = await ws_serve(
