@@ -10,8 +10,10 @@ their PID and RSS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -329,3 +331,41 @@ async def test_poison_pdf_fails_alone_with_resource_limit(
     await worker_procs.wait_ready(port, proc, timeout=10)  # and still answers /health
     events = await stream_events(services.redis, bystander.job_id)
     assert sum(e.message.startswith("started") for e in events) == 1
+
+
+def _child_pids(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError), open(task / "children") as fh:
+            found.update(int(p) for p in fh.read().split())
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_parse_child_dies_with_a_sigkilled_worker(
+    services: Services, worker_procs: WorkerProcs, make_job: MakeJob
+) -> None:
+    proc, port = worker_procs.start(PAGE_TIME_BUDGET_SECONDS="600", MAX_PAGE_CHARS="100000000")
+    await worker_procs.wait_ready(port, proc)
+    job = await make_job(shared_stream_pdf(20, text_stream(8 * MB, string_length=100)))
+    await services.queue.enqueue(job.job_id, Priority.NORMAL)
+    deadline = time.monotonic() + 60
+    children: set[int] = set()
+    while not children:  # the parse child, busy on page 1
+        assert time.monotonic() < deadline, await job_snapshot(services.db, job.job_id)
+        await asyncio.sleep(0.1)
+        children = {
+            pid
+            for pid in _child_pids(proc.pid)
+            if b"workers.parse" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        }
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while alive := [pid for pid in children if Path(f"/proc/{pid}").exists()]:
+        status = Path(f"/proc/{alive[0]}/status").read_text()
+        if "State:\tZ" in status:  # exited, waiting for init to reap it
+            break
+        assert time.monotonic() < deadline, f"parse child {alive} outlived its worker"
+        await asyncio.sleep(0.1)
