@@ -205,7 +205,6 @@ async def test_parse_child_is_killed_at_its_time_limit_and_leaves_no_process(
         limits=ExtractLimits(page_chars=100 * MB, page_seconds=600),
         memory_bytes=1024 * MB,
         time_seconds=2.0,
-        parent_pid=os.getpid(),
     )
     started = time.monotonic()
     with pytest.raises(PermanentError) as err:

@@ -16,6 +16,7 @@ from app.core.embedding import Embedder
 from app.core.queue import JobQueue
 from app.core.settings import Settings
 from app.core.storage import S3Client
+from workers.parse import ParseChildren
 
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
@@ -78,6 +79,8 @@ class WorkerContext:
     """At most one recorded progress update per stage per interval (plus stage ends)."""
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     running: set[str] = field(default_factory=set)
+    parse_children: ParseChildren = field(default_factory=ParseChildren)
+    """Where jobs get their parse child process (``workers/parse.py``)."""
 
     @classmethod
     def timings_from(cls, settings: Settings) -> dict[str, float]:

@@ -17,15 +17,18 @@ imports only what parsing needs (pypdf, the Rust tokenizer; never torch), and
   dies, even by SIGKILL (``PR_SET_PDEATHSIG``; it also exits if its parent is
   already gone when it starts).
 
-One child per job's parse: one child's death never touches another job.  The
-document's text lives only in the child; the worker holds the chunks it
-embeds.  Budget errors (``too_large_extracted``, ``corrupt_file``...) raised in
+One child per job's parse: one child's death never touches another job.
+:class:`ParseChildren` keeps one child started ahead of need (imports done,
+waiting for its job on stdin), so a job does not wait for an interpreter to
+start.  The document's text lives only in the child; the worker holds the
+chunks it embeds.  Budget errors (``too_large_extracted``, ``corrupt_file``...) raised in
 the child come back as the same :class:`~app.core.errors.PermanentError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import struct
@@ -63,7 +66,6 @@ class ParseJob(msgspec.Struct, frozen=True, kw_only=True):
     limits: ExtractLimits
     memory_bytes: int
     time_seconds: float
-    parent_pid: int
 
 
 class Progress(msgspec.Struct, tag="progress"):
@@ -132,16 +134,62 @@ def _resource_limit(message: str, **details: Any) -> PermanentError:
     return PermanentError(message, code=RESOURCE_LIMIT, details=details)
 
 
-async def parse_in_child(job: ParseJob, report: ParseReporter) -> Parsed:
-    """Run the parse of ``job`` in a limited child process; see the module docstring."""
-    started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
+Child = asyncio.subprocess.Process
+
+
+async def spawn_child() -> Child:
+    """A fresh parse child: it imports what parsing needs, then waits for a job."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "workers.parse",
+        str(os.getpid()),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
+
+
+class ParseChildren:
+    """Hands out parse children, keeping one spare started ahead of need.
+
+    Each child serves one job and is never reused.  :meth:`aclose` kills the
+    spare; a spare the worker never closes exits when its stdin reaches EOF or
+    its parent dies."""
+
+    def __init__(self) -> None:
+        self._spare: asyncio.Task[Child] | None = None
+        self._closed = False
+
+    async def take(self) -> Child:
+        spare, self._spare = self._spare, None
+        if not self._closed:
+            self._spare = asyncio.create_task(spawn_child(), name="parse-spare")
+        child: Child | None = None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                child = await spare
+        if child is None or child.returncode is not None:
+            child = await spawn_child()
+        return child
+
+    async def aclose(self) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        with contextlib.suppress(Exception):
+            child = await spare
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+
+
+async def parse_in_child(
+    job: ParseJob, report: ParseReporter, *, children: ParseChildren | None = None
+) -> Parsed:
+    """Run the parse of ``job`` in a limited child process; see the module docstring."""
+    started = time.perf_counter()
+    proc = await (children.take() if children is not None else spawn_child())
     assert proc.stdin is not None and proc.stdout is not None
     try:
         payload = _encode(job)
@@ -297,14 +345,22 @@ def _parse(job: ParseJob, out: _Sender) -> None:
 
 
 def child_main() -> int:
-    """``python -m workers.parse``: one :class:`ParseJob` on stdin, frames on stdout."""
+    """``python -m workers.parse PARENT_PID``: one :class:`ParseJob` on stdin, frames
+    on stdout."""
+    _die_with_parent(int(sys.argv[1]))
     stdin = sys.stdin.buffer
     # Frames go to a private copy of stdout; anything printed goes to stderr.
     out = _Sender(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
-    (size,) = _HEADER.unpack(stdin.read(_HEADER.size))
+    import tokenizers  # noqa: F401  (imported while waiting: the job starts warm)
+
+    import workers.stages.chunk  # noqa: F401
+
+    header = stdin.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return 0  # a spare the worker did not need
+    (size,) = _HEADER.unpack(header)
     job = _decode_job(stdin.read(size))
-    _die_with_parent(job.parent_pid)
     _set_limits(job)
     try:
         _parse(job, out)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import time
 import uuid
@@ -519,11 +518,12 @@ class JobRun:
             limits=extract_limits(settings),
             memory_bytes=settings.parse_memory_limit_mb * MB,
             time_seconds=float(settings.parse_time_limit_seconds),
-            parent_pid=os.getpid(),
         )
         try:
             parsed = await parse_in_child(
-                job, ParseReporter(progress, reporters[str(Stage.EXTRACT)].boundary, extracted)
+                job,
+                ParseReporter(progress, reporters[str(Stage.EXTRACT)].boundary, extracted),
+                children=ctx.parse_children,
             )
         except Exception:
             elapsed = time.perf_counter() - started - sum(extract_seconds)
