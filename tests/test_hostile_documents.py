@@ -17,12 +17,14 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
+from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from app.core.embedding import LocalEmbedder, OpenAIEmbedder, model_dir
 from app.core.errors import PermanentError
 from app.core.events import Priority
-from app.core.jobs import job_snapshot
+from app.core.jobs import job_snapshot, request_cancel
 from app.gateway.services import Services
 from tests import fixtures_pipeline as fx
 from tests.fixtures_hostile import json_bomb, shared_stream_pdf, text_stream
@@ -361,10 +363,62 @@ async def test_parse_child_dies_with_a_sigkilled_worker(
         }
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while alive := [pid for pid in children if Path(f"/proc/{pid}").exists()]:
-        status = Path(f"/proc/{alive[0]}/status").read_text()
-        if "State:\tZ" in status:  # exited, waiting for init to reap it
+    try:
+        deadline = time.monotonic() + 10
+        while alive := [pid for pid in children if Path(f"/proc/{pid}").exists()]:
+            status = Path(f"/proc/{alive[0]}/status").read_text()
+            if "State:\tZ" in status:  # exited, waiting for init to reap it
+                break
+            assert time.monotonic() < deadline, f"parse child {alive} outlived its worker"
+            await asyncio.sleep(0.1)
+    finally:  # nobody will finish the dead worker's job: take it out of the queue
+        await services.db.execute(
+            "UPDATE jobs SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL "
+            "WHERE id = $1::uuid",
+            job.job_id,
+        )
+        await services.redis.delete(
+            in_progress_key_prefix + job.job_id, job_key_prefix + job.job_id
+        )
+        await services.redis.zrem(services.queue.queue_name, job.job_id)
+
+
+def _parse_children() -> set[int]:
+    return {
+        pid for pid in _children() if b"workers.parse" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    }
+
+
+async def test_cancelling_a_job_kills_its_busy_parse_child(
+    services: Services, worker_ctx: WorkerContext, make_job: MakeJob
+) -> None:
+    settings = msgspec.structs.replace(
+        worker_ctx.settings,
+        page_time_budget_seconds=600,
+        max_page_chars=10**8,
+        max_document_chars=10**8,
+    )
+    ctx = dataclasses.replace(worker_ctx, settings=settings)
+    job = await make_job(shared_stream_pdf(1, text_stream(24 * MB, string_length=100)))
+    run = asyncio.create_task(JobRun(ctx, job.job_id).run())
+    deadline = time.monotonic() + 60
+    while True:  # busy on page 1 (it needs many seconds)
+        snap = await job_snapshot(services.db, job.job_id)
+        if snap is not None and snap.stage == "extract":
             break
-        assert time.monotonic() < deadline, f"parse child {alive} outlived its worker"
-        await asyncio.sleep(0.1)
+        assert time.monotonic() < deadline, snap
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+    # The job's child is the one burning CPU (the other is the idle spare).
+    busy = max(_parse_children(), key=_cpu_ticks)
+    assert _cpu_ticks(busy) > 0
+    await request_cancel(services.db, services.redis, job.job_id, job.owner_id)
+    started = time.monotonic()
+    assert await asyncio.wait_for(run, 30) == Outcome.CANCELLED
+    assert time.monotonic() - started < 5
+    assert busy not in _parse_children()
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime

@@ -236,6 +236,7 @@ async def _receive(stdout: asyncio.StreamReader, report: ParseReporter, started:
         frame = await _read_frame(stdout, report)
         if isinstance(frame, Progress):
             await report.progress(frame.stage, frame.fraction, frame.message)
+            await report.boundary()  # (throttled by the caller) a busy child is checked too
         elif isinstance(frame, Extracted):
             result = frame
             await report.extracted(time.perf_counter() - started)

@@ -519,6 +519,7 @@ class JobRun:
             memory_bytes=settings.parse_memory_limit_mb * MB,
             time_seconds=float(settings.parse_time_limit_seconds),
         )
+        await reporters[str(Stage.EXTRACT)].progress(0.0, "extracting")
         try:
             parsed = await parse_in_child(
                 job,
