@@ -188,7 +188,7 @@ async def through_worker(pdf: bytes, settings: Settings, owner: str) -> dict[str
         if row["status"] != "completed":
             raise SystemExit(f"pipeline job failed: {row['error_message']}")
         return {
-            **{k: float(v) for k, v in row["stage_timings"].items()},
+            **{k: float(sum(v)) for k, v in row["stage_timings"].items()},
             "total": total,
             "chunks": float(row["result"]["chunks"]),
         }

@@ -16,6 +16,7 @@ from app.core.embedding import Embedder
 from app.core.queue import JobQueue
 from app.core.settings import Settings
 from app.core.storage import S3Client
+from workers.parse import ParseChildren
 
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
@@ -108,6 +109,8 @@ class WorkerContext:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     running: set[str] = field(default_factory=set)
     health: DependencyHealth = field(default_factory=DependencyHealth)
+    parse_children: ParseChildren = field(default_factory=ParseChildren)
+    """Where jobs get their parse child process (``workers/parse.py``)."""
 
     def set_redis_up(self, up: bool) -> None:
         self.health.redis_up = up

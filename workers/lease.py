@@ -69,12 +69,13 @@ async def acquire(
               AND (status IN ('queued', 'retrying')
                    OR (status = 'running'
                        AND (lease_expires_at IS NULL OR lease_expires_at < now())))
-            RETURNING attempts, priority, document_id, cancel_requested
+            RETURNING attempts, priority, document_id, cancel_requested, overall_progress
         ), mark AS (
             UPDATE documents SET status = 'processing', updated_at = now()
             FROM j WHERE documents.id = j.document_id AND NOT j.cancel_requested
         )
-        SELECT j.attempts, j.priority, j.cancel_requested, d.id::text AS id, d.owner_id,
+        SELECT j.attempts, j.priority, j.cancel_requested, j.overall_progress,
+               d.id::text AS id, d.owner_id,
                d.filename, d.document_type, d.content_type, d.size_bytes, d.object_key,
                d.checksum_sha256, d.processing_options
         FROM j JOIN documents d ON d.id = j.document_id

@@ -9,13 +9,16 @@
    ``MAX_PROCESSING_TIME_MINUTES`` bound, recording each state change with
    :func:`app.core.jobs.record_progress` (throttled progress, stage ends,
    the final state);
-3. checkpoints stage outputs (extracted pages, the chunk plan, each batch of
-   embeddings) in ``job_checkpoints``, so a retry or a recovered job skips what
-   is stored and resumes embedding at the next batch;
-4. checks for cancellation (and for a lost lease) at every stage, page and
+3. runs the parse stages (extract, chunk) in a child process with memory and
+   time limits (``workers/parse.py``), so a poison document fails alone with
+   ``resource_limit`` and the worker carries on;
+4. checkpoints stage outputs (the chunk plan with the extraction's warnings,
+   each batch of embeddings) in ``job_checkpoints``, so a retry or a recovered
+   job skips what is stored and resumes embedding at the next batch;
+5. checks for cancellation (and for a lost lease) at every stage, page and
    batch boundary and once more under a row lock right before the index
    commit: a cancelled job removes its partial outputs and ends ``cancelled``;
-5. on :class:`~app.core.errors.TransientError` retries with exponential
+6. on :class:`~app.core.errors.TransientError` retries with exponential
    backoff (ARQ ``Retry``, the priority offset re-applied) up to
    ``TASK_RETRY_MAX_ATTEMPTS``; on :class:`~app.core.errors.PermanentError`
    fails at once;
@@ -27,6 +30,11 @@
 
 A document whose sha256 this user already has indexed (with the same
 processing options) completes at once as deduplicated, pointing at it.
+
+Invariants: a job's ``overall_progress`` never decreases while it runs, also
+across attempts (a resumed attempt starts from where the last one got to);
+``stage_timings`` keeps every run of every stage, ``{stage: [seconds, ...]}``
+oldest first (a stage skipped thanks to a checkpoint adds nothing).
 """
 
 from __future__ import annotations
@@ -48,19 +56,22 @@ import structlog
 from arq import Retry
 from asyncpg.pool import PoolConnectionProxy
 
+from app.core.embedding import model_dir
 from app.core.errors import JobCancelled, PermanentError, SluiceError, TransientError
 from app.core.events import JobStatus, ProgressEvent, Stage, publish_event
 from app.core.jobs import record_progress
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage, is_redis_outage
 from app.core.queue import JobQueue
+from app.core.settings import Settings
 from workers import lease
 from workers.context import WorkerContext
 from workers.lease import LeaseLost
-from workers.stages.chunk import chunk_document
-from workers.stages.common import Chunk, DocumentInfo, Extracted
+from workers.parse import Parsed, ParseJob, ParseReporter, parse_in_child
+from workers.stages.chunk import resolve_options
+from workers.stages.common import Chunk, DocumentInfo
 from workers.stages.embed import embed_chunks
-from workers.stages.extract import extract_document
+from workers.stages.extract import ExtractLimits
 from workers.stages.index import write_chunks
 from workers.stages.validate import validate_document
 
@@ -84,6 +95,20 @@ DATABASE_WAIT = (0.2, 5.0)
 OUTAGE_RETRY_SECONDS = 5.0
 """Postgres unreachable before the job was taken: ARQ retries it this much later."""
 DOCUMENT_FIELDS = tuple(f.name for f in msgspec.structs.fields(DocumentInfo))
+MB = 1024 * 1024
+
+
+def append_timings(param: str) -> str:
+    """SQL ``SET`` item appending ``{stage: [seconds, ...]}`` (the parameter ``param``)
+    to each stage's list of runs in ``stage_timings`` (a number left by an older
+    version becomes a one-item list)."""
+    return f"""stage_timings = stage_timings || (
+        SELECT COALESCE(jsonb_object_agg(n.key,
+                   CASE jsonb_typeof(stage_timings -> n.key)
+                        WHEN 'array' THEN stage_timings -> n.key
+                        WHEN 'number' THEN jsonb_build_array(stage_timings -> n.key)
+                        ELSE '[]'::jsonb END || n.value), '{{}}'::jsonb)
+        FROM jsonb_each({param}::jsonb) AS n)"""
 
 
 class Outcome(StrEnum):
@@ -131,8 +156,19 @@ class _Reporter:
 
 
 _pack = msgspec.msgpack.Encoder().encode
-_unpack_extracted = msgspec.msgpack.Decoder(Extracted).decode
-_unpack_chunks = msgspec.msgpack.Decoder(list[Chunk]).decode
+_unpack_parsed = msgspec.msgpack.Decoder(Parsed).decode
+
+
+def extract_limits(settings: Settings) -> ExtractLimits:
+    """The :class:`ExtractLimits` of ``settings`` (the ``MAX_PAGE_*``/``MAX_DOCUMENT_*``
+    and ``PAGE_TIME_BUDGET_SECONDS`` settings)."""
+    return ExtractLimits(
+        page_content_bytes=settings.max_page_content_mb * MB,
+        document_content_bytes=settings.max_document_content_mb * MB,
+        page_chars=settings.max_page_chars,
+        document_chars=settings.max_document_chars,
+        page_seconds=float(settings.page_time_budget_seconds),
+    )
 
 
 class JobRun:
@@ -147,12 +183,18 @@ class JobRun:
         self.doc: DocumentInfo | None = None
         self.lease_lost = False
         self.warnings: list[dict[str, Any]] = []
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, list[float]] = {}
+        """Stage runs of this attempt not yet written to ``stage_timings``."""
+        self.progress_floor = 0.0
+        """The job's ``overall_progress`` so far: nothing recorded goes below it."""
         self._last_check = 0.0
 
     # -- state ---------------------------------------------------------------------------
 
     async def record(self, **fields: Any) -> ProgressEvent:
+        overall = fields.get("overall_progress")
+        if overall is not None:  # progress never goes back, also on a resumed attempt
+            fields["overall_progress"] = self.progress_floor = max(self.progress_floor, overall)
         event = await record_progress(
             self.ctx.db, self.ctx.redis, self.job_id, only_if_status=ACTIVE, **fields
         )
@@ -264,17 +306,25 @@ class JobRun:
         return {r["part"]: r["data"] for r in rows}
 
     async def _stage_done(self, stage: Stage, seconds: float) -> None:
-        self.timings[str(stage)] = round(self.timings.get(str(stage), 0.0) + seconds, 4)
         self.ctx.metrics.stage_seconds.labels(str(stage)).observe(seconds)
         await self.ctx.db.execute(
-            "UPDATE jobs SET stage_timings = stage_timings || $2::jsonb WHERE id = $1::uuid",
+            f"UPDATE jobs SET {append_timings('$2')} WHERE id = $1::uuid",
             self.job_id,
-            {str(stage): round(seconds, 4)},
+            {str(stage): [round(seconds, 4)]},
         )
+
+    def _stage_failed(self, stage: Stage, seconds: float) -> None:
+        """A stage run that ended in an error still counts: kept until the attempt's
+        ending (failed, retrying, cancelled) writes it with the rest."""
+        self.timings.setdefault(str(stage), []).append(round(seconds, 4))
 
     async def _timed(self, stage: Stage, work: Awaitable[T]) -> T:
         started = time.perf_counter()
-        result = await work
+        try:
+            result = await work
+        except Exception:
+            self._stage_failed(stage, time.perf_counter() - started)
+            raise
         await self._stage_done(stage, time.perf_counter() - started)
         return result
 
@@ -286,6 +336,7 @@ class JobRun:
             log.info("job_not_runnable", job_id=self.job_id)
             return Outcome.SKIPPED
         self.attempt, self.priority = row["attempts"], row["priority"]
+        self.progress_floor = float(row["overall_progress"])
         structlog.contextvars.bind_contextvars(job_id=self.job_id, attempt=self.attempt)
         self.doc = msgspec.convert({k: row[k] for k in DOCUMENT_FIELDS}, DocumentInfo)
         if row["cancel_requested"]:
@@ -298,7 +349,7 @@ class JobRun:
             status=JobStatus.RUNNING,
             stage=Stage.VALIDATE,
             stage_progress=0.0,
-            overall_progress=0.0,
+            overall_progress=self.progress_floor,
             message=f"started (attempt {self.attempt} of {max_attempts})",
             only_if_status=[JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING],
         )
@@ -402,14 +453,14 @@ class JobRun:
     async def _stages(self) -> Outcome:
         ctx, doc = self.ctx, self.doc
         assert doc is not None
-        stored = await self._load(Stage.EXTRACT)
-        if stored:
-            extracted = _unpack_extracted(stored[0])
+        stored = await self._load(Stage.CHUNK)
+        parsed = _checkpointed(stored.get(0))
+        if parsed is not None:
             await self.record(
-                stage=Stage.EXTRACT,
+                stage=Stage.CHUNK,
                 stage_progress=1.0,
-                overall_progress=sum(STAGE_WEIGHTS[Stage.EXTRACT]),
-                message="validate and extract already done; resuming",
+                overall_progress=sum(STAGE_WEIGHTS[Stage.CHUNK]),
+                message="validate, extract and chunk already done; resuming",
             )
         else:
             path = self._tmp_path()
@@ -436,37 +487,19 @@ class JobRun:
             if original is not None:
                 return await self._finish_deduplicated(original)
             await self.check()
-            extracted = await self._timed(
-                Stage.EXTRACT,
-                extract_document(path, doc.document_type, report=_Reporter(self, Stage.EXTRACT)),
-            )
+            parsed = await self._parse(path)
             self._cleanup_files()
-            await self._save(Stage.EXTRACT, 0, _pack(extracted))
-        self.warnings = list(extracted.warnings)
-        if not any(p.text for p in extracted.pages):
+            if parsed.chars:
+                await self._save(Stage.CHUNK, 0, _pack(parsed))
+        self.warnings = list(parsed.warnings)
+        if not parsed.chars:
             raise PermanentError(
                 "no text could be extracted (a scanned PDF needs OCR, which is not supported)",
                 code="no_text",
                 details={"warnings": self.warnings[:20]},
             )
-        await self.check()
-
-        stored = await self._load(Stage.CHUNK)
-        if stored:
-            chunks = _unpack_chunks(stored[0])
-        else:
-            chunks = await self._timed(
-                Stage.CHUNK,
-                chunk_document(
-                    extracted.pages,
-                    ctx.tokenizer,
-                    options=doc.processing_options,
-                    max_seq_length=ctx.embedder.max_seq_length,
-                    report=_Reporter(self, Stage.CHUNK),
-                ),
-            )
-            await self._save(Stage.CHUNK, 0, _pack(chunks))
-        del extracted
+        chunks = parsed.chunks
+        del parsed
         await self.check()
 
         done = {
@@ -504,7 +537,7 @@ class JobRun:
             await self._fence(conn)
             written = await write_chunks(conn, doc.id, doc.owner_id, chunks, vectors)
             index_seconds.append(time.perf_counter() - started)
-            self.timings[str(Stage.INDEX)] = round(index_seconds[0], 4)
+            self.timings[str(Stage.INDEX)] = [round(index_seconds[0], 4)]
             await conn.execute(
                 "UPDATE documents SET status = 'indexed', deduplicated_of = NULL, "
                 "updated_at = now() WHERE id = $1::uuid",
@@ -525,6 +558,55 @@ class JobRun:
         self.ctx.metrics.stage_seconds.labels(str(Stage.INDEX)).observe(index_seconds[0])
         return Outcome.COMPLETED
 
+    async def _parse(self, path: Path) -> Parsed:
+        """Extract and chunk ``path`` in a limited child process (``workers/parse.py``),
+        recording both stages' progress and timings."""
+        ctx, doc = self.ctx, self.doc
+        assert doc is not None
+        settings = ctx.settings
+        size, overlap = resolve_options(doc.processing_options, ctx.embedder.max_seq_length)
+        reporters = {
+            str(Stage.EXTRACT): _Reporter(self, Stage.EXTRACT),
+            str(Stage.CHUNK): _Reporter(self, Stage.CHUNK),
+        }
+        started = time.perf_counter()
+        extract_seconds: list[float] = []
+
+        async def progress(stage: str, fraction: float, message: str) -> None:
+            await reporters[stage].progress(fraction, message)
+
+        async def extracted(seconds: float) -> None:
+            extract_seconds.append(seconds)
+            await reporters[str(Stage.EXTRACT)].progress(1.0, "extracted")
+            await self._stage_done(Stage.EXTRACT, seconds)
+
+        job = ParseJob(
+            path=str(path),
+            document_type=doc.document_type,
+            chunk_size=size,
+            chunk_overlap=overlap,
+            tokenizer_path=str(model_dir() / "tokenizer.json"),
+            limits=extract_limits(settings),
+            memory_bytes=settings.parse_memory_limit_mb * MB,
+            time_seconds=float(settings.parse_time_limit_seconds),
+        )
+        await reporters[str(Stage.EXTRACT)].progress(0.0, "extracting")
+        try:
+            parsed = await parse_in_child(
+                job,
+                ParseReporter(progress, reporters[str(Stage.EXTRACT)].boundary, extracted),
+                children=ctx.parse_children,
+            )
+        except Exception:
+            elapsed = time.perf_counter() - started - sum(extract_seconds)
+            self._stage_failed(Stage.CHUNK if extract_seconds else Stage.EXTRACT, elapsed)
+            raise
+        if parsed.chars:
+            await reporters[str(Stage.CHUNK)].progress(1.0, f"{len(parsed.chunks)} chunks")
+            chunk_seconds = time.perf_counter() - started - sum(extract_seconds)
+            await self._stage_done(Stage.CHUNK, chunk_seconds)
+        return parsed
+
     async def _fence(self, conn: Conn) -> None:
         """Inside the final transaction: lock the job row, re-check lease and cancel."""
         await self._verify(conn, lock=True)
@@ -539,9 +621,9 @@ class JobRun:
         """End this run inside the final transaction: free the lease, add the stage
         timings, write ``warnings``/``result`` where given, drop the checkpoints."""
         await conn.execute(
-            """
+            f"""
             UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL,
-                   stage_timings = stage_timings || $2::jsonb,
+                   {append_timings("$2")},
                    warnings = COALESCE($3::jsonb, warnings),
                    result = COALESCE($4::jsonb, result)
             WHERE id = $1::uuid
@@ -673,7 +755,7 @@ class JobRun:
         async def commit(conn: Conn) -> ProgressEvent | None:
             await conn.execute(
                 "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
-                "stage_timings = stage_timings || $2::jsonb WHERE id = $1::uuid",
+                f"{append_timings('$2')} WHERE id = $1::uuid",
                 self.job_id,
                 self.timings,
             )
@@ -719,6 +801,16 @@ class JobRun:
             await self._transition(commit, ride=False)  # never hold up a shutdown
         except Exception:
             log.warning("release_failed", job_id=self.job_id, exc_info=True)
+
+
+def _checkpointed(data: bytes | None) -> Parsed | None:
+    """The stored parse of an earlier attempt, if any (one of an older format: None)."""
+    if data is None:
+        return None
+    try:
+        return _unpack_parsed(data)
+    except msgspec.DecodeError:
+        return None
 
 
 def _page_count(chunks: list[Chunk]) -> int:

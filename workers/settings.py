@@ -37,6 +37,7 @@ from app.core.queue import PROCESS_FUNCTION, QUEUE_NAME, JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import open_s3
 from workers.context import WorkerContext, WorkerMetrics
+from workers.parse import ParseChildren
 from workers.pipeline import process_document
 
 HEALTH_CHECK_SECONDS = 10
@@ -71,7 +72,10 @@ async def open_worker_context(
             embedder = await create_embedder(settings)
             stack.push_async_callback(embedder.aclose)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-worker-")))
+        children = ParseChildren()
+        stack.push_async_callback(children.aclose)
         yield WorkerContext(
+            parse_children=children,
             settings=settings,
             db=db,
             redis=redis,

@@ -78,6 +78,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """A running job's lease: renewed every third of it; once it lapses (worker
     killed, host lost) any worker re-queues the job, whatever the job timeout."""
 
+    # --- hostile documents: what one document may cost ---------------------------------
+    max_page_content_mb: PositiveInt = 32
+    """Decoded content-stream bytes one PDF page may have (a book page has well under
+    1 MiB); more fails the job ``too_large_extracted``."""
+    max_document_content_mb: PositiveInt = 512
+    """Decoded content-stream bytes a whole PDF may have, every page counted, also pages
+    that share one stream (a 2,000-page book needs ~200 MiB at most)."""
+    max_page_chars: PositiveInt = 200_000
+    """Characters of text one PDF page may yield (a dense page has ~5,000)."""
+    max_document_chars: PositiveInt = 20_000_000
+    """Characters of text a whole document may yield (a 2,000-page book has ~10 million)."""
+    page_time_budget_seconds: PositiveInt = 10
+    """Seconds the text extraction of one PDF page may take; more fails the job
+    ``too_large_extracted``."""
+    parse_memory_limit_mb: Annotated[int, msgspec.Meta(ge=256)] = 1024
+    """Address-space limit (RLIMIT_AS) of the child process that extracts and chunks
+    one document; a document that needs more fails alone with ``resource_limit``."""
+    parse_time_limit_seconds: PositiveInt = 600
+    """Seconds the child process that extracts and chunks one document may run; then
+    it is killed and the job fails with ``resource_limit``."""
+
     # --- uploads ------------------------------------------------------------------------
     multipart_upload_threshold_mb: PositiveInt = 100
     upload_chunk_size_mb: PositiveInt = 8

@@ -52,8 +52,9 @@ class JobView(ResponseBody):
     error_code: str | None
     error_message: str | None
     warnings: list[dict[str, Any]]
-    stage_timings: dict[str, float]
-    """Seconds spent in each stage (its latest run; stages skipped on a retry keep theirs)."""
+    stage_timings: dict[str, list[float]]
+    """Seconds spent in each stage, one entry per run of it, oldest first (a job retried
+    after a failure runs some stages again; stages resumed from a checkpoint add none)."""
     result: dict[str, Any]
     cancel_requested: bool
     lease_expired: bool
@@ -85,6 +86,9 @@ def job_view(row: asyncpg.Record, max_attempts: int) -> JobView:
     data["stage_progress"] = round(float(data["stage_progress"]), 4)
     data["overall_progress"] = round(float(data["overall_progress"]), 4)
     data["lease_expired"] = bool(data["lease_expired"])
+    data["stage_timings"] = {  # rows written before timings kept every run hold a number
+        k: v if isinstance(v, list) else [v] for k, v in data["stage_timings"].items()
+    }
     return JobView(max_attempts=max_attempts, **data)
 
 

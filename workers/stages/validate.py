@@ -29,6 +29,7 @@ from pypdf.errors import DependencyError, PdfReadError, PyPdfError
 from app.core.errors import PermanentError, TransientError
 from app.core.storage import S3Client, client_error_code
 from workers.stages.common import DocumentInfo, StageReporter
+from workers.stages.extract import decode_json
 
 READ_SIZE = 1024 * 1024
 PDF_MAGIC_WINDOW = 1024
@@ -188,10 +189,8 @@ def _inspect_pdf(fh: BinaryIO, max_pages: int) -> tuple[int, bool]:
 
 
 def check_json(path: Path) -> None:
-    try:
-        msgspec.json.decode(path.read_bytes())
-    except msgspec.DecodeError as exc:
-        raise PermanentError(f"JSON does not parse: {exc}", code="corrupt_file") from exc
+    """Malformed JSON, or JSON nested too deeply to process, is ``corrupt_file``."""
+    decode_json(path.read_bytes())
 
 
 async def validate_document(
