@@ -39,7 +39,7 @@ from tests.fixtures_pipeline import (
     wait_for_status,
 )
 from workers.context import WorkerContext
-from workers.parse import ParseJob, ParseReporter, parse_in_child
+from workers.parse import ParseChildren, ParseJob, ParseReporter, parse_in_child
 from workers.pipeline import JobRun, Outcome, RetryLater
 from workers.stages.extract import (
     ExtractLimits,
@@ -216,6 +216,46 @@ async def test_parse_child_is_killed_at_its_time_limit_and_leaves_no_process(
     assert time.monotonic() - started < 10
     assert boundaries >= 2  # the parent kept checking for cancellation meanwhile
     assert _children() <= before  # the child is gone, not orphaned
+
+
+async def test_parses_wait_for_a_slot_so_parse_memory_stays_bounded(tmp_path: Path) -> None:
+    """MAX_CONCURRENT_PARSES: with one slot, two jobs' parse children never run at
+    the same time (the second starts only after the first has finished)."""
+    children = ParseChildren(max_parses=1)
+    spans: dict[str, list[float]] = {}
+
+    async def parse(name: str) -> None:
+        path = tmp_path / f"{name}.txt"
+        path.write_text(" ".join(f"Sentence {i} of {name}." for i in range(40_000)))
+
+        async def progress(stage: str, fraction: float, message: str) -> None:
+            spans.setdefault(name, [time.monotonic()])
+
+        async def nothing(*_: object) -> None:
+            return None
+
+        job = ParseJob(
+            path=str(path),
+            document_type="txt",
+            chunk_size=256,
+            chunk_overlap=32,
+            tokenizer_path=str(model_dir() / "tokenizer.json"),
+            limits=ExtractLimits(),
+            memory_bytes=1024 * MB,
+            time_seconds=120.0,
+        )
+        parsed = await parse_in_child(
+            job, ParseReporter(progress, nothing, nothing), children=children
+        )
+        assert parsed.chunks
+        spans[name].append(time.monotonic())
+
+    try:
+        await asyncio.gather(parse("first"), parse("second"))
+    finally:
+        await children.aclose()
+    (_, first_end), (second_start, _) = sorted(spans.values())
+    assert second_start >= first_end, spans
 
 
 # --- progress and timings across attempts (item 18) -------------------------------------

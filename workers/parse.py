@@ -156,9 +156,12 @@ class ParseChildren:
     spare; a spare the worker never closes exits when its stdin reaches EOF or
     its parent dies."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_parses: int = 2) -> None:
         self._spare: asyncio.Task[Child] | None = None
         self._closed = False
+        self.slots = asyncio.Semaphore(max_parses)
+        """At most ``MAX_CONCURRENT_PARSES`` parses at once: the bound on the
+        worker's parse memory (that many children of ``PARSE_MEMORY_LIMIT_MB``)."""
 
     async def take(self) -> Child:
         spare, self._spare = self._spare, None
@@ -187,7 +190,19 @@ class ParseChildren:
 async def parse_in_child(
     job: ParseJob, report: ParseReporter, *, children: ParseChildren | None = None
 ) -> Parsed:
-    """Run the parse of ``job`` in a limited child process; see the module docstring."""
+    """Run the parse of ``job`` in a limited child process; see the module docstring.
+
+    With ``children``, the parse first waits for one of its slots (the wait does
+    not count against ``job.time_seconds``)."""
+    if children is None:
+        return await _parse_in_child(job, report, None)
+    async with children.slots:
+        return await _parse_in_child(job, report, children)
+
+
+async def _parse_in_child(
+    job: ParseJob, report: ParseReporter, children: ParseChildren | None
+) -> Parsed:
     started = time.perf_counter()
     proc = await (children.take() if children is not None else spawn_child())
     assert proc.stdin is not None and proc.stdout is not None
@@ -349,6 +364,10 @@ def child_main() -> int:
     """``python -m workers.parse PARENT_PID``: one :class:`ParseJob` on stdin, frames
     on stdout."""
     _die_with_parent(int(sys.argv[1]))
+    # The worker alone decides when a parse ends (it kills this process on cancel,
+    # timeout or shutdown); a Ctrl-C sent to the terminal's whole process group
+    # must not end it first and fail the job as if the document had killed it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     # Frames go to a private copy of stdout; anything printed goes to stderr.
     out = _Sender(os.fdopen(os.dup(1), "wb"))

@@ -72,7 +72,7 @@ async def open_worker_context(
             embedder = await create_embedder(settings)
             stack.push_async_callback(embedder.aclose)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-worker-")))
-        children = ParseChildren()
+        children = ParseChildren(settings.max_concurrent_parses)
         stack.push_async_callback(children.aclose)
         yield WorkerContext(
             parse_children=children,

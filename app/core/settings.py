@@ -98,6 +98,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     parse_time_limit_seconds: PositiveInt = 600
     """Seconds the child process that extracts and chunks one document may run; then
     it is killed and the job fails with ``resource_limit``."""
+    max_concurrent_parses: PositiveInt = 2
+    """Documents one worker parses at once, each in its own child process; other jobs
+    wait for a slot.  The worker's parse memory is bounded by this times
+    ``PARSE_MEMORY_LIMIT_MB`` (size it to the worker's memory limit)."""
 
     # --- uploads ------------------------------------------------------------------------
     multipart_upload_threshold_mb: PositiveInt = 100
