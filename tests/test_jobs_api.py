@@ -14,6 +14,7 @@ from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     MakeJob,
     make_pdf,
+    stream_events,
 )
 from workers.context import WorkerContext
 from workers.pipeline import JobRun, Outcome
@@ -112,6 +113,25 @@ async def test_retry_only_failed_or_cancelled_jobs(
     await client.post(f"/api/v1/jobs/{never_uploaded.job_id}/cancel", headers=auth_headers)
     r = await client.post(f"/api/v1/jobs/{never_uploaded.job_id}/retry", headers=auth_headers)
     assert r.status_code == 409 and r.json()["error"] == "upload_incomplete"
+
+
+async def test_retry_never_takes_a_jobs_progress_back(
+    services: Services,
+    worker_ctx: WorkerContext,
+    client: httpx.AsyncClient,
+    make_job: MakeJob,
+    auth_headers: dict[str, str],
+) -> None:
+    job = await make_job(make_pdf([[], []]))  # pages without text: fails no_text in extract
+    assert await JobRun(worker_ctx, job.job_id).run() == Outcome.FAILED
+    failed = (await client.get(f"/api/v1/jobs/{job.job_id}", headers=auth_headers)).json()
+    assert failed["error_code"] == "no_text" and failed["overall_progress"] > 0
+    r = await client.post(f"/api/v1/jobs/{job.job_id}/retry", headers=auth_headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["overall_progress"] == failed["overall_progress"]
+    assert await JobRun(worker_ctx, job.job_id).run() == Outcome.FAILED
+    progress = [e.overall_progress for e in await stream_events(services.redis, job.job_id)]
+    assert progress == sorted(progress), progress
 
 
 async def test_completed_job_cannot_be_cancelled_or_retried(

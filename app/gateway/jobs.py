@@ -213,7 +213,8 @@ async def retry_job(request: Request) -> Response:
             status=JobStatus.QUEUED,
             stage=None,
             stage_progress=0.0,
-            overall_progress=0.0,
+            # overall_progress is left as it is: it never goes back within a job,
+            # and the new run's first progress starts from it.
             message="queued again (retry requested)",
         )
     assert event is not None
