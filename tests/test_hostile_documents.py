@@ -169,6 +169,25 @@ async def test_json_bomb_job_fails_corrupt_file_on_its_first_attempt(
     assert dict(row or {}) == {"status": "failed", "attempts": 1, "error_code": "corrupt_file"}
 
 
+async def test_large_json_is_decoded_only_in_the_parse_child(
+    services: Services, worker_ctx: WorkerContext, make_job: MakeJob
+) -> None:
+    """A JSON file over JSON_CHECKED_IN_WORKER_BYTES is never decoded in the worker
+    (its objects could take many times its size there): the parse child finds it
+    malformed, under its memory limit, and the job fails corrupt_file in extract."""
+    job = await make_job(b'{"notes": "' + b"x" * (9 * 1024 * 1024), "json")
+    assert await JobRun(worker_ctx, job.job_id).run() == Outcome.FAILED
+    row = await services.db.fetchrow(
+        "SELECT status, attempts, error_code, stage FROM jobs WHERE id = $1::uuid", job.job_id
+    )
+    assert dict(row or {}) == {
+        "status": "failed",
+        "attempts": 1,
+        "error_code": "corrupt_file",
+        "stage": "extract",
+    }
+
+
 # --- the parse child (item 17) ----------------------------------------------------------
 
 

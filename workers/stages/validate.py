@@ -188,9 +188,18 @@ def _inspect_pdf(fh: BinaryIO, max_pages: int) -> tuple[int, bool]:
     return pages, encrypted
 
 
+JSON_CHECKED_IN_WORKER_BYTES = 8 * 1024 * 1024
+"""JSON up to this size is decoded here, in the worker, for an early answer.  A
+larger file is decoded only by the parse child, under ``PARSE_MEMORY_LIMIT_MB``:
+its Python objects can take many times its size, which must never be the
+worker's memory (a malformed one then fails ``corrupt_file`` in extract)."""
+
+
 def check_json(path: Path) -> None:
-    """Malformed JSON, or JSON nested too deeply to process, is ``corrupt_file``."""
-    decode_json(path.read_bytes())
+    """Malformed JSON, or JSON nested too deeply to process, is ``corrupt_file``
+    (checked here only up to :data:`JSON_CHECKED_IN_WORKER_BYTES`)."""
+    if path.stat().st_size <= JSON_CHECKED_IN_WORKER_BYTES:
+        decode_json(path.read_bytes())
 
 
 async def validate_document(
