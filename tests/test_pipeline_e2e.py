@@ -15,6 +15,7 @@ import httpx
 import msgspec
 import pytest
 
+from app.core.embedded import free_port
 from app.core.embedding import LocalEmbedder, OpenAIEmbedder, load_tokenizer
 from app.core.events import JobStatus, Priority, Stage
 from app.core.jobs import job_snapshot, request_cancel
@@ -32,7 +33,7 @@ from tests.fixtures_pipeline import (
 )
 from workers.context import WorkerContext
 from workers.lease import reap_expired, resync_queue
-from workers.pipeline import JobRun, Outcome, RetryLater
+from workers.pipeline import JobRun, Outcome
 from workers.settings import build_worker
 from workers.stages.chunk import chunk_pages
 from workers.stages.common import Page
@@ -240,21 +241,53 @@ async def test_permanent_error_fails_at_once(
     )
 
 
-async def test_storage_outage_is_transient(
+async def _forward(port: int, to: str) -> asyncio.Server:
+    """A TCP forwarder 127.0.0.1:``port`` -> ``to`` (``host:port``): the network
+    between a worker and S3, healed by starting it."""
+    host, to_port = to.rsplit(":", 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(to_port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+async def test_storage_outage_is_waited_out_without_costing_an_attempt(
     services: Services, worker_ctx: WorkerContext, make_job: MakeJob
 ) -> None:
-    from app.core.embedded import free_port
-
-    dead = msgspec.structs.replace(worker_ctx.settings, minio_endpoint=f"127.0.0.1:{free_port()}")
-    async with open_s3(dead) as s3:
-        job = await make_job(make_pdf(TOPIC_PAGES[:1]))
-        with pytest.raises(RetryLater):
-            await JobRun(dataclasses.replace(worker_ctx, s3=s3), job.job_id).run()
-    snap = await job_snapshot(services.db, job.job_id)
-    assert snap is not None and snap.status == "retrying"
-    assert "storage" in snap.message
-    # The next attempt, with storage back, completes.
-    assert await JobRun(worker_ctx, job.job_id).run() == Outcome.COMPLETED
+    """S3 unreachable when the job starts: the job waits (running, attempt 1)
+    instead of failing its attempt, and completes once S3 answers again."""
+    port = free_port()
+    real = services.settings.s3_endpoint_url.removeprefix("http://")
+    settings = msgspec.structs.replace(worker_ctx.settings, minio_endpoint=f"127.0.0.1:{port}")
+    job = await make_job(make_pdf(TOPIC_PAGES[:1]))
+    async with open_s3(settings) as s3:
+        ctx = dataclasses.replace(worker_ctx, s3=s3, settings=settings)
+        run = asyncio.create_task(JobRun(ctx, job.job_id).run())
+        await asyncio.sleep(4)  # nothing listens on the port: S3 is down
+        assert not run.done()
+        snap = await job_snapshot(services.db, job.job_id)
+        assert snap is not None and snap.status == "running"
+        network = await _forward(port, real)  # S3 is back
+        try:
+            assert await asyncio.wait_for(run, 120) == Outcome.COMPLETED
+        finally:
+            network.close()
+    attempts = await services.db.fetchval(
+        "SELECT attempts FROM jobs WHERE id = $1::uuid", job.job_id
+    )
+    assert attempts == 1
 
 
 async def test_a_retried_job_skips_stages_whose_output_is_stored(

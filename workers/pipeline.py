@@ -61,7 +61,7 @@ from app.core.errors import JobCancelled, PermanentError, SluiceError, Transient
 from app.core.events import JobStatus, ProgressEvent, Stage, publish_event
 from app.core.jobs import record_progress
 from app.core.logging import get_logger
-from app.core.outage import is_database_outage, is_redis_outage
+from app.core.outage import is_database_outage, is_redis_outage, is_storage_outage
 from app.core.queue import JobQueue
 from app.core.settings import Settings
 from workers import lease
@@ -188,6 +188,9 @@ class JobRun:
         self.progress_floor = 0.0
         """The job's ``overall_progress`` so far: nothing recorded goes below it."""
         self._last_check = 0.0
+        self._storage_delay = DATABASE_WAIT[0]
+        """Backoff between S3 probes; it keeps growing across outages of one run, so
+        an object S3 keeps failing with 5xx is asked for at most every few seconds."""
 
     # -- state ---------------------------------------------------------------------------
 
@@ -254,6 +257,28 @@ class JobRun:
         await self.ctx.db.expire_connections()
         self.ctx.set_database_up(True)
         log.info("database_back_job_resuming", job_id=self.job_id)
+
+    async def _await_storage(self, exc: BaseException) -> None:
+        """Wait (backoff with jitter, as long as it takes, while the lease is renewed
+        and cancellation is honoured) until S3 answers again."""
+        log.warning("storage_unavailable_job_waiting", job_id=self.job_id, error=_cause(exc))
+        while True:
+            await asyncio.sleep(self._storage_delay * random.uniform(0.5, 1.0))  # noqa: S311
+            self._storage_delay = min(self._storage_delay * 2, DATABASE_WAIT[1])
+            try:
+                await self.check()  # a cancel or a lost lease ends the wait
+            except Exception as down:
+                if not is_database_outage(down):
+                    raise  # JobCancelled, LeaseLost
+            try:
+                await self.ctx.s3.head_bucket(Bucket=self.ctx.settings.minio_bucket_name)
+            except Exception as probe:
+                if not is_storage_outage(probe):
+                    break  # S3 answers (if with an error, the stage will say which)
+                log.info("storage_still_unavailable", error=_cause(probe))
+                continue
+            break
+        log.info("storage_back_job_resuming", job_id=self.job_id)
 
     async def _transition(
         self, fn: Callable[[Conn], Awaitable[ProgressEvent | None]], *, ride: bool = True
@@ -403,7 +428,7 @@ class JobRun:
             structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
     async def _ride_outages(self) -> Outcome:
-        """The stages; a lost Postgres pauses them instead of failing the attempt.
+        """The stages; a lost Postgres or S3 pauses them instead of failing the attempt.
 
         Once the database is back the lease is renewed (still ours: the reaper
         spared a worker whose heartbeat it saw) and the stages run again from
@@ -421,9 +446,12 @@ class JobRun:
                     await self.check()
                 return await self._stages()
             except Exception as exc:
-                if not is_database_outage(exc):
+                if is_database_outage(exc):
+                    await self._await_database(exc)
+                elif is_storage_outage(exc):
+                    await self._await_storage(exc)
+                else:
                     raise
-                await self._await_database(exc)
                 resumed = True
 
     async def _renew(self, work: asyncio.Task[Outcome]) -> None:
@@ -835,3 +863,10 @@ async def process_document(ctx: dict[str, Any], job_id: str) -> str:
         raise Retry(defer=OUTAGE_RETRY_SECONDS) from None
     wctx.metrics.jobs.labels(outcome).inc()
     return str(outcome)
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost exception's type name (what a log line says went wrong)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return type(exc).__name__

@@ -23,9 +23,10 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
+import botocore.exceptions
 import redis.exceptions
 
 from app.core.errors import ServiceUnavailable
@@ -97,6 +98,30 @@ def is_database_outage(exc: BaseException) -> bool:
 def is_redis_outage(exc: BaseException) -> bool:
     """True if ``exc`` (or what it was raised from) means Redis is unreachable."""
     return any(isinstance(e, _REDIS_LOST) for e in _chain(exc))
+
+
+_S3_BUSY = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
+
+
+def _is_s3_down(exc: BaseException) -> bool:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        response: Any = exc.response
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or response.get("Error", {}).get("Code") in _S3_BUSY
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        # EndpointConnectionError, ConnectionClosedError, Read/ConnectTimeoutError...
+        return isinstance(
+            exc, botocore.exceptions.HTTPClientError | botocore.exceptions.ConnectionError
+        )
+    if isinstance(exc, OSError | TimeoutError) and not isinstance(exc, _REDIS_LOST):
+        return _raised_in(exc, "aiobotocore") or _raised_in(exc, "aiohttp")
+    return False
+
+
+def is_storage_outage(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it was raised from) means S3 is unreachable or
+    answering 5xx/SlowDown; a 4xx answer (missing object, denied) is not one."""
+    return any(_is_s3_down(e) for e in _chain(exc))
 
 
 def as_unavailable(exc: BaseException) -> ServiceUnavailable | None:
