@@ -137,8 +137,10 @@ def test_a_page_past_its_time_budget_fails(tmp_path: Path) -> None:
     path.write_bytes(shared_stream_pdf(1, text_stream(4 * MB, string_length=100)))
     pdf = PdfPages(path, limits=ExtractLimits(page_chars=10 * MB, page_seconds=0.2))
     started = time.perf_counter()
-    error = _too_large(lambda: pdf.extract(0))
-    pdf.close()
+    try:
+        error = _too_large(lambda: pdf.extract(0))
+    finally:
+        pdf.close()
     assert error.details == {"page": 1, "limit_seconds": 0.2}
     assert time.perf_counter() - started < 5  # extracting it takes several seconds
 

@@ -139,16 +139,24 @@ def page_deadline(seconds: float) -> Iterator[None]:
         yield
         return
 
+    expired = False
+
     def expire(signum: int, frame: object) -> None:
+        nonlocal expired
+        expired = True
         raise PageTimeout
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # After the deadline the alarm repeats every 50 ms: one raised where Python
+    # swallows exceptions (a gc callback, a __del__) is raised again at the next.
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if expired:
+        raise PageTimeout  # the block ended normally, but past its deadline
 
 
 _HYPHEN_RE = re.compile(r"(\w)-\n[ \t]*(\w)")
