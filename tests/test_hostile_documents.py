@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import time
@@ -132,14 +133,20 @@ def test_page_and_document_character_budgets(tmp_path: Path) -> None:
     assert extract_text_file(text, "txt", ExtractLimits(page_chars=10)).pages[0].text
 
 
+# The alarm may land in pytest's own gc callback, where Python swallows it and
+# reports it as unraisable; page_deadline re-raises it (that is what this test
+# checks), so the report is expected here.  The parse child has no such hook.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_page_past_its_time_budget_fails(tmp_path: Path) -> None:
     path = tmp_path / "slow.pdf"
     path.write_bytes(shared_stream_pdf(1, text_stream(4 * MB, string_length=100)))
     pdf = PdfPages(path, limits=ExtractLimits(page_chars=10 * MB, page_seconds=0.2))
     started = time.perf_counter()
+    gc.disable()  # nor may it land in pytest's gc callback at all, if it can help it
     try:
         error = _too_large(lambda: pdf.extract(0))
     finally:
+        gc.enable()
         pdf.close()
     assert error.details == {"page": 1, "limit_seconds": 0.2}
     assert time.perf_counter() - started < 5  # extracting it takes several seconds
