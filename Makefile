@@ -28,8 +28,8 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 check: install
-	$(BIN)/ruff check app workers tests bench
-	$(BIN)/ruff format --check app workers tests bench
+	$(BIN)/ruff check app workers devstack tests bench
+	$(BIN)/ruff format --check app workers devstack tests bench
 	$(BIN)/mypy
 
 clean:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,29 +26,13 @@ from app.core.auth import TokenService
 from app.core.errors import ConfigError
 from app.core.logging import configure_logging
 from app.core.settings import Settings
-
-DEFAULT_DATA_DIR = Path(".sluice")
-SECRET_FILE = "jwt_secret"
+from devstack.secret import DEFAULT_DATA_DIR, SECRET_FILE, dev_secret
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     settings = Settings.from_environ(environ)
     configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets)
     return settings
-
-
-def dev_secret(data_dir: Path, *, create: bool) -> str | None:
-    """The JWT secret ``sluice dev`` keeps in its data dir when JWT_SECRET is unset."""
-    path = data_dir / SECRET_FILE
-    if path.exists():
-        return path.read_text().strip()
-    if not create:
-        return None
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    path.touch(mode=0o600)
-    path.write_text(secret)
-    return secret
 
 
 def cmd_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -101,7 +84,7 @@ def cmd_ws(_args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def cmd_upload(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from app.client import run_upload_cli
+    from app.client.upload import run_upload_cli
 
     configure_logging("WARNING", "console")
     return int(asyncio.run(run_upload_cli(args, environ)))
@@ -118,7 +101,7 @@ def cmd_bench(args: argparse.Namespace, _environ: Mapping[str, str]) -> int:
 
 
 def cmd_dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from app.devserver import run_dev
+    from devstack.dev import run_dev
 
     return run_dev(args, environ)
 

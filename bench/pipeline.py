@@ -49,13 +49,14 @@ from arq.worker import Worker, func  # noqa: E402
 from fpdf import FPDF  # noqa: E402
 
 from app.core.db import create_pool, migrate_dsn  # noqa: E402
-from app.core.documents import create_document, create_job, object_key_for  # noqa: E402
-from app.core.embedded import EmbeddedStack, free_port  # noqa: E402
 from app.core.embedding import LocalEmbedder, load_tokenizer  # noqa: E402
-from app.core.events import JobStatus, Priority, decode_event, job_channel  # noqa: E402
-from app.core.queue import PROCESS_FUNCTION, JobQueue, connect_redis  # noqa: E402
+from app.core.queue import PROCESS_FUNCTION, JobQueue, Priority, connect_redis  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.core.storage import ensure_bucket, open_s3  # noqa: E402
+from app.jobs.documents import create_document, create_job, object_key_for  # noqa: E402
+from app.jobs.events import decode_event, job_channel  # noqa: E402
+from app.jobs.model import JobStatus  # noqa: E402
+from devstack.servers import EmbeddedStack, free_port  # noqa: E402
 from workers.stages.chunk import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, chunk_pages  # noqa: E402
 from workers.stages.common import Page  # noqa: E402
 from workers.stages.extract import extract_pdf_page, open_pdf  # noqa: E402

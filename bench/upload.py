@@ -6,7 +6,7 @@ Starts its own embedded stack (Postgres, Redis, S3 API server) and a real
 gateway process (``python -m app gateway``), writes one file of random bytes,
 then in the same run:
 
-1. uploads it through the gateway with :class:`app.client.UploadClient`
+1. uploads it through the gateway with :class:`app.client.upload.UploadClient`
    (``parallel`` streams over ``PUT .../parts/{n}`` with Content-MD5), and
 2. uploads it straight to the S3 endpoint with aioboto3 multipart, the same
    part size, the same parallelism, the same per-part MD5.
@@ -35,12 +35,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.client import UploadClient  # noqa: E402
+from app.client.upload import UploadClient  # noqa: E402
 from app.core.auth import TokenService  # noqa: E402
 from app.core.db import migrate_dsn  # noqa: E402
-from app.core.embedded import EmbeddedStack, free_port  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.core.storage import ensure_bucket, open_s3  # noqa: E402
+from devstack.servers import EmbeddedStack, free_port  # noqa: E402
 
 MiB = 1024 * 1024
 SECRET = "bench-secret-" + "x" * 32

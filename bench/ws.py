@@ -163,7 +163,7 @@ async def client_role(args: argparse.Namespace) -> None:
 
 
 def _event(job_id: str, seq: int) -> Any:
-    from app.core.events import ProgressEvent
+    from app.jobs.model import ProgressEvent
 
     return ProgressEvent(
         job_id=job_id,
@@ -226,7 +226,7 @@ async def bare_role(args: argparse.Namespace) -> None:
     """The baseline: a bare websockets server broadcasting the events it creates."""
     from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-    from app.core.events import encode_event
+    from app.jobs.events import encode_event
 
     raise_fd_limit()
     jobs: list[str] = args.jobs_list
@@ -299,7 +299,7 @@ async def publisher_role(args: argparse.Namespace) -> None:
     """Publish progress events through the real path, as a worker does."""
     from redis.asyncio import Redis
 
-    from app.core.events import publish_event
+    from app.jobs.events import publish_event
 
     jobs: list[str] = args.jobs_list
     redis: Redis = Redis.from_url(args.redis_url)
@@ -363,7 +363,7 @@ class Server:
     the process that feeds it events (the publisher, or the bare server itself)."""
 
     def __init__(self, kind: str, env: dict[str, str], jobs_file: Path, rate: float) -> None:
-        from app.core.embedded import free_port
+        from devstack.servers import free_port
 
         self.kind = kind
         self.port = free_port()
@@ -504,8 +504,8 @@ def _pct(sorted_values: list[float], p: float) -> float:
 
 async def _make_jobs(dsn: str, n: int) -> list[str]:
     from app.core.db import create_pool, migrate_dsn
-    from app.core.documents import create_document, create_job
-    from app.core.events import JobStatus
+    from app.jobs.documents import create_document, create_job
+    from app.jobs.model import JobStatus
 
     await migrate_dsn(dsn)
     pool = await create_pool(dsn, max_size=2)
@@ -530,7 +530,7 @@ async def _make_jobs(dsn: str, n: int) -> list[str]:
 
 def orchestrate(args: argparse.Namespace) -> int:
     from app.core.auth import TokenService
-    from app.core.embedded import EmbeddedStack
+    from devstack.servers import EmbeddedStack
 
     raise_fd_limit()
     token = TokenService(JWT_SECRET).mint(USER)

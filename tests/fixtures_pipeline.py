@@ -32,15 +32,17 @@ import pytest_asyncio
 from fpdf import FPDF
 from pypdf import PdfReader, PdfWriter
 
-from app.core.documents import create_document, create_job, object_key_for
-from app.core.embedded import free_port
 from app.core.embedding import LocalEmbedder
-from app.core.events import JobStatus, Priority, ProgressEvent, decode_event, stream_key
-from app.core.jobs import job_snapshot
+from app.core.queue import Priority
 from app.core.settings import Settings
 from app.gateway.services import Services
+from app.jobs.documents import create_document, create_job, object_key_for
+from app.jobs.events import decode_event, stream_key
+from app.jobs.model import JobStatus, ProgressEvent
+from app.jobs.transitions import job_snapshot
+from devstack.servers import free_port
 from workers.context import WorkerContext
-from workers.settings import open_worker_context
+from workers.runtime import open_worker_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,10 +25,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from app.core.auth import TokenService
 from app.core.db import create_pool
-from app.core.documents import create_document, create_job
-from app.core.embedded import free_port
-from app.core.events import JobStatus
 from app.core.settings import Settings
+from app.jobs.documents import create_document, create_job
+from app.jobs.model import JobStatus
+from devstack.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

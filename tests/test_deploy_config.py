@@ -863,8 +863,8 @@ def test_worker_metrics_listen_on_loopback_unless_scraped_from_outside(tmp_path:
         "deploy/Dockerfile: the image should set ENV WORKER_METRICS_HOST=0.0.0.0"
     )
     # `sluice dev` keeps it on loopback, whatever the caller's environment says.
-    from app.core.embedded import EmbeddedStack
-    from app.devserver import dev_environ
+    from devstack.dev import dev_environ
+    from devstack.servers import EmbeddedStack
 
     args = importlib.import_module("app.cli").build_parser().parse_args(["dev"])
     env = dev_environ(

@@ -20,9 +20,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.core.db import create_pool
-from app.core.documents import create_document
-from app.core.embedded import free_port
-from app.devserver import RestartPolicy
+from app.jobs.documents import create_document
+from devstack.dev import RestartPolicy
+from devstack.servers import free_port
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -24,9 +24,9 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from app.core.embedding import LocalEmbedder, OpenAIEmbedder, model_dir
 from app.core.errors import PermanentError
-from app.core.events import Priority
-from app.core.jobs import job_snapshot, request_cancel
+from app.core.queue import Priority
 from app.gateway.services import Services
+from app.jobs.transitions import job_snapshot, request_cancel
 from tests import fixtures_pipeline as fx
 from tests.fixtures_hostile import json_bomb, shared_stream_pdf, text_stream
 from tests.fixtures_pipeline import (
@@ -41,7 +41,7 @@ from tests.fixtures_pipeline import (
 )
 from workers.context import WorkerContext
 from workers.parse import ParseChildren, ParseJob, ParseReporter, parse_in_child
-from workers.pipeline import JobRun, Outcome, RetryLater
+from workers.run import JobRun, Outcome, RetryLater
 from workers.stages.extract import (
     ExtractLimits,
     PdfPages,

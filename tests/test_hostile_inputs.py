@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from app.core.errors import BadRequest
 from app.core.jsonguard import MAX_JSON_DEPTH, nesting_depth, too_deep
 from app.core.schemas import decode_cursor, encode_cursor
-from app.core.upload_rules import check_filename, content_disposition
 from app.gateway.services import Services
+from app.uploads.rules import check_filename, content_disposition
 from tests import fixtures_uploads as fx
 
 upload_services = fx.upload_services

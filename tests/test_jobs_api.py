@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import httpx
 
-from app.core.events import Priority
+from app.core.queue import Priority
 from app.gateway.services import Services
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
@@ -17,7 +17,7 @@ from tests.fixtures_pipeline import (
     stream_events,
 )
 from workers.context import WorkerContext
-from workers.pipeline import JobRun, Outcome
+from workers.run import JobRun, Outcome
 
 embedder = fx.embedder
 make_job = fx.make_job

@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 
 from app.core.db import Migration, load_migrations, migrate
-from app.core.embedded import EmbeddedStack
 from app.core.errors import ConfigError
+from devstack.servers import EmbeddedStack
 
 
 @pytest_asyncio.fixture

@@ -30,10 +30,9 @@ import pytest_asyncio
 from websockets.asyncio.client import connect
 
 from app.core.auth import TokenService
-from app.core.embedded import EmbeddedStack, free_port
-from app.core.events import Priority
-from app.core.queue import JobQueue, connect_redis
+from app.core.queue import JobQueue, Priority, connect_redis
 from app.gateway.services import Services
+from devstack.servers import EmbeddedStack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = uuid.uuid4().hex[:12]

@@ -23,14 +23,15 @@ import redis.asyncio as aioredis
 
 from app.core.auth import TokenService
 from app.core.db import migrate_dsn
-from app.core.documents import create_document, create_job, object_key_for
-from app.core.embedded import EmbeddedStack
 from app.core.embedding import load_tokenizer
-from app.core.events import JobStatus, Priority
+from app.core.queue import Priority
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket, open_s3
 from app.gateway.app import create_app
 from app.gateway.services import Services, open_services
+from app.jobs.documents import create_document, create_job, object_key_for
+from app.jobs.model import JobStatus
+from devstack.servers import EmbeddedStack
 from tests.conftest import JWT_SECRET
 from tests.fixtures_pipeline import (
     MadeJob,

@@ -7,11 +7,12 @@ import uuid
 
 import pytest
 
-from app.core.documents import create_document, create_job
 from app.core.errors import Conflict, NotFound
-from app.core.events import JobStatus, decode_event, stream_key
-from app.core.jobs import record_progress, request_cancel
 from app.gateway.services import Services
+from app.jobs.documents import create_document, create_job
+from app.jobs.events import decode_event, stream_key
+from app.jobs.model import JobStatus
+from app.jobs.transitions import record_progress, request_cancel
 
 
 async def _job(services: Services, owner: str, status: JobStatus) -> str:

@@ -1,8 +1,8 @@
 """Documents through the whole pipeline on the real stack and the real model.
 
 Jobs go through ARQ (``JobQueue.enqueue`` and an in-process ARQ worker built by
-``workers.settings.build_worker``) or, where a test needs to step in between
-attempts, through one :class:`~workers.pipeline.JobRun` at a time.
+``workers.runtime.build_worker``) or, where a test needs to step in between
+attempts, through one :class:`~workers.run.JobRun` at a time.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import httpx
 import msgspec
 import pytest
 
-from app.core.embedded import free_port
 from app.core.embedding import LocalEmbedder, OpenAIEmbedder, load_tokenizer
-from app.core.events import JobStatus, Priority, Stage
-from app.core.jobs import job_snapshot, request_cancel
+from app.core.queue import Priority
 from app.core.storage import open_s3
 from app.gateway.services import Services
+from app.jobs.model import JobStatus, Stage
+from app.jobs.transitions import job_snapshot, request_cancel
+from devstack.servers import free_port
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
@@ -33,8 +34,8 @@ from tests.fixtures_pipeline import (
 )
 from workers.context import WorkerContext
 from workers.lease import reap_expired, resync_queue
-from workers.pipeline import JobRun, Outcome
-from workers.settings import build_worker
+from workers.run import JobRun, Outcome
+from workers.runtime import build_worker
 from workers.stages.chunk import chunk_pages
 from workers.stages.common import Page
 

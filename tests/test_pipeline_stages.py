@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.core.documents import create_document
 from app.core.embedding import LocalEmbedder, load_tokenizer
 from app.core.errors import PermanentError
 from app.gateway.services import Services
+from app.jobs.documents import create_document
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     encrypt_pdf,

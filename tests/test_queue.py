@@ -22,12 +22,12 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.worker import Worker, func
 from redis.exceptions import ResponseError
 
-from app.core.events import Priority
 from app.core.queue import (
     HOUR_MS,
     JOB_EXPIRES,
     PROCESS_FUNCTION,
     JobQueue,
+    Priority,
     read_limit_for,
 )
 from app.gateway.services import Services

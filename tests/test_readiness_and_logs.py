@@ -17,12 +17,12 @@ import httpx
 import msgspec
 import pytest
 
-from app.core.embedded import EmbeddedRedis
 from app.core.logging import QUEUE_MAX_RECORDS, configure_logging, flush_logs, get_logger
 from app.core.secret import Secret, SecretUrl
 from app.core.settings import Settings
 from app.gateway.app import create_app
 from app.gateway.services import open_services
+from devstack.servers import EmbeddedRedis
 
 
 async def test_stopped_redis_makes_ready_503(migrated: Settings, tmp_path: Path) -> None:

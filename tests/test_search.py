@@ -15,7 +15,7 @@ from tests.fixtures_pipeline import (
     make_pdf,
 )
 from workers.context import WorkerContext
-from workers.pipeline import JobRun, Outcome
+from workers.run import JobRun, Outcome
 
 embedder = fx.embedder
 make_job = fx.make_job

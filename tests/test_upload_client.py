@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from app.client import ProgressBar, UploadClient, UploadError, follow_job, ws_url_for
-from app.core.jobs import request_cancel
+from app.client.upload import ProgressBar, UploadClient, UploadError, follow_job, ws_url_for
 from app.gateway.app import create_app
 from app.gateway.services import Services
+from app.jobs.transitions import request_cancel
 from tests import fixtures_uploads as fx
 from tests import fixtures_ws
 from tests.fixtures_uploads import (

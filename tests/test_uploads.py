@@ -13,10 +13,10 @@ from arq.constants import job_key_prefix
 from starlette.requests import Request as StarletteRequest
 
 from app.core.errors import BadRequest
-from app.core.events import decode_event, stream_key
-from app.core.upload_rules import MAX_PARTS, MIN_PART_SIZE, decide_chunk_size
 from app.gateway.formstream import FormPart, iter_form
 from app.gateway.services import Services
+from app.jobs.events import decode_event, stream_key
+from app.uploads.rules import MAX_PARTS, MIN_PART_SIZE, decide_chunk_size
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (
     PART,

@@ -15,11 +15,11 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from botocore.config import Config
 
-from app.core import upload_sweeper as sweeper
-from app.core.jobs import request_cancel
 from app.core.queue import JobQueue
+from app.gateway.routes.uploads import upload_context
 from app.gateway.services import Services
-from app.gateway.uploads import upload_context
+from app.jobs.transitions import request_cancel
+from app.uploads import sweeper
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (
     PART,

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from app.core.embedding import load_tokenizer
-from app.core.events import Priority
-from app.core.jobs import job_snapshot
+from app.core.queue import Priority
 from app.gateway.services import Services
+from app.jobs.transitions import job_snapshot
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     MakeJob,

@@ -10,7 +10,7 @@ import pytest
 
 from app.core.auth import TokenService
 from app.core.errors import Unauthorized
-from app.core.events import ProgressEvent
+from app.jobs.model import ProgressEvent
 from app.ws.protocol import (
     CLOSE_INVALID_DATA,
     CLOSE_MESSAGE_TOO_BIG,

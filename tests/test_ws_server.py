@@ -23,13 +23,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from app.core.auth import TokenService
-from app.core.embedded import free_port
-from app.core.events import JobStatus, Stage, job_channel, publish_event, stream_key
-from app.core.jobs import job_snapshot, record_progress
 from app.core.settings import Settings
+from app.jobs.events import job_channel, publish_event, stream_key
+from app.jobs.model import JobStatus, Stage
+from app.jobs.transitions import job_snapshot, record_progress
 from app.ws.hub import SnapshotLoader
 from app.ws.protocol import SYSTEM_CHANNEL, SystemNotice, encode_system_notice
 from app.ws.server import ServerOptions, WsServer, serve
+from devstack.servers import free_port
 from tests import fixtures_uploads, fixtures_ws
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import initiate, put_part

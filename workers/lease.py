@@ -34,11 +34,12 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from app.core.events import JobStatus, ProgressEvent, publish_event
-from app.core.jobs import record_progress
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage
 from app.core.queue import QUEUE_EPOCH_KEY, WORKER_SLOTS_KEY, WORKERS_KEY
+from app.jobs.events import publish_event
+from app.jobs.model import JobStatus, ProgressEvent
+from app.jobs.transitions import record_progress
 from workers.context import WorkerContext
 
 log = get_logger("sluice.worker.lease")

@@ -43,7 +43,7 @@ from app.core.queue import QUEUE_NAME, queue_depth_by_priority, read_limit_for, 
 from app.core.settings import Settings
 from workers import lease
 from workers.context import WorkerContext
-from workers.settings import build_worker, open_worker_context
+from workers.runtime import build_worker, open_worker_context
 
 log = get_logger("sluice.worker")
 RESYNC_EVERY_SECONDS = 60.0

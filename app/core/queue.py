@@ -46,6 +46,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 import asyncpg
 import redis.exceptions
@@ -55,13 +56,21 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from app.core.events import Priority
 from app.core.outage import is_redis_outage, wait_until_reachable
 
 QUEUE_NAME = "sluice:queue"
 PROCESS_FUNCTION = "process_document"
 
 HOUR_MS = 3_600_000
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
 PRIORITY_OFFSET_MS: dict[Priority, int] = {
     Priority.LOW: 0,
     Priority.NORMAL: 1 * HOUR_MS,

@@ -8,15 +8,21 @@ take this client as a collaborator.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aioboto3
+import aiohttp
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from app.core.errors import ServiceUnavailable
+from app.core.logging import get_logger
 from app.core.settings import Settings
+
+log = get_logger(__name__)
 
 S3Client = Any  # aiobotocore's client is dynamically typed
 
@@ -79,3 +85,33 @@ def client_error_code(exc: BaseException) -> str | None:
         code = exc.response.get("Error", {}).get("Code")
         return str(code) if code is not None else None
     return None
+
+
+_STORAGE_FAILURES = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+@asynccontextmanager
+async def storage_errors(operation: str) -> AsyncIterator[None]:
+    """Turn S3 failures the caller did not handle into 503 ``storage_unavailable``."""
+    try:
+        yield
+    except ClientError as exc:
+        code = client_error_code(exc)
+        log.warning("storage_error", operation=operation, s3_error=code)
+        raise ServiceUnavailable(
+            f"object storage failed during {operation} ({code})",
+            code="storage_unavailable",
+            details={"operation": operation, "s3_error": code},
+        ) from None
+    except _STORAGE_FAILURES as exc:
+        log.warning(
+            "storage_unreachable",
+            operation=operation,
+            error=type(exc).__name__,
+            reason=str(exc)[:300],
+        )
+        raise ServiceUnavailable(
+            f"object storage is unreachable ({type(exc).__name__})",
+            code="storage_unavailable",
+            details={"operation": operation},
+        ) from None

@@ -17,8 +17,6 @@ from app.core.auth import TokenService
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
-from app.core.upload_sweeper import run_sweeper
-from app.gateway import documents, health, jobs, search, uploads
 from app.gateway.bodyguard import BodyGuardMiddleware, BodyPolicy
 from app.gateway.middleware import (
     AuthMiddleware,
@@ -28,7 +26,9 @@ from app.gateway.middleware import (
 )
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
 from app.gateway.ratelimit import RateLimitMiddleware
+from app.gateway.routes import documents, health, jobs, search, uploads
 from app.gateway.services import Services, open_services
+from app.uploads.sweeper import run_sweeper
 
 log = get_logger("sluice.gateway")
 VERSION = "0.1.0"

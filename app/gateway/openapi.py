@@ -21,8 +21,8 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.core.schemas import ErrorBody
-from app.core.upload_rules import MAX_PARTS
 from app.gateway.http import BINARY, ApiRoute, json_response
+from app.uploads.rules import MAX_PARTS
 
 _REF = "#/components/schemas/{name}"
 _PARAM_RE = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-z]+)?}")

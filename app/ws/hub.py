@@ -37,15 +37,10 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from app.core.errors import ServiceUnavailable
-from app.core.events import (
-    ProgressEvent,
-    decode_event,
-    job_channel,
-    stream_key,
-    user_channel,
-)
-from app.core.jobs import event_from_row
 from app.core.logging import get_logger
+from app.jobs.events import decode_event, job_channel, stream_key, user_channel
+from app.jobs.model import ProgressEvent
+from app.jobs.transitions import event_from_row
 from app.ws.protocol import (
     SYSTEM_CHANNEL,
     JobFeed,

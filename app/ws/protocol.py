@@ -28,8 +28,8 @@ import msgspec
 
 from app.core.auth import Identity, TokenService
 from app.core.errors import Unauthorized
-from app.core.events import ProgressEvent
 from app.core.jsonguard import MAX_JSON_DEPTH, too_deep
+from app.jobs.model import ProgressEvent
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -16,15 +16,16 @@ import io
 import uuid
 from typing import Any
 
-from app.core.documents import create_document, create_job, object_key_for
 from app.core.errors import PayloadTooLarge, ServiceUnavailable
-from app.core.events import JobStatus, Priority, Stage
-from app.core.jobs import record_progress
 from app.core.logging import get_logger
-from app.core.multipart import UploadContext, storage_errors
-from app.core.storage import S3Client
-from app.core.upload_rules import MiB
-from app.core.upload_schemas import CompletedUpload
+from app.core.queue import Priority
+from app.core.storage import S3Client, storage_errors
+from app.jobs.documents import create_document, create_job, object_key_for
+from app.jobs.model import JobStatus, Stage
+from app.jobs.transitions import record_progress
+from app.uploads.multipart import UploadContext
+from app.uploads.rules import MiB
+from app.uploads.schemas import CompletedUpload
 
 log = get_logger(__name__)
 _THREAD_HASH_MIN = 1 * MiB

@@ -11,20 +11,20 @@ from typing import Annotated
 
 import msgspec
 
-from app.core.documents import DOCUMENT_TYPES
-from app.core.events import Priority
+from app.core.queue import Priority
 from app.core.schemas import ProcessingOptions, Request, Response
-from app.core.upload_rules import FILENAME_JSON_SCHEMA, HEX_MD5
+from app.jobs.documents import DOCUMENT_TYPES
+from app.uploads.rules import FILENAME_JSON_SCHEMA, HEX_MD5
 
 Filename = Annotated[
     str, msgspec.Meta(extra_json_schema=FILENAME_JSON_SCHEMA, examples=["annual report 2025.pdf"])
 ]
-"""A file's name; checked by :func:`~app.core.upload_rules.check_filename` (400
-``invalid_filename``) and :func:`~app.core.upload_rules.classify` (415), not by the decoder."""
+"""A file's name; checked by :func:`~app.uploads.rules.check_filename` (400
+``invalid_filename``) and :func:`~app.uploads.rules.classify` (415), not by the decoder."""
 DocumentType = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(DOCUMENT_TYPES)})]
 """One of the accepted document types; it must match the file's extension (415 otherwise)."""
 HexMd5 = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": HEX_MD5.pattern})]
-"""An MD5 as 32 hex digits; checked by :func:`~app.core.upload_rules.parse_md5`
+"""An MD5 as 32 hex digits; checked by :func:`~app.uploads.rules.parse_md5`
 (400 ``invalid_checksum``), not by the decoder."""
 
 

@@ -20,11 +20,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.core.documents import create_job
 from app.core.errors import Conflict, NotFound, ServiceUnavailable
-from app.core.events import JobStatus, Priority
 from app.core.logging import get_logger
-from app.core.queue import queue_depth_by_priority, workers_alive
+from app.core.queue import Priority, queue_depth_by_priority, workers_alive
 from app.core.schemas import (
     Cursor,
     Page,
@@ -37,7 +35,6 @@ from app.core.schemas import (
 from app.core.schemas import Request as RequestBody
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
-from app.core.upload_rules import content_disposition
 from app.gateway.http import (
     ApiLink,
     ApiRoute,
@@ -46,8 +43,11 @@ from app.gateway.http import (
     query_params,
     read_optional_json,
 )
-from app.gateway.jobs import parse_id
+from app.gateway.routes.jobs import parse_id
 from app.gateway.services import Services, services
+from app.jobs.documents import create_job
+from app.jobs.model import JobStatus
+from app.uploads.rules import content_disposition
 
 log = get_logger("sluice.gateway.documents")
 

@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 from redis.asyncio import Redis
 
 from app.core.errors import ServiceUnavailable
-from app.core.events import JobStatus
-from app.core.jobs import record_progress
 from app.core.logging import get_logger
-from app.core.multipart import (
+from app.jobs.model import JobStatus
+from app.jobs.transitions import record_progress
+from app.uploads.multipart import (
     REENQUEUE_GRACE_SECONDS,
     SESSION_COLUMNS,
     Session,
@@ -32,7 +32,7 @@ from app.core.multipart import (
     reenqueue_if_lost,
     session_from_row,
 )
-from app.core.upload_schemas import SweepReport
+from app.uploads.schemas import SweepReport
 
 log = get_logger(__name__)
 SWEEP_LOCK_KEY = "sluice:uploads:sweeper"

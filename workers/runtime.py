@@ -38,7 +38,7 @@ from app.core.settings import Settings
 from app.core.storage import open_s3
 from workers.context import WorkerContext, WorkerMetrics
 from workers.parse import ParseChildren
-from workers.pipeline import process_document
+from workers.run import process_document
 
 HEALTH_CHECK_SECONDS = 10
 ARQ_MAX_TRIES = 1000

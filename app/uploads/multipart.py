@@ -29,46 +29,45 @@ settings, clock).  The rules:
   part again.  Parts are only ever recorded against the session's current
   S3 upload id, so a part that raced a restart is refused, not mis-recorded.
 * **cancel** aborts the S3 upload and cancels the job through
-  :func:`app.core.jobs.request_cancel`, the one cancel path.
-* the **sweeper** (:mod:`app.core.upload_sweeper`) aborts sessions past
+  :func:`app.jobs.transitions.request_cancel`, the one cancel path.
+* the **sweeper** (:mod:`app.uploads.sweeper`) aborts sessions past
   their TTL and those whose job was cancelled elsewhere.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import io
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-import aiohttp
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 from redis.asyncio import Redis
 
-from app.core.documents import create_document, create_job, object_key_for
 from app.core.errors import (
     BadRequest,
     Conflict,
     Gone,
     NotFound,
-    ServiceUnavailable,
 )
-from app.core.events import JobStatus, Priority, ProgressEvent, Stage, publish_event
-from app.core.jobs import record_progress, request_cancel
 from app.core.logging import get_logger
+from app.core.queue import Priority
 from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
 from app.core.settings import Settings
-from app.core.storage import S3Client, client_error_code
-from app.core.upload_rules import (
+from app.core.storage import S3Client, client_error_code, storage_errors
+from app.jobs.documents import create_document, create_job, object_key_for
+from app.jobs.events import publish_event
+from app.jobs.model import JobStatus, ProgressEvent, Stage
+from app.jobs.transitions import record_progress, request_cancel
+from app.uploads.rules import (
     HEX_MD5,
     MAX_PARTS,
     check_filename,
@@ -77,7 +76,7 @@ from app.core.upload_rules import (
     decide_chunk_size,
     parse_md5,
 )
-from app.core.upload_schemas import (
+from app.uploads.schemas import (
     ActiveUpload,
     CancelledUpload,
     CompletedUpload,
@@ -96,7 +95,6 @@ REENQUEUE_GRACE_SECONDS = 10.0
 ACTIVE_STATUSES = ("initiated", "uploading")
 
 Db = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
-_STORAGE_FAILURES = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 # --- collaborators -------------------------------------------------------------------
 
@@ -202,33 +200,6 @@ def _unquote(etag: str) -> str:
 
 
 # --- storage errors --------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def storage_errors(operation: str) -> AsyncIterator[None]:
-    """Turn S3 failures the caller did not handle into 503 ``storage_unavailable``."""
-    try:
-        yield
-    except ClientError as exc:
-        code = client_error_code(exc)
-        log.warning("storage_error", operation=operation, s3_error=code)
-        raise ServiceUnavailable(
-            f"object storage failed during {operation} ({code})",
-            code="storage_unavailable",
-            details={"operation": operation, "s3_error": code},
-        ) from None
-    except _STORAGE_FAILURES as exc:
-        log.warning(
-            "storage_unreachable",
-            operation=operation,
-            error=type(exc).__name__,
-            reason=str(exc)[:300],
-        )
-        raise ServiceUnavailable(
-            f"object storage is unreachable ({type(exc).__name__})",
-            code="storage_unavailable",
-            details={"operation": operation},
-        ) from None
 
 
 async def abort_s3(ctx: UploadContext, session: Session) -> None:

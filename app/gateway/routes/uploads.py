@@ -1,7 +1,7 @@
 """Upload routes: resumable multipart sessions and single-request uploads.
 
 The handlers only read HTTP (paths, headers, bodies) and call
-:mod:`app.core.multipart` / :mod:`app.core.direct_upload`.  Every body is read
+:mod:`app.uploads.multipart` / :mod:`app.uploads.simple`.  Every body is read
 through :func:`~app.gateway.http.iter_body` with the route's limit (the part
 size for parts, plus :data:`FORM_OVERHEAD` for forms; the simple-upload
 threshold for ``/simple``; ``MAX_JSON_BODY_KB`` for JSON).  Part bodies are
@@ -28,16 +28,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.core import multipart as mp
-from app.core import upload_rules as rules
-from app.core import upload_schemas as us
-from app.core.direct_upload import StreamingObjectWriter, finalize_direct, new_direct_writer
 from app.core.errors import BadRequest, PayloadTooLarge, RateLimited, ValidationFailed
-from app.core.events import Priority
+from app.core.queue import Priority
 from app.core.schemas import Page, PageQuery, ProcessingOptions
 from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
-from app.gateway.documents import document_links
 from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
     ApiLink,
@@ -54,8 +49,13 @@ from app.gateway.http import (
     read_optional_json,
     too_large,
 )
-from app.gateway.jobs import job_links
+from app.gateway.routes.documents import document_links
+from app.gateway.routes.jobs import job_links
 from app.gateway.services import Services, services
+from app.uploads import multipart as mp
+from app.uploads import rules
+from app.uploads import schemas as us
+from app.uploads.simple import StreamingObjectWriter, finalize_direct, new_direct_writer
 
 PREFIX = "/api/v1/documents/upload"
 FORM_OVERHEAD = 64 * 1024

@@ -7,7 +7,7 @@
    skipped, so a duplicate delivery never runs a job twice;
 2. renews the lease in the background and runs the stages under the
    ``MAX_PROCESSING_TIME_MINUTES`` bound, recording each state change with
-   :func:`app.core.jobs.record_progress` (throttled progress, stage ends,
+   :func:`app.jobs.transitions.record_progress` (throttled progress, stage ends,
    the final state);
 3. runs the parse stages (extract, chunk) in a child process with memory and
    time limits (``workers/parse.py``), so a poison document fails alone with
@@ -58,12 +58,13 @@ from asyncpg.pool import PoolConnectionProxy
 
 from app.core.embedding import model_dir
 from app.core.errors import JobCancelled, PermanentError, SluiceError, TransientError
-from app.core.events import JobStatus, ProgressEvent, Stage, publish_event
-from app.core.jobs import record_progress
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage, is_redis_outage, is_storage_outage
 from app.core.queue import JobQueue
 from app.core.settings import Settings
+from app.jobs.events import publish_event
+from app.jobs.model import JobStatus, ProgressEvent, Stage
+from app.jobs.transitions import record_progress
 from workers import lease
 from workers.context import WorkerContext
 from workers.lease import LeaseLost

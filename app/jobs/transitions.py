@@ -1,15 +1,25 @@
-"""Recording job state changes: the jobs table first, then Redis.
+"""The one way any process changes a job's visible state.
 
-:func:`record_progress` is the one way any process (gateway, worker, WebSocket
-server) changes a job's visible state.  It bumps the job's ``seq`` in the same
-``UPDATE`` that writes the new state, so sequence numbers only grow and agree
-with the table, then publishes the event with :func:`~app.core.events.publish_event`.
+Two shapes, one rule -- *record in the transaction, publish after commit*:
+
+* :class:`JobChanges` -- changes made inside a transaction the caller holds
+  (with :func:`job_transaction`, or its own): :meth:`JobChanges.record` writes
+  each change, :meth:`JobChanges.publish` sends them once the transaction has
+  committed, so no reader of Redis ever sees a state the table does not hold;
+* :func:`change_job` -- one change in its own statement, published at once
+  (worker progress, lease expiry).
+
+Both write through one ``UPDATE`` that bumps the job's ``seq`` with the new
+state, so sequence numbers only grow and agree with the table.  A failed
+publish is logged, never raised: the table stays the truth, and resuming
+subscribers fall back to its snapshot.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -17,9 +27,10 @@ from redis.asyncio import Redis
 
 from app.core.db import Queryable
 from app.core.errors import Conflict, NotFound
-from app.core.events import TERMINAL_STATUSES, JobStatus, ProgressEvent, publish_event
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage
+from app.jobs.events import publish_event
+from app.jobs.model import TERMINAL_STATUSES, JobStatus, ProgressEvent
 
 log = get_logger(__name__)
 
@@ -184,4 +195,122 @@ async def request_cancel(
                 seq=event.seq,
                 exc_info=not is_redis_outage(exc),
             )
+    return event
+
+
+async def publish_events(redis: Redis | None, events: Collection[ProgressEvent]) -> None:
+    """Publish recorded events in order; failures are logged (the table holds the truth)."""
+    if redis is None:
+        return
+    for event in events:
+        try:
+            await publish_event(redis, event)
+        except Exception as exc:
+            log.warning(
+                "event_publish_failed",
+                job_id=event.job_id,
+                seq=event.seq,
+                exc_info=not is_redis_outage(exc),  # an outage needs no traceback
+            )
+
+
+class JobChanges:
+    """Job state changes recorded on one connection's open transaction.
+
+    Invariant: nothing is published before :meth:`publish`, which the owner of
+    the transaction calls after it commits (and skips if it rolled back).
+    """
+
+    def __init__(self, conn: Queryable) -> None:
+        self.conn = conn
+        self.events: list[ProgressEvent] = []
+
+    async def record(
+        self,
+        job_id: str,
+        *,
+        status: JobStatus | None = None,
+        stage: str | None = None,
+        stage_progress: float | None = None,
+        overall_progress: float | None = None,
+        message: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        details: dict[str, Any] | None = None,
+        only_if_status: Collection[str] | None = None,
+    ) -> ProgressEvent | None:
+        """Write one change (see :func:`record_progress` for the fields); None if skipped."""
+        event = await record_progress(
+            self.conn,
+            None,
+            job_id,
+            status=status,
+            stage=stage,
+            stage_progress=stage_progress,
+            overall_progress=overall_progress,
+            message=message,
+            error_code=error_code,
+            error_message=error_message,
+            details=details,
+            only_if_status=only_if_status,
+        )
+        if event is not None:
+            self.events.append(event)
+        return event
+
+    async def publish(self, redis: Redis | None) -> None:
+        """Send the recorded events; call only after the transaction committed."""
+        events, self.events = self.events, []
+        await publish_events(redis, events)
+
+
+@asynccontextmanager
+async def job_transaction(pool: asyncpg.Pool, redis: Redis | None) -> AsyncIterator[JobChanges]:
+    """A transaction whose job changes are published once it commits.
+
+    If the block raises, the transaction rolls back and nothing is published.
+    """
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            changes = JobChanges(conn)
+            yield changes
+        await changes.publish(redis)
+
+
+async def change_job(
+    db: Queryable,
+    redis: Redis | None,
+    job_id: str,
+    *,
+    status: JobStatus | None = None,
+    stage: str | None = None,
+    stage_progress: float | None = None,
+    overall_progress: float | None = None,
+    message: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    details: dict[str, Any] | None = None,
+    only_if_status: Collection[str] | None = None,
+) -> ProgressEvent | None:
+    """One change in its own statement, published at once; None if skipped.
+
+    ``db`` must not be inside a transaction the caller will still roll back:
+    use :class:`JobChanges` there.
+    """
+    event = await record_progress(
+        db,
+        None,
+        job_id,
+        status=status,
+        stage=stage,
+        stage_progress=stage_progress,
+        overall_progress=overall_progress,
+        message=message,
+        error_code=error_code,
+        error_message=error_message,
+        details=details,
+        only_if_status=only_if_status,
+    )
+    if event is not None:
+        await publish_events(redis, [event])
     return event

@@ -11,7 +11,8 @@ import uuid
 from typing import Any
 
 from app.core.db import Queryable
-from app.core.events import JobStatus, Priority
+from app.core.queue import Priority
+from app.jobs.model import JobStatus
 
 DOCUMENT_TYPES = ("pdf", "txt", "md", "csv", "json", "html")
 

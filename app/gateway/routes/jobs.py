@@ -4,7 +4,7 @@
 attempts, error, warnings and the time spent per stage; ``lease_expired`` is
 true while a ``running`` job's worker has stopped renewing its lease (the
 workers' reaper re-queues it).  Cancel goes through
-:func:`app.core.jobs.request_cancel`, the one cancel path; a job that had not
+:func:`app.jobs.transitions.request_cancel`, the one cancel path; a job that had not
 started is also dropped from the ARQ queue.  Retry re-queues a ``failed`` or
 ``cancelled`` job under the same id with fresh attempts.  Another user's job
 is indistinguishable from a missing one (404).
@@ -21,14 +21,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.core.errors import Conflict, NotFound
-from app.core.events import JobStatus, Priority, publish_event
-from app.core.jobs import record_progress, request_cancel
 from app.core.logging import get_logger
+from app.core.queue import Priority
 from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
 from app.gateway.http import ApiLink, ApiRoute, identity, json_response, query_params
 from app.gateway.services import Services, services
+from app.jobs.events import publish_event
+from app.jobs.model import JobStatus
+from app.jobs.transitions import record_progress, request_cancel
 
 log = get_logger("sluice.gateway.jobs")
 

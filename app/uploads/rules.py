@@ -12,8 +12,8 @@ import re
 import unicodedata
 from urllib.parse import quote
 
-from app.core.documents import DOCUMENT_TYPES
 from app.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.jobs.documents import DOCUMENT_TYPES
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB

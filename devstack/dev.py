@@ -31,7 +31,12 @@ from types import FrameType
 
 from app.core.auth import TokenService
 from app.core.db import migrate_dsn
-from app.core.embedded import (
+from app.core.errors import ConfigError
+from app.core.logging import configure_logging, get_logger
+from app.core.settings import Settings
+from app.core.storage import ensure_bucket, open_s3
+from devstack.secret import dev_secret
+from devstack.servers import (
     EmbeddedPostgres,
     EmbeddedRedis,
     EmbeddedS3,
@@ -39,10 +44,6 @@ from app.core.embedded import (
     EmbeddedStack,
     die_with_parent,
 )
-from app.core.errors import ConfigError
-from app.core.logging import configure_logging, get_logger
-from app.core.settings import Settings
-from app.core.storage import ensure_bucket, open_s3
 
 log = get_logger("sluice.dev")
 READY_TIMEOUT = 120.0
@@ -198,8 +199,6 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 def run_dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from app.cli import dev_secret  # the CLI owns where the dev secret lives
-
     data_dir = Path(args.data_dir).resolve()
     secret = environ.get("JWT_SECRET") or dev_secret(data_dir, create=True)
     assert secret is not None
