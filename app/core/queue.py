@@ -56,12 +56,16 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from app.core.logging import get_logger
 from app.core.outage import is_redis_outage, wait_until_reachable
 
 QUEUE_NAME = "sluice:queue"
 PROCESS_FUNCTION = "process_document"
 
 HOUR_MS = 3_600_000
+
+
+log = get_logger(__name__)
 
 
 class Priority(StrEnum):
@@ -183,6 +187,23 @@ class JobQueue:
             _expires=JOB_EXPIRES,
         )
         return job is not None
+
+    async def enqueue_or_defer(self, job_id: str, priority: Priority | str) -> bool:
+        """Enqueue a job whose ``queued`` state is already committed; never raises for Redis.
+
+        The one enqueue-failure policy of every route: the job row is the
+        truth, so when Redis cannot take the job now it stays ``queued`` and the
+        workers' ``resync_queue`` enqueues it once Redis is back (within its
+        grace period).  Returns True if ARQ holds the job now.
+        """
+        try:
+            await self.enqueue(job_id, priority)
+        except Exception as exc:
+            if not is_redis_outage(exc):
+                raise
+            log.warning("enqueue_deferred", job_id=job_id, reason=type(exc).__name__)
+            return False
+        return True
 
     @staticmethod
     def retry_defer_ms(priority: Priority | str, backoff_s: float) -> int:
