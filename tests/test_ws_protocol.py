@@ -9,34 +9,28 @@ import msgspec
 import pytest
 
 from app.core.auth import TokenService
-from app.core.errors import Unauthorized
+from app.core.errors import RateLimited, Unauthorized
 from app.jobs.model import ProgressEvent
-from app.ws.protocol import (
+from app.ws.feed import JobFeed, Offer, can_resume, covers, merge_by_seq
+from app.ws.messages import (
     CLOSE_INVALID_DATA,
     CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_SLOW_CONSUMER,
     CLOSE_UNAUTHORIZED,
     Auth,
-    Authenticated,
     CancelJob,
-    Close,
     Connected,
     Error,
     GetJobStatus,
-    JobFeed,
-    Offer,
     Ping,
     Pong,
-    Reply,
-    Run,
-    Session,
     Subscribe,
     Unsubscribe,
-    covers,
     encode,
-    merge_by_seq,
     parse,
     progress_frame,
 )
+from app.ws.session import Authenticated, Close, ProtocolSession, Reply, Run
 from tests.conftest import JWT_SECRET
 
 NOW = time.time()
@@ -63,10 +57,12 @@ def event(seq: int, status: str = "running", job_id: str = "j1") -> ProgressEven
     )
 
 
-def session(clock: Clock, *, authenticated_as: str | None = None) -> tuple[Session, TokenService]:
+def session(
+    clock: Clock, *, authenticated_as: str | None = None
+) -> tuple[ProtocolSession, TokenService]:
     tokens = TokenService(JWT_SECRET, clock=clock)
     identity = tokens.verify(tokens.mint(authenticated_as)) if authenticated_as else None
-    s = Session(
+    s = ProtocolSession(
         tokens,
         endpoint="progress",
         connection_id="c1",
@@ -193,7 +189,7 @@ def test_auth_deadline_closes_only_unauthenticated_sessions() -> None:
 def test_expiry_closes_4401_unless_refreshed() -> None:
     clock = Clock()
     tokens = TokenService(JWT_SECRET, clock=clock)
-    s = Session(
+    s = ProtocolSession(
         tokens,
         endpoint="progress",
         connection_id="c",
@@ -230,7 +226,7 @@ def test_oversized_message_errors_then_closes_1009() -> None:
 
 def test_rejected_query_token_errors_then_closes_4401() -> None:
     tokens = TokenService(JWT_SECRET)
-    s = Session(
+    s = ProtocolSession(
         tokens,
         endpoint="progress",
         connection_id="c",
@@ -242,6 +238,22 @@ def test_rejected_query_token_errors_then_closes_4401() -> None:
     assert error.message.code == "token_expired"
     assert close == Close(CLOSE_UNAUTHORIZED, "token_expired")
     assert s.closed and s.receive(b'{"type":"ping"}') == []
+
+
+def test_private_close_codes_are_the_errors_ws_close_codes() -> None:
+    """Every close caused by an error uses ``SluiceError.ws_close_code`` (4000 + status)."""
+    assert Unauthorized("x").ws_close_code == CLOSE_UNAUTHORIZED == 4401
+    assert RateLimited("x").ws_close_code == CLOSE_SLOW_CONSUMER == 4429
+    expired = Unauthorized("token has expired", code="token_expired")
+    assert Close.on_error(expired) == Close(4401, "token_expired")
+    tokens = TokenService(JWT_SECRET)
+    s = ProtocolSession(
+        tokens, endpoint="progress", connection_id="c", heartbeat_interval=30, rejected=expired
+    )
+    assert s.opened()[-1] == Close.on_error(expired)
+    s2, _ = session(Clock())
+    [_, close] = s2.receive(b'{"type":"auth","token":"garbage"}')
+    assert isinstance(close, Close) and close.code == Unauthorized("x").ws_close_code
 
 
 @pytest.mark.parametrize("authenticated_as", ["alice", None])
@@ -313,3 +325,14 @@ def test_covers_requires_contiguous_history_from_since() -> None:
     assert not covers([event(4), event(6)], 3, reached_back=True)  # hole
     assert covers([], 3, reached_back=True)
     assert not covers([], 3, reached_back=False)
+
+
+def test_can_resume_needs_every_missed_event_or_an_up_to_date_client() -> None:
+    snapshot = event(6)
+    feed = JobFeed("j1")
+    feed.offer(event(6))  # live, while the history was read
+    assert can_resume(feed, snapshot, 3, [event(4), event(5)], reached_back=True)
+    assert not can_resume(feed, snapshot, 3, [event(5)], reached_back=True)  # 4 is missing
+    assert not can_resume(JobFeed("j1"), snapshot, 2, [event(4)], reached_back=False)
+    # Already at the snapshot's seq: nothing to replay, even with the history gone.
+    assert can_resume(JobFeed("j1"), snapshot, 6, [], reached_back=False)

@@ -1,6 +1,6 @@
 """The WebSocket progress server against the real Redis and Postgres: real
 ``python -m app ws`` processes (and an in-process server where a test needs
-shrunken limits), real clients, events recorded through ``record_progress``
+shrunken limits), real clients, events recorded through ``change_job``
 exactly as workers record them."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -26,10 +27,11 @@ from app.core.auth import TokenService
 from app.core.settings import Settings
 from app.jobs.events import job_channel, publish_event, stream_key
 from app.jobs.model import JobStatus, Stage
-from app.jobs.transitions import job_snapshot, record_progress
-from app.ws.hub import SnapshotLoader
-from app.ws.protocol import SYSTEM_CHANNEL, SystemNotice, encode_system_notice
+from app.jobs.transitions import change_job, job_snapshot
+from app.ws.history import HistoryReader
+from app.ws.messages import SYSTEM_CHANNEL, SystemNotice, encode_system_notice
 from app.ws.server import ServerOptions, WsServer, serve
+from app.ws.snapshots import SnapshotLoader
 from devstack.servers import free_port
 from tests import fixtures_uploads, fixtures_ws
 from tests.conftest import JWT_SECRET
@@ -55,7 +57,7 @@ async def inproc(settings: Settings, **options: Any) -> AsyncIterator[WsServer]:
 async def progress(deps: Deps, job_id: str, n: int, **fields: Any) -> list[int]:
     seqs = []
     for i in range(n):
-        ev = await record_progress(
+        ev = await change_job(
             deps.db,
             deps.redis,
             job_id,
@@ -82,7 +84,7 @@ async def progress_started(deps: Deps, job_id: str, *, above: int) -> None:
 
 
 async def complete(deps: Deps, job_id: str) -> int:
-    ev = await record_progress(
+    ev = await change_job(
         deps.db,
         deps.redis,
         job_id,
@@ -443,7 +445,7 @@ async def test_exactly_one_terminal_event_per_subscriber(
             await late.expect("connected")
             await subscribed(late, [job])
             late_events.append(await late.expect("job_progress"))
-            await record_progress(ws_deps.db, ws_deps.redis, job, message="late note")
+            await change_job(ws_deps.db, ws_deps.redis, job, message="late note")
             await late.send({"type": "ping"})
             await late.expect("pong")
         assert late_events[0]["data"]["status"] == "completed"
@@ -731,6 +733,34 @@ async def test_concurrent_snapshot_reads_are_coalesced(ws_deps: Deps, user: str)
     )
     assert results[-1] == {}
     assert loader.queries <= 4  # 41 requests: 2 go out at once, the rest share the next ones
+
+
+async def test_history_reader_pages_back_to_the_floor(ws_deps: Deps, user: str) -> None:
+    job = await make_job(ws_deps.db, user)
+    seqs = await progress(ws_deps, job, 8)
+    reader = HistoryReader(ws_deps.redis, page=3)  # several pages per read
+    histories = await reader.after({job: seqs[1], str(uuid.uuid4()): 0})
+    events, reached_back = histories[job]
+    assert [e.seq for e in events] == seqs[2:] and reached_back
+    assert [e.message for e in events] == [f"step {i}" for i in range(2, 8)]
+    await ws_deps.redis.xtrim(stream_key(job), maxlen=4, approximate=False)
+    events, reached_back = (await reader.after({job: seqs[1]}))[job]
+    assert [e.seq for e in events] == seqs[4:] and not reached_back  # seqs 2..3 aged out
+    assert all(h == ([], False) for j, h in histories.items() if j != job)
+
+
+async def test_metrics_go_to_the_registry_passed_in(migrated: Settings, deps_token: str) -> None:
+    registry = CollectorRegistry()
+    options = ServerOptions()
+    async with serve(migrated, host="127.0.0.1", port=0, options=options, registry=registry) as s:
+        assert s.metrics.registry is registry
+        async with ws_client(f"ws://127.0.0.1:{s.port}", deps_token) as c:
+            await c.expect("connected")
+            labels = {"endpoint": "progress"}
+            assert registry.get_sample_value("sluice_ws_connections", labels) == 1
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.port}") as http:
+                text = (await http.get("/metrics")).text
+            assert 'sluice_ws_connections{endpoint="progress"} 1.0' in text
 
 
 async def test_dead_peer_is_dropped_by_protocol_pings(

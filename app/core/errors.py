@@ -36,7 +36,11 @@ class SluiceError(Exception):
 
     @property
     def ws_close_code(self) -> int:
-        """Private WebSocket close code (4000-4999) mirroring the HTTP status."""
+        """Private WebSocket close code (4000-4999) mirroring the HTTP status.
+
+        The WebSocket server closes with it whenever an error ends a connection
+        (``app.ws.session.Close.on_error``): 4401 for a bad or expired token.
+        """
         return 4000 + self.status
 
     def __repr__(self) -> str:

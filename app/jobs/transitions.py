@@ -314,3 +314,6 @@ async def change_job(
     if event is not None:
         await publish_events(redis, [event])
     return event
+
+
+JOB_EVENT_COLUMNS = _RETURNING

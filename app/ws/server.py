@@ -8,12 +8,12 @@ Endpoints on one port:
   ``{"type": "auth"}`` message;
 * ``GET /health`` (200, or 503 while Redis pub/sub is down) and ``GET /metrics``.
 
-Each connection is a :class:`Connection`: the protocol decisions come from
-:class:`~app.ws.protocol.Session`, job fan-out and resume from
-:class:`~app.ws.hub.Hub`.  Outgoing frames are written without waiting; a
-connection whose unsent data passes ``max_buffer_bytes`` is closed with 4429
-(it can reconnect and resume with ``since``), so a client that stops reading
-costs bounded memory and never delays anyone else.
+Each connection is a :class:`~app.ws.connection.Connection`: the protocol
+decisions come from its :class:`~app.ws.session.ProtocolSession`, which this
+module drives and whose actions it performs; commands run in
+:class:`~app.ws.commands.Commands`; job fan-out and resume in
+:class:`~app.ws.hub.Hub`.  :func:`serve` builds every collaborator once
+(pools, the metrics registry, the hub) and passes them in.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import signal
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -34,49 +34,34 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.asyncio import Redis
-from websockets.asyncio.server import Server, ServerConnection, broadcast
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from app.core.auth import Identity, TokenService
 from app.core.db import create_pool
-from app.core.errors import Conflict, NotFound, SluiceError, Unauthorized
+from app.core.errors import SluiceError, Unauthorized
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage, wait_until_reachable
 from app.core.settings import Settings
-from app.jobs.transitions import request_cancel
-from app.ws.hub import FollowResult, Hub
-from app.ws.protocol import (
+from app.ws.commands import Commands
+from app.ws.connection import Connection
+from app.ws.history import HistoryReader
+from app.ws.hub import Hub
+from app.ws.messages import (
     CLOSE_GOING_AWAY,
-    CLOSE_SLOW_CONSUMER,
     MAX_MESSAGE_BYTES,
     MAX_SUBSCRIPTIONS,
-    Action,
-    Authenticated,
-    CancelJob,
-    Close,
-    Command,
     Endpoint,
     Error,
-    GetJobStatus,
-    JobCancelled,
-    JobFeed,
-    JobStatusResponse,
-    Reply,
-    Run,
-    ServerMessage,
-    Session,
-    Subscribe,
-    Subscribed,
-    Unsubscribe,
-    Unsubscribed,
-    encode,
 )
+from app.ws.metrics import WsMetrics
+from app.ws.session import Action, Authenticated, Close, ProtocolSession, Reply, Run
+from app.ws.snapshots import SnapshotLoader
 
 log = get_logger(__name__)
 
@@ -101,119 +86,36 @@ class ServerOptions:
     """Seconds to wait for a pong; default: the heartbeat interval."""
 
 
-class Connection:
-    """One client connection: the hub's :class:`~app.ws.hub.Peer`."""
-
-    __slots__ = (
-        "__weakref__",
-        "_server",
-        "auth_timer",
-        "corked",
-        "credit",
-        "dropped",
-        "expiry_timer",
-        "feeds",
-        "notifications_for",
-        "session",
-        "ws",
-    )
-
-    def __init__(self, ws: ServerConnection, session: Session, server: WsServer) -> None:
-        self.ws = ws
-        self.session = session
-        self._server = server
-        self.feeds: dict[str, JobFeed] = {}
-        self.dropped = False
-        self.corked: list[bytes] | None = None
-        """Frames held back to be written together (one syscall for a subscribe's burst)."""
-        self.credit = 0
-        """Buffered bytes allowed beyond the limit while a catch-up burst drains."""
-        self.auth_timer: asyncio.TimerHandle | None = None
-        self.expiry_timer: asyncio.TimerHandle | None = None
-        self.notifications_for: str | None = None
-
-    @property
-    def user_id(self) -> str:
-        identity = self.session.identity
-        assert identity is not None
-        return identity.user_id
-
-    def push(self, frame: bytes, *, catch_up: bool = False) -> None:
-        if self.corked is not None:
-            self.corked.append(frame)
-        else:
-            self._write((frame,), catch_up=catch_up)
-
-    def cork(self) -> None:
-        """Hold frames back until :meth:`uncork` (call both without awaiting in between)."""
-        if self.corked is None:
-            self.corked = []
-
-    def uncork(self) -> None:
-        frames, self.corked = self.corked, None
-        if frames:
-            self._write(frames, catch_up=True)
-
-    def _write(self, frames: tuple[bytes, ...] | list[bytes], *, catch_up: bool) -> None:
-        ws = self.ws
-        if self.dropped or ws.protocol.state is not State.OPEN:
-            return
-        if len(frames) == 1:
-            broadcast((ws,), frames[0], text=True)
-        else:  # frame them all, then one write
-            for frame in frames:
-                ws.protocol.send_text(frame)
-            ws.transport.write(b"".join(ws.protocol.data_to_send()))
-        buffered = ws.transport.get_write_buffer_size()
-        limit = self._server.options.max_buffer_bytes
-        if catch_up:
-            # A replay burst is bounded by the history length; allow it on top of the limit.
-            self.credit = max(self.credit, buffered)
-        elif buffered <= limit:
-            self.credit = 0
-        elif buffered > limit + self.credit:
-            self.dropped = True
-            self._server.metrics.drops.labels(reason="slow_consumer").inc()
-            log.warning(
-                "slow_consumer_dropped",
-                connection_id=self.session.connection_id,
-                buffered=buffered,
-            )
-            self._server.spawn(ws.close(CLOSE_SLOW_CONSUMER, "slow consumer"))
-
-    def reply(self, message: ServerMessage) -> None:
-        self.push(encode(message))
-        self._server.metrics.messages_sent.inc()
+_Accepted = tuple[Endpoint, Identity | None, Unauthorized | None]
 
 
 class WsServer:
-    """The server's shared state: collaborators, metrics, background tasks."""
+    """The server's shared state: collaborators, metrics, open connections, background tasks."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        db: asyncpg.Pool,
-        redis: Redis,
         hub: Hub,
+        commands: Commands,
         tokens: TokenService,
+        metrics: WsMetrics,
         options: ServerOptions,
     ) -> None:
         self.settings = settings
-        self.db = db
-        self.redis = redis
         self.hub = hub
-        self.metrics = hub.metrics
+        self.commands = commands
         self.tokens = tokens
+        self.metrics = metrics
         self.options = options
-        self._accepted: weakref.WeakKeyDictionary[
-            ServerConnection, tuple[Endpoint, Identity | None, Unauthorized | None]
-        ] = weakref.WeakKeyDictionary()
+        self._accepted: weakref.WeakKeyDictionary[ServerConnection, _Accepted] = (
+            weakref.WeakKeyDictionary()
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connections: set[Connection] = set()
         self.server: Server | None = None
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -262,8 +164,29 @@ class WsServer:
     # -- WebSocket connections --
 
     async def handle(self, ws: ServerConnection) -> None:
+        conn = self._open(ws)
+        endpoint = conn.session.endpoint
+        try:
+            await self._act(conn, conn.session.opened())
+            while not conn.session.closed:
+                try:
+                    data = await ws.recv(decode=False)
+                except ConnectionClosed:
+                    break
+                await self._act(conn, conn.session.receive(data))
+            await ws.wait_closed()
+        finally:
+            conn.stop_timers()
+            self.hub.drop(conn)
+            if conn.notifications_for is not None:
+                self.hub.notifications.stop(conn, conn.notifications_for)
+            self.connections.discard(conn)
+            self.metrics.connections.labels(endpoint=endpoint).dec()
+
+    def _open(self, ws: ServerConnection) -> Connection:
+        """Register a just-upgraded connection; arm the auth deadline if it has no token."""
         endpoint, identity, rejected = self._accepted.pop(ws, ("progress", None, None))
-        session = Session(
+        session = ProtocolSession(
             self.tokens,
             endpoint=endpoint,
             connection_id=uuid.uuid4().hex,
@@ -272,33 +195,21 @@ class WsServer:
             max_message_bytes=self.options.max_message_bytes,
             rejected=rejected,
         )
-        conn = Connection(ws, session, self)
+        conn = Connection(
+            ws,
+            session,
+            max_buffer_bytes=self.options.max_buffer_bytes,
+            metrics=self.metrics,
+            spawn=self.spawn,
+        )
         self.connections.add(conn)
         self.metrics.connections.labels(endpoint=endpoint).inc()
-        loop = asyncio.get_running_loop()
-        try:
-            if identity is None and rejected is None:
-                conn.auth_timer = loop.call_later(
-                    self.options.auth_timeout,
-                    lambda: self._act_soon(conn, conn.session.auth_deadline_passed()),
-                )
-            await self._act(conn, session.opened())
-            while not session.closed:
-                try:
-                    data = await ws.recv(decode=False)
-                except ConnectionClosed:
-                    break
-                await self._act(conn, session.receive(data))
-            await ws.wait_closed()
-        finally:
-            for timer in (conn.auth_timer, conn.expiry_timer):
-                if timer is not None:
-                    timer.cancel()
-            self.hub.drop(conn)
-            if conn.notifications_for is not None:
-                self.hub.stop_notifications(conn, conn.notifications_for)
-            self.connections.discard(conn)
-            self.metrics.connections.labels(endpoint=endpoint).dec()
+        if identity is None and rejected is None:
+            conn.auth_timer = asyncio.get_running_loop().call_later(
+                self.options.auth_timeout,
+                lambda: self._act_soon(conn, conn.session.auth_deadline_passed()),
+            )
+        return conn
 
     def _act_soon(self, conn: Connection, actions: list[Action]) -> None:
         if actions:
@@ -315,7 +226,7 @@ class WsServer:
                 case Authenticated(identity=identity, first=first):
                     await self._authenticated(conn, identity, first)
                 case Run(command=command):
-                    await self._run(conn, command)
+                    await self.commands.run(conn, command)
 
     async def _authenticated(self, conn: Connection, identity: Identity, first: bool) -> None:
         if conn.auth_timer is not None:
@@ -330,77 +241,9 @@ class WsServer:
         if first and conn.session.endpoint == "notifications":
             conn.notifications_for = identity.user_id
             try:
-                await self.hub.listen_notifications(conn, identity.user_id)
+                await self.hub.notifications.listen(conn, identity.user_id)
             except SluiceError as exc:  # Redis is down: say so; the client may retry
                 conn.reply(Error(code=exc.code, message=exc.message))
-
-    async def _run(self, conn: Connection, command: Command) -> None:
-        try:
-            match command:
-                case Subscribe():
-                    await self._subscribe(conn, command)
-                case Unsubscribe(job_ids=job_ids):
-                    self.hub.unfollow(conn, job_ids)
-                    conn.reply(Unsubscribed(job_ids=list(dict.fromkeys(job_ids)), id=command.id))
-                case GetJobStatus(job_id=job_id):
-                    snapshot = await self.hub.snapshot(job_id, conn.user_id)
-                    if snapshot is None:
-                        raise NotFound("job not found", code="job_not_found")
-                    conn.reply(JobStatusResponse(job_id=job_id, data=snapshot, id=command.id))
-                case CancelJob(job_id=job_id):
-                    event = await request_cancel(self.db, self.redis, job_id, conn.user_id)
-                    conn.reply(JobCancelled(job_id=job_id, data=event, id=command.id))
-        except (NotFound, Conflict) as exc:
-            target: str | None = getattr(command, "job_id", None)
-            conn.reply(
-                Error(
-                    code=exc.code,
-                    message=exc.message,
-                    job_id=target,
-                    details=exc.details or None,
-                    id=command.id,
-                )
-            )
-        except SluiceError as exc:
-            conn.reply(Error(code=exc.code, message=exc.message, id=command.id))
-        except Exception:
-            log.exception("command_failed", command=type(command).__name__)
-            conn.reply(
-                Error(code="internal_error", message="the command failed; try again", id=command.id)
-            )
-
-    async def _subscribe(self, conn: Connection, command: Subscribe) -> None:
-        def ready(result: FollowResult) -> None:
-            conn.cork()  # the acknowledgement and every catch-up frame go out in one write
-            for job_id in result.not_found:
-                conn.reply(
-                    Error(
-                        code="job_not_found", message="job not found", job_id=job_id, id=command.id
-                    )
-                )
-            for job_id in result.limit_exceeded:
-                conn.reply(
-                    Error(
-                        code="too_many_subscriptions",
-                        message=f"a connection may follow at most "
-                        f"{self.options.max_subscriptions} jobs",
-                        job_id=job_id,
-                        id=command.id,
-                    )
-                )
-            if result.job_ids:
-                conn.reply(
-                    Subscribed(
-                        job_ids=result.job_ids, recovered=result.recovered or None, id=command.id
-                    )
-                )
-
-        try:
-            await self.hub.follow(
-                conn, conn.user_id, command.job_ids, command.since, on_ready=ready
-            )
-        finally:
-            conn.uncork()
 
 
 def _response(
@@ -429,10 +272,12 @@ async def serve(
     port: int | None = None,
     options: ServerOptions | None = None,
     tokens: TokenService | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> AsyncIterator[WsServer]:
     """Run the server until the ``async with`` block ends (then close with 1001).
 
-    ``port=0`` picks a free port (see :attr:`WsServer.port`).
+    ``port=0`` picks a free port (see :attr:`WsServer.port`).  ``registry`` is
+    the process's metrics registry (default: a new one, served on ``/metrics``).
     """
     options = options or ServerOptions()
     db = await create_pool(
@@ -444,42 +289,59 @@ async def serve(
         client: Redis = Redis.from_url(settings.redis_url.reveal(), socket_connect_timeout=5)
         return client
 
-    hub = Hub(db, redis, pubsub_client, max_subscriptions=options.max_subscriptions)
+    metrics = WsMetrics(registry if registry is not None else CollectorRegistry(auto_describe=True))
+    hub = Hub(
+        SnapshotLoader(db),
+        HistoryReader(redis),
+        pubsub_client,
+        metrics=metrics,
+        max_subscriptions=options.max_subscriptions,
+    )
     state = WsServer(
         settings,
-        db=db,
-        redis=redis,
         hub=hub,
+        commands=Commands(hub, db, redis, max_subscriptions=options.max_subscriptions),
         tokens=tokens or TokenService(settings.jwt_secret.reveal()),
+        metrics=metrics,
         options=options,
     )
     try:
         await wait_until_reachable(redis.ping, dependency="redis", is_outage=is_redis_outage)
         await hub.start()
-        heartbeat = settings.websocket_heartbeat_interval
-        server = await ws_serve(
-            state.handle,
-            host if host is not None else settings.websocket_host,
-            port if port is not None else settings.websocket_port,
-            process_request=state.process_request,
-            compression=None,
-            ping_interval=heartbeat,
-            ping_timeout=options.ping_timeout or heartbeat,
-            close_timeout=options.close_timeout,
-            max_size=4 * options.max_message_bytes,
-            max_queue=32,
-        )
-        state.server = server
-        log.info("ws_server_listening", port=state.port)
-        try:
+        async with _listening(state, settings, host, port) as server:
+            state.server = server
+            log.info("ws_server_listening", port=state.port)
             yield state
-        finally:
-            server.close(code=CLOSE_GOING_AWAY, reason="server shutting down")
-            await server.wait_closed()
     finally:
         await hub.close()
         await redis.aclose()
         await db.close()
+
+
+@contextlib.asynccontextmanager
+async def _listening(
+    state: WsServer, settings: Settings, host: str | None, port: int | None
+) -> AsyncIterator[Server]:
+    """The listening socket; on exit every connection is closed with 1001."""
+    options = state.options
+    heartbeat = settings.websocket_heartbeat_interval
+    server = await ws_serve(
+        state.handle,
+        host if host is not None else settings.websocket_host,
+        port if port is not None else settings.websocket_port,
+        process_request=state.process_request,
+        compression=None,
+        ping_interval=heartbeat,
+        ping_timeout=options.ping_timeout or heartbeat,
+        close_timeout=options.close_timeout,
+        max_size=4 * options.max_message_bytes,
+        max_queue=32,
+    )
+    try:
+        yield server
+    finally:
+        server.close(code=CLOSE_GOING_AWAY, reason="server shutting down")
+        await server.wait_closed()
 
 
 async def _main(settings: Settings) -> None:
