@@ -30,7 +30,7 @@ from app.jobs.transitions import job_snapshot, record_progress
 from app.ws.hub import SnapshotLoader
 from app.ws.protocol import SYSTEM_CHANNEL, SystemNotice, encode_system_notice
 from app.ws.server import ServerOptions, WsServer, serve
-from devstack.servers import free_port
+from devstack.process import free_port
 from tests import fixtures_uploads, fixtures_ws
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import initiate, put_part
