@@ -76,10 +76,21 @@ def cmd_token(args: argparse.Namespace, environ: Environ) -> int:
 
 
 def cmd_upload(args: argparse.Namespace, environ: Environ) -> int:
-    from app.client.upload import run_upload_cli
+    from app.client.command import UploadOptions, run
 
-    configure_logging("WARNING", "console")
-    return int(asyncio.run(run_upload_cli(args, environ)))
+    options = UploadOptions(
+        file=Path(args.file),
+        priority=args.priority,
+        parallel=args.parallel,
+        follow=args.follow,
+        json=args.json,
+        url=args.url,
+        ws_url=args.ws_url,
+        token=args.token,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        document_type=args.document_type,
+    )
+    return run(options, environ)
 
 
 def cmd_dev(args: argparse.Namespace, environ: Environ) -> int:
@@ -144,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=["low", "normal", "high", "critical"], default="normal")
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--follow", action="store_true", help="stream the job's progress until it ends")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the result as one JSON object on stdout (no summary line)",
+    )
     p.add_argument(
         "--url", default=None, help="gateway URL (default: SLUICE_URL or localhost:8000)"
     )
