@@ -8,9 +8,11 @@
     sluice upload FILE              resumable upload client
     sluice bench NAME               run a benchmark from bench/
 
-Each command builds its :class:`~app.core.settings.Settings` from the
-environment here, in ``main()``, and passes it down.  The worker has its own
-entry point, ``sluice-worker`` (``python -m workers``).
+This module only parses: ``main()`` builds the :class:`~app.core.settings.Settings`
+from the environment for the commands that serve (``migrate``, ``gateway``,
+``ws``) and calls a function that lives with its component.  Components are
+imported when their command runs, so ``sluice upload`` never loads the servers.
+The worker has its own entry point, ``sluice-worker`` (``python -m workers``).
 """
 
 from __future__ import annotations
@@ -22,97 +24,108 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from app.core.auth import TokenService
 from app.core.errors import ConfigError
 from app.core.logging import configure_logging
 from app.core.settings import Settings
-from devstack.secret import DEFAULT_DATA_DIR, SECRET_FILE, dev_secret
+from devstack.secret import DEFAULT_DATA_DIR
+
+Environ = Mapping[str, str]
 
 
-def load_settings(environ: Mapping[str, str]) -> Settings:
+def load_settings(environ: Environ) -> Settings:
     settings = Settings.from_environ(environ)
     configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets)
     return settings
 
 
-def cmd_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    secret = environ.get("JWT_SECRET") or dev_secret(Path(args.data_dir), create=False)
-    if not secret:
-        raise ConfigError(
-            f"JWT_SECRET is not set and {Path(args.data_dir) / SECRET_FILE} does not exist "
-            "(run 'sluice dev' first or set JWT_SECRET)"
-        )
-    token = TokenService(secret).mint(args.user, ttl_seconds=int(args.ttl_hours * 3600))
-    print(f"token for {args.user} (valid {args.ttl_hours:g}h): {token}")
-    return 0
+# --- commands that serve: they get Settings ---------------------------------------------
 
 
-def cmd_migrate(_args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     from app.core.db import migrate_dsn
 
-    settings = load_settings(environ)
     applied = asyncio.run(migrate_dsn(settings.database_url.reveal()))
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none (up to date)"
     print(f"migrations applied: {names}")
     return 0
 
 
-def cmd_gateway(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    import uvicorn
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from app.gateway.serve import run
 
-    from app.gateway.app import create_app
+    return run(settings, host=args.host, port=args.port)
 
-    settings = load_settings(environ)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=args.host or settings.gateway_host,
-        port=args.port or settings.gateway_port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-        h11_max_incomplete_event_size=64 * 1024,
-    )
-    uvicorn.Server(config).run()
+
+def cmd_ws(_args: argparse.Namespace, settings: Settings) -> int:
+    from app.ws.server import run
+
+    return int(run(settings))
+
+
+# --- commands that read only a few variables: they get the environment -------------------
+
+
+def cmd_token(args: argparse.Namespace, environ: Environ) -> int:
+    from app.core.auth import TokenService
+    from devstack.secret import jwt_secret
+
+    secret = jwt_secret(environ, Path(args.data_dir))
+    token = TokenService(secret).mint(args.user, ttl_seconds=int(args.ttl_hours * 3600))
+    print(f"token for {args.user} (valid {args.ttl_hours:g}h): {token}")
     return 0
 
 
-def cmd_ws(_args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from app.ws.server import run
+def cmd_upload(args: argparse.Namespace, environ: Environ) -> int:
+    from app.client.command import UploadOptions, run
 
-    return int(run(load_settings(environ)))
-
-
-def cmd_upload(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from app.client.upload import run_upload_cli
-
-    configure_logging("WARNING", "console")
-    return int(asyncio.run(run_upload_cli(args, environ)))
-
-
-def cmd_bench(args: argparse.Namespace, _environ: Mapping[str, str]) -> int:
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.name}.py"
-    if not script.exists():
-        available = sorted(p.stem for p in script.parent.glob("*.py") if not p.stem.startswith("_"))
-        raise ConfigError(f"no benchmark {args.name!r}; available: {', '.join(available)}")
-    return subprocess.call([sys.executable, str(script), *args.rest])
+    options = UploadOptions(
+        file=Path(args.file),
+        priority=args.priority,
+        parallel=args.parallel,
+        follow=args.follow,
+        json=args.json,
+        url=args.url,
+        ws_url=args.ws_url,
+        token=args.token,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        document_type=args.document_type,
+    )
+    return run(options, environ)
 
 
-def cmd_dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from devstack.dev import run_dev
+def cmd_dev(args: argparse.Namespace, environ: Environ) -> int:
+    from devstack.dev import DevOptions, run_dev
 
-    return run_dev(args, environ)
+    options = DevOptions(
+        data_dir=Path(args.data_dir),
+        port=args.port,
+        ws_port=args.ws_port,
+        postgres_port=args.postgres_port,
+        redis_port=args.redis_port,
+        s3_port=args.s3_port,
+        worker_metrics_port=args.worker_metrics_port,
+    )
+    return run_dev(options, environ)
+
+
+def cmd_bench(args: argparse.Namespace, _environ: Environ) -> int:
+    from devstack.bench import run_bench
+
+    return run_bench(args.name, args.rest)
+
+
+# --- parsing -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, handler: Callable[..., int], help_: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Callable[..., int], help_: str, *, settings: bool = False
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, needs_settings=settings)
         return p
 
     p = add("dev", cmd_dev, "run the embedded stack, gateway, worker and WebSocket server")
@@ -129,19 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl-hours", type=float, default=24 * 30)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
 
-    add("migrate", cmd_migrate, "apply database migrations")
+    add("migrate", cmd_migrate, "apply database migrations", settings=True)
 
-    p = add("gateway", cmd_gateway, "run the HTTP gateway")
+    p = add("gateway", cmd_gateway, "run the HTTP gateway", settings=True)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
 
-    add("ws", cmd_ws, "run the WebSocket progress server")
+    add("ws", cmd_ws, "run the WebSocket progress server", settings=True)
 
     p = add("upload", cmd_upload, "upload a file (resumable), optionally following its job")
     p.add_argument("file", type=Path)
     p.add_argument("--priority", choices=["low", "normal", "high", "critical"], default="normal")
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--follow", action="store_true", help="stream the job's progress until it ends")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the result as one JSON object on stdout (no summary line)",
+    )
     p.add_argument(
         "--url", default=None, help="gateway URL (default: SLUICE_URL or localhost:8000)"
     )
@@ -156,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     args = build_parser().parse_args(argv)
+    env = os.environ if environ is None else environ
     try:
-        return int(args.handler(args, os.environ if environ is None else environ))
+        context = load_settings(env) if args.needs_settings else env
+        return int(args.handler(args, context))
     except ConfigError as exc:
         print(f"sluice: configuration error: {exc.message}", file=sys.stderr)
         return 2

@@ -56,7 +56,8 @@ from app.core.storage import ensure_bucket, open_s3  # noqa: E402
 from app.jobs.documents import create_document, create_job, object_key_for  # noqa: E402
 from app.jobs.events import decode_event, job_channel  # noqa: E402
 from app.jobs.model import JobStatus  # noqa: E402
-from devstack.servers import EmbeddedStack, free_port  # noqa: E402
+from devstack.process import free_port  # noqa: E402
+from devstack.stack import EmbeddedStack  # noqa: E402
 from workers.stages.chunk import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, chunk_pages  # noqa: E402
 from workers.stages.common import Page  # noqa: E402
 from workers.stages.extract import extract_pdf_page, open_pdf  # noqa: E402

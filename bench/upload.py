@@ -40,7 +40,8 @@ from app.core.auth import TokenService  # noqa: E402
 from app.core.db import migrate_dsn  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.core.storage import ensure_bucket, open_s3  # noqa: E402
-from devstack.servers import EmbeddedStack, free_port  # noqa: E402
+from devstack.process import free_port  # noqa: E402
+from devstack.stack import EmbeddedStack  # noqa: E402
 
 MiB = 1024 * 1024
 SECRET = "bench-secret-" + "x" * 32

@@ -363,7 +363,7 @@ class Server:
     the process that feeds it events (the publisher, or the bare server itself)."""
 
     def __init__(self, kind: str, env: dict[str, str], jobs_file: Path, rate: float) -> None:
-        from devstack.servers import free_port
+        from devstack.process import free_port
 
         self.kind = kind
         self.port = free_port()
@@ -530,7 +530,7 @@ async def _make_jobs(dsn: str, n: int) -> list[str]:
 
 def orchestrate(args: argparse.Namespace) -> int:
     from app.core.auth import TokenService
-    from devstack.servers import EmbeddedStack
+    from devstack.stack import EmbeddedStack
 
     raise_fd_limit()
     token = TokenService(JWT_SECRET).mint(USER)

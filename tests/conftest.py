@@ -2,7 +2,7 @@
 server) per test session, on free ports, torn down at the end even when tests
 fail or the run is interrupted.
 
-* ``stack`` -- the running :class:`~devstack.servers.EmbeddedStack`;
+* ``stack`` -- the running :class:`~devstack.stack.EmbeddedStack`;
 * ``settings_env`` / ``settings`` -- environment and Settings pointing at it;
 * ``services`` -- the gateway's collaborators (pool, Redis, S3...);
 * ``client`` -- an httpx client talking to an in-process gateway;
@@ -29,7 +29,7 @@ from app.core.settings import Settings
 from app.core.storage import ensure_bucket, open_s3
 from app.gateway.app import create_app
 from app.gateway.services import Services, open_services
-from devstack.servers import EmbeddedStack
+from devstack.stack import EmbeddedStack
 
 JWT_SECRET = "test-secret-" + "x" * 24
 

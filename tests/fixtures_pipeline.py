@@ -40,7 +40,7 @@ from app.jobs.documents import create_document, create_job, object_key_for
 from app.jobs.events import decode_event, stream_key
 from app.jobs.model import JobStatus, ProgressEvent
 from app.jobs.transitions import job_snapshot
-from devstack.servers import free_port
+from devstack.process import free_port
 from workers.context import WorkerContext
 from workers.runtime import open_worker_context
 

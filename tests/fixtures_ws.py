@@ -28,7 +28,7 @@ from app.core.db import create_pool
 from app.core.settings import Settings
 from app.jobs.documents import create_document, create_job
 from app.jobs.model import JobStatus
-from devstack.servers import free_port
+from devstack.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

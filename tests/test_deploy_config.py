@@ -864,7 +864,7 @@ def test_worker_metrics_listen_on_loopback_unless_scraped_from_outside(tmp_path:
     )
     # `sluice dev` keeps it on loopback, whatever the caller's environment says.
     from devstack.dev import dev_environ
-    from devstack.servers import EmbeddedStack
+    from devstack.stack import EmbeddedStack
 
     args = importlib.import_module("app.cli").build_parser().parse_args(["dev"])
     env = dev_environ(

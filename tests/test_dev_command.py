@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 
 from app.core.db import create_pool
 from app.jobs.documents import create_document
-from devstack.dev import RestartPolicy
-from devstack.servers import free_port
+from devstack.process import free_port
+from devstack.supervise import RestartPolicy
 
 pytestmark = pytest.mark.timeout(400)
 

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from app.core.db import Migration, load_migrations, migrate
 from app.core.errors import ConfigError
-from devstack.servers import EmbeddedStack
+from devstack.stack import EmbeddedStack
 
 
 @pytest_asyncio.fixture

@@ -32,7 +32,8 @@ from websockets.asyncio.client import connect
 from app.core.auth import TokenService
 from app.core.queue import JobQueue, Priority, connect_redis
 from app.gateway.services import Services
-from devstack.servers import EmbeddedStack, free_port
+from devstack.process import free_port
+from devstack.stack import EmbeddedStack
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = uuid.uuid4().hex[:12]

@@ -31,7 +31,7 @@ from app.gateway.app import create_app
 from app.gateway.services import Services, open_services
 from app.jobs.documents import create_document, create_job, object_key_for
 from app.jobs.model import JobStatus
-from devstack.servers import EmbeddedStack
+from devstack.stack import EmbeddedStack
 from tests.conftest import JWT_SECRET
 from tests.fixtures_pipeline import (
     MadeJob,

@@ -21,7 +21,7 @@ from app.core.storage import open_s3
 from app.gateway.services import Services
 from app.jobs.model import JobStatus, Stage
 from app.jobs.transitions import job_snapshot, request_cancel
-from devstack.servers import free_port
+from devstack.process import free_port
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,

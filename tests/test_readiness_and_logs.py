@@ -22,7 +22,7 @@ from app.core.secret import Secret, SecretUrl
 from app.core.settings import Settings
 from app.gateway.app import create_app
 from app.gateway.services import open_services
-from devstack.servers import EmbeddedRedis
+from devstack.redis import EmbeddedRedis
 
 
 async def test_stopped_redis_makes_ready_503(migrated: Settings, tmp_path: Path) -> None:

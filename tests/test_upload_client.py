@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from app.client.upload import ProgressBar, UploadClient, UploadError, follow_job, ws_url_for
+from app.client import UploadClient, UploadError
+from app.client.command import summary_line
+from app.client.follow import follow_job, ws_url_for
+from app.client.progress import UploadProgress
+from app.client.upload import UploadResult
 from app.gateway.app import create_app
 from app.gateway.services import Services
 from app.jobs.transitions import request_cancel
@@ -172,11 +177,57 @@ async def test_client_reports_refusals_without_retrying(
 def test_progress_bar_shows_rate_and_eta() -> None:
     now = [0.0]
     out = io.StringIO()
-    bar = ProgressBar(100_000_000, stream=out, clock=lambda: now[0])
+    bar = UploadProgress(100_000_000, stream=out, clock=lambda: now[0])
     now[0] = 2.0
     bar.advance(50_000_000)
+    bar.close()
     line = out.getvalue().strip().splitlines()[-1]
     assert "50.0%" in line and "25.0 MB/s" in line and "ETA 00:02" in line
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_redraws_on_a_terminal_and_writes_one_plain_line_elsewhere() -> None:
+    now = [0.0]
+    log = io.StringIO()  # a pipe or a CI log: the final state, once, no control characters
+    with UploadProgress(100_000_000, done=20_000_000, stream=log, clock=lambda: now[0]) as bar:
+        for _ in range(8):
+            now[0] += 1.0
+            bar.advance(10_000_000)
+            assert log.getvalue() == ""
+    assert log.getvalue().count("\n") == 1 and "\r" not in log.getvalue()
+    assert "\x1b" not in log.getvalue()
+    # Resumed bytes are not speed: 80 MB sent in 8 s.
+    assert "100.0%" in log.getvalue() and "10.0 MB/s" in log.getvalue()
+
+    tty = _Terminal()
+    with UploadProgress(100_000_000, stream=tty, clock=lambda: now[0]) as bar:
+        bar.advance(10_000_000)
+        bar._progress.refresh()  # what rich's refresh thread does ten times a second
+        bar.advance(10_000_000)
+    drawn = tty.getvalue()
+    assert "10.0%" in drawn and "20.0%" in drawn and "\r" in drawn  # redrawn in place
+
+
+def test_summary_line_names_the_file_size_time_rate_ids_and_status(tmp_path: Path) -> None:
+    result = UploadResult(
+        upload_id="u-1",
+        job_id="j-1",
+        document_id="d-1",
+        size=3_000_000,
+        status="queued",
+        resumed=True,
+        parts_sent=[3],
+        bytes_sent=1_000_000,
+    )
+    line = summary_line(tmp_path / "notes.md", result, 0.5, "completed")
+    assert line == (
+        "notes.md: 3.0 MB in 0.5 s (2.0 MB/s, resumed: 1 part(s) sent); "
+        "upload u-1, job j-1: completed"
+    )
 
 
 async def test_cli_resumes_an_interrupted_upload(
@@ -222,6 +273,7 @@ async def test_cli_resumes_an_interrupted_upload(
         str(state_dir),
         "--parallel",
         "2",
+        "--json",
         cwd=ROOT,
         env={**settings_env, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -234,10 +286,20 @@ async def test_cli_resumes_an_interrupted_upload(
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err.decode()
-    result = json.loads(out.decode().strip().splitlines()[-1])
+    [line] = out.decode().splitlines()  # --json: the JSON object and nothing else
+    result = json.loads(line)
     assert result["resumed"] is True and result["parts_sent"] == 1  # only part 3
     assert result["status"] == "queued"
     assert await s3_object(upload_services, result["document_id"]) == big_file.read_bytes()
+    assert set(result) == {
+        "upload_id",
+        "job_id",
+        "document_id",
+        "status",
+        "size",
+        "resumed",
+        "parts_sent",
+    }
 
     # no token: a clear message, not a traceback
     proc = await asyncio.create_subprocess_exec(
@@ -255,6 +317,47 @@ async def test_cli_resumes_an_interrupted_upload(
     )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and b"SLUICE_TOKEN" in err
+
+
+async def test_cli_prints_one_summary_line_and_no_json_by_default(
+    gateway_factory: Callable[..., Any],
+    tokens: Any,
+    user: str,
+    big_file: Path,
+    tmp_path: Path,
+    settings_env: dict[str, str],
+) -> None:
+    gw = gateway_factory()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        "upload",
+        str(big_file),
+        "--url",
+        gw.url,
+        "--token",
+        tokens.mint(user),
+        "--state-dir",
+        str(tmp_path / "s"),
+        cwd=ROOT,
+        env={**settings_env, "PYTHONPATH": str(ROOT)},  # stdout and stderr are pipes
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    [line] = out.decode().splitlines()
+    with pytest.raises(ValueError):
+        json.loads(line)
+    size = f"{big_file.stat().st_size / 1e6:.1f} MB"
+    assert line.startswith(f"{big_file.name}: {size} in ") and " MB/s" in line, line
+    assert re.search(r"upload [0-9a-f-]{36}, job [0-9a-f-]{36}: queued$", line), line
+    # Not a terminal: no colours, no cursor movement, no \r; the bar's final state once.
+    for stream in (out, err):
+        assert b"\x1b" not in stream and b"\r" not in stream, stream
+    [bar] = err.decode().splitlines()
+    assert "100.0%" in bar and "MB/s" in bar, bar
 
 
 async def test_cli_follow_streams_progress_until_the_job_ends(
@@ -290,6 +393,7 @@ async def test_cli_follow_streams_progress_until_the_job_ends(
             "--token",
             tokens.mint(user),
             "--follow",
+            "--json",
             "--state-dir",
             str(tmp_path / "s"),
             cwd=ROOT,
@@ -297,14 +401,18 @@ async def test_cli_follow_streams_progress_until_the_job_ends(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        assert cli.stdout is not None
+        assert cli.stdout is not None and cli.stderr is not None
         first = await asyncio.wait_for(cli.stdout.readline(), 60)
         job_id = json.loads(first)["job_id"]
-        line = await asyncio.wait_for(cli.stdout.readline(), 30)  # the job's current state
-        assert "queued" in line.decode()
+        # With --json, the progress lines go to stderr, after the bar's one line.
+        line = await asyncio.wait_for(cli.stderr.readline(), 30)
+        if b"MB/s" in line:
+            line = await asyncio.wait_for(cli.stderr.readline(), 30)
+        assert "queued" in line.decode()  # the job's current state
         await request_cancel(upload_services.db, upload_services.redis, job_id, user)
         rest, err = await asyncio.wait_for(cli.communicate(), 30)
-        assert "cancelled" in rest.decode(), err.decode()
+        assert "cancelled" in err.decode(), err.decode()
+        assert rest == b""  # stdout: the JSON object only
         assert cli.returncode == 1  # the job did not complete
     finally:
         if cli is not None and cli.returncode is None:

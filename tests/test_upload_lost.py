@@ -232,6 +232,7 @@ async def test_sluice_upload_resumes_a_lost_upload_and_the_job_runs(
         token,
         "--state-dir",
         str(state_dir),
+        "--json",
         cwd=ROOT,
         env={**settings_env, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,

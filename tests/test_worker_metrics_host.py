@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devstack.servers import free_port
+from devstack.process import free_port
 from tests import test_no_secrets_in_logs as probe
 from tests.test_no_secrets_in_logs import Proc
 

@@ -32,7 +32,7 @@ from app.ws.history import HistoryReader
 from app.ws.messages import SYSTEM_CHANNEL, SystemNotice, encode_system_notice
 from app.ws.server import ServerOptions, WsServer, serve
 from app.ws.snapshots import SnapshotLoader
-from devstack.servers import free_port
+from devstack.process import free_port
 from tests import fixtures_uploads, fixtures_ws
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import initiate, put_part
