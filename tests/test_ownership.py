@@ -12,7 +12,8 @@ from app.gateway.services import Services
 from app.jobs.documents import create_document, create_job
 from app.jobs.events import decode_event, stream_key
 from app.jobs.model import JobStatus
-from app.jobs.transitions import record_progress, request_cancel
+from app.jobs.service import request_cancel
+from app.jobs.transitions import change_job
 
 
 async def _job(services: Services, owner: str, status: JobStatus) -> str:
@@ -49,9 +50,9 @@ async def test_cancel_is_recorded_published_and_idempotent(services: Services, u
 
 async def test_progress_never_resurrects_a_finished_job(services: Services, user: str) -> None:
     job = await _job(services, user, JobStatus.QUEUED)
-    done = await record_progress(services.db, services.redis, job, status=JobStatus.COMPLETED)
+    done = await change_job(services.db, services.redis, job, status=JobStatus.COMPLETED)
     assert done is not None and done.terminal
-    late = await record_progress(
+    late = await change_job(
         services.db,
         services.redis,
         job,

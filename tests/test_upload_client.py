@@ -17,7 +17,7 @@ import pytest
 from app.client.upload import ProgressBar, UploadClient, UploadError, follow_job, ws_url_for
 from app.gateway.app import create_app
 from app.gateway.services import Services
-from app.jobs.transitions import request_cancel
+from app.jobs.service import request_cancel
 from tests import fixtures_uploads as fx
 from tests import fixtures_ws
 from tests.fixtures_uploads import (

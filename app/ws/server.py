@@ -49,7 +49,7 @@ from app.core.errors import Conflict, NotFound, SluiceError, Unauthorized
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage, wait_until_reachable
 from app.core.settings import Settings
-from app.jobs.transitions import request_cancel
+from app.jobs.service import request_cancel
 from app.ws.hub import FollowResult, Hub
 from app.ws.protocol import (
     CLOSE_GOING_AWAY,
