@@ -8,6 +8,8 @@ reprocess do is documented there.
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -15,6 +17,7 @@ from app.core.schemas import Page
 from app.gateway.http import (
     ApiLink,
     ApiRoute,
+    Endpoint,
     identity,
     json_response,
     query_params,
@@ -104,82 +107,84 @@ def document_links(source: str) -> list[ApiLink]:
     ]
 
 
+_GET_NEW_JOB = ApiLink(
+    name="GetJob", operation="get_get_job", parameters={"job_id": "$response.body#/job_id"}
+)
+
+
+def _route(path: str, handler: Endpoint, method: str, **spec: Any) -> ApiRoute:
+    return ApiRoute(path, handler, methods=[method], tags=["documents"], **spec)
+
+
 def routes() -> list[ApiRoute]:
-    doc = "/api/v1/documents/{document_id}"
-    errors = [404]
     return [
-        ApiRoute(
+        _route(
             "/api/v1/documents/processing/metrics",
             processing_metrics,
-            methods=["GET"],
+            "GET",
             summary="Jobs by status, stage timings, queue depth, workers alive",
             response=ProcessingMetrics,
-            tags=["documents"],
         ),
-        ApiRoute(
+        _route(
             "/api/v1/documents",
             list_documents,
-            methods=["GET"],
+            "GET",
             summary="List your documents",
             query=DocumentListQuery,
             response=Page[DocumentView],
             links=document_links("$response.body#/items/0/document_id"),
-            tags=["documents"],
         ),
-        ApiRoute(
+        *_document_routes("/api/v1/documents/{document_id}"),
+    ]
+
+
+def _document_routes(doc: str) -> list[ApiRoute]:
+    """The routes of one document, at ``doc``."""
+    errors = [404]
+    return [
+        _route(
             doc,
             get_document,
-            methods=["GET"],
+            "GET",
             summary="A document and its latest job",
             response=DocumentView,
             errors=errors,
-            tags=["documents"],
         ),
-        ApiRoute(
+        _route(
             doc,
             delete_document,
-            methods=["DELETE"],
+            "DELETE",
             status_code=204,
             summary="Delete a document: its object, chunks and vectors",
             errors=errors,
-            tags=["documents"],
         ),
-        ApiRoute(
+        _route(
             f"{doc}/chunks",
             list_chunks,
-            methods=["GET"],
+            "GET",
             query=ChunkQuery,
             summary="A document's chunks in order",
             response=ChunkPage,
             errors=errors,
-            tags=["documents"],
         ),
-        ApiRoute(
+        _route(
             f"{doc}/download",
             download,
-            methods=["GET"],
+            "GET",
             summary="A presigned URL to download the original file",
             response=DownloadLink,
             errors=[*errors, 409],
-            tags=["documents"],
         ),
-        ApiRoute(
+        _route(
             f"{doc}/reprocess",
             reprocess,
-            methods=["POST"],
+            "POST",
             body=ReprocessRequest,
             body_required=False,
             summary="Process again with new options (a new job)",
             response=ReprocessResponse,
             status_code=202,
             errors=[*errors, 409],
-            links=[
-                ApiLink(
-                    name="GetJob",
-                    operation="get_get_job",
-                    parameters={"job_id": "$response.body#/job_id"},
-                )
-            ],
-            tags=["documents"],
+            links=[_GET_NEW_JOB],
         ),
     ]
