@@ -65,7 +65,7 @@ async def create_document(
     size_bytes: int,
     processing_options: dict[str, Any] | None = None,
     checksum_sha256: str | None = None,
-    status: DocumentStatus | str = DocumentStatus.PENDING,
+    status: DocumentStatus = DocumentStatus.PENDING,
     document_id: str | None = None,
 ) -> str:
     doc_id = document_id or str(uuid.uuid4())

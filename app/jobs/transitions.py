@@ -13,6 +13,10 @@ Both write through one ``UPDATE`` that bumps the job's ``seq`` with the new
 state, so sequence numbers only grow and agree with the table.  A failed
 publish is logged, never raised: the table stays the truth, and resuming
 subscribers fall back to its snapshot.
+
+Reading a job's state as an event lives here too (:func:`job_snapshot`,
+:func:`job_snapshots`; :func:`event_from_row` over :data:`JOB_EVENT_COLUMNS`),
+so the columns an event is made of are spelled once.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ async def _write(
     db: Queryable,
     job_id: str,
     *,
-    status: JobStatus | str | None = None,
+    status: JobStatus | None = None,
     stage: str | None = None,
     stage_progress: float | None = None,
     overall_progress: float | None = None,
@@ -130,44 +134,6 @@ async def _write(
         None if only_if_status is None else [str(s) for s in only_if_status],
     )
     return None if row is None else event_from_row(row, details)
-
-
-async def record_progress(
-    db: Queryable,
-    redis: Redis | None,
-    job_id: str,
-    *,
-    status: JobStatus | str | None = None,
-    stage: str | None = None,
-    stage_progress: float | None = None,
-    overall_progress: float | None = None,
-    message: str | None = None,
-    error_code: str | None = None,
-    error_message: str | None = None,
-    details: dict[str, Any] | None = None,
-    only_if_status: Collection[str] | None = None,
-) -> ProgressEvent | None:
-    """Deprecated: use :class:`JobChanges` or :func:`change_job` (this goes once no caller is left).
-
-    Writes a change and, with ``redis``, publishes it at once -- even inside a
-    transaction the caller may still roll back.
-    """
-    event = await _write(
-        db,
-        job_id,
-        status=status,
-        stage=stage,
-        stage_progress=stage_progress,
-        overall_progress=overall_progress,
-        message=message,
-        error_code=error_code,
-        error_message=error_message,
-        details=details,
-        only_if_status=only_if_status,
-    )
-    if event is not None:
-        await publish_events(redis, [event])
-    return event
 
 
 async def publish_events(redis: Redis | None, events: Collection[ProgressEvent]) -> None:
