@@ -26,7 +26,8 @@ from app.core.embedding import LocalEmbedder, OpenAIEmbedder, model_dir
 from app.core.errors import PermanentError
 from app.core.queue import Priority
 from app.gateway.services import Services
-from app.jobs.transitions import job_snapshot, request_cancel
+from app.jobs.service import request_cancel
+from app.jobs.transitions import job_snapshot
 from tests import fixtures_pipeline as fx
 from tests.fixtures_hostile import json_bomb, shared_stream_pdf, text_stream
 from tests.fixtures_pipeline import (

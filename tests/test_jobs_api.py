@@ -6,6 +6,9 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import pytest
+import redis.exceptions
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from app.core.queue import Priority
 from app.gateway.services import Services
@@ -17,6 +20,7 @@ from tests.fixtures_pipeline import (
     stream_events,
 )
 from workers.context import WorkerContext
+from workers.lease import resync_queue
 from workers.run import JobRun, Outcome
 
 embedder = fx.embedder
@@ -303,3 +307,139 @@ async def test_deleting_an_original_reprocesses_its_duplicates(
         await client.get(f"/api/v1/documents/{duplicate.document_id}", headers=auth_headers)
     ).json()
     assert doc["status"] == "indexed" and doc["chunk_count"] > 0
+
+
+async def _resync_only(services: Services, ctx: WorkerContext, job_ids: set[str]) -> list[str]:
+    """``resync_queue`` as a worker runs it after Redis lost its data (no grace);
+    what it enqueued of other tests' waiting jobs is taken out again."""
+    enqueued = await resync_queue(ctx, grace_seconds=0)
+    others = [j for j in enqueued if j not in job_ids]
+    if others:
+        await services.redis.zrem(services.queue.queue_name, *others)
+        await services.redis.delete(*(f"arq:job:{j}" for j in others))
+    return [j for j in enqueued if j in job_ids]
+
+
+def _redis_down_at_enqueue(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(job_id: str, priority: object, *, delay_s: float = 0) -> bool:
+        raise redis.exceptions.ConnectionError("Error 111 connecting to redis. Connection refused.")
+
+    monkeypatch.setattr(services.queue, "enqueue", refuse)
+
+
+async def test_retry_and_reprocess_stay_queued_when_redis_refuses_the_enqueue(
+    services: Services,
+    worker_ctx: WorkerContext,
+    client: httpx.AsyncClient,
+    make_job: MakeJob,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job is committed ``queued`` and the answer says so; the workers'
+    resync enqueues it once Redis is back (no 500, no 503)."""
+    bad = await make_job(b"", "txt")
+    assert await JobRun(worker_ctx, bad.job_id).run() == Outcome.FAILED
+    done = await make_job(b"Words to index again.", "txt")
+    assert await JobRun(worker_ctx, done.job_id).run() == Outcome.COMPLETED
+
+    with monkeypatch.context() as patch:
+        _redis_down_at_enqueue(services, patch)
+        r = await client.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "queued"
+        r = await client.post(
+            f"/api/v1/documents/{done.document_id}/reprocess", headers=auth_headers, json={}
+        )
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "queued"
+        reprocessed = r.json()["job_id"]
+
+    waiting = {bad.job_id, reprocessed}
+    for job_id in waiting:
+        assert not await services.queue.is_queued(job_id)
+        got = (await client.get(f"/api/v1/jobs/{job_id}", headers=auth_headers)).json()
+        assert got["status"] == "queued"
+    assert set(await _resync_only(services, worker_ctx, waiting)) == waiting
+    for job_id in waiting:
+        assert await services.queue.is_queued(job_id)
+
+
+async def test_deleting_an_original_requeues_its_duplicates_even_when_redis_refuses(
+    services: Services,
+    worker_ctx: WorkerContext,
+    client: httpx.AsyncClient,
+    make_job: MakeJob,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = b"The same words twice, in two documents."
+    original = await make_job(data, "txt")
+    duplicate = await make_job(data, "txt")
+    assert await JobRun(worker_ctx, original.job_id).run() == Outcome.COMPLETED
+    assert await JobRun(worker_ctx, duplicate.job_id).run() == Outcome.DEDUPLICATED
+    with monkeypatch.context() as patch:
+        _redis_down_at_enqueue(services, patch)
+        r = await client.delete(f"/api/v1/documents/{original.document_id}", headers=auth_headers)
+        assert r.status_code == 204, r.text
+    doc = (
+        await client.get(f"/api/v1/documents/{duplicate.document_id}", headers=auth_headers)
+    ).json()
+    new_job = doc["latest_job"]["job_id"]
+    assert doc["latest_job"]["status"] == "queued"
+    assert not await services.queue.is_queued(new_job)
+    assert await _resync_only(services, worker_ctx, {new_job}) == [new_job]
+
+
+async def test_storage_failures_are_503_storage_unavailable(
+    services: Services,
+    worker_ctx: WorkerContext,
+    client: httpx.AsyncClient,
+    make_job: MakeJob,
+    auth_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bad = await make_job(b"", "txt")
+    assert await JobRun(worker_ctx, bad.job_id).run() == Outcome.FAILED
+
+    async def unreachable(**kwargs: object) -> None:
+        raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+
+    async def failing(**kwargs: object) -> None:
+        raise ClientError(
+            {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}},
+            "HeadObject",
+        )
+
+    for broken in (unreachable, failing):
+        with monkeypatch.context() as patch:
+            patch.setattr(services.s3, "head_object", broken)
+            r = await client.get(
+                f"/api/v1/documents/{bad.document_id}/download", headers=auth_headers
+            )
+            assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
+            r = await client.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
+            assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
+        job = (await client.get(f"/api/v1/jobs/{bad.job_id}", headers=auth_headers)).json()
+        assert job["status"] == "failed"  # the retry rolled back
+    r = await client.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
+    assert r.status_code == 202, r.text
+
+
+async def test_a_bad_chunk_cursor_is_400_whichever_document_it_names(
+    client: httpx.AsyncClient, make_job: MakeJob, auth_headers: dict[str, str], headers_for: Headers
+) -> None:
+    """The query is parsed before the document is looked up: a malformed cursor is
+    400 ``invalid_cursor`` for a missing or foreign document too, never a 404."""
+    job = await make_job(b"x", "txt")
+    for doc_id, headers in (
+        (job.document_id, auth_headers),
+        (job.document_id, headers_for("intruder")),
+        (str(uuid.uuid4()), auth_headers),
+        ("not-a-uuid", auth_headers),
+    ):
+        r = await client.get(
+            f"/api/v1/documents/{doc_id}/chunks", params={"cursor": "abc"}, headers=headers
+        )
+        assert r.status_code == 400 and r.json()["error"] == "invalid_cursor", r.text
+    r = await client.get(f"/api/v1/documents/{uuid.uuid4()}/chunks", headers=auth_headers)
+    assert r.status_code == 404 and r.json()["error"] == "document_not_found"

@@ -4,8 +4,10 @@ when several processes start at once."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from pathlib import Path
 
 import asyncpg
@@ -14,6 +16,9 @@ import pytest_asyncio
 
 from app.core.db import Migration, load_migrations, migrate
 from app.core.errors import ConfigError
+from app.core.queue import Priority
+from app.gateway.services import Services
+from app.jobs.model import DocumentStatus, JobStatus, Stage
 from devstack.stack import EmbeddedStack
 
 
@@ -89,3 +94,28 @@ def test_misnamed_file_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "two.sql").write_text("SELECT 1;")
     with pytest.raises(ConfigError, match=r"two\.sql"):
         load_migrations(tmp_path)
+
+
+_CHECKED_COLUMN = re.compile(r"^CHECK \(\(\(?(\w+)\)?(?:::text)? = ANY")
+
+
+async def test_every_state_enum_matches_its_check_constraint(services: Services) -> None:
+    """The StrEnums are the values the schema allows: no more, no fewer."""
+    rows = await services.db.fetch(
+        "SELECT conrelid::regclass::text AS tbl, pg_get_constraintdef(oid) AS def "
+        "FROM pg_constraint "
+        "WHERE contype = 'c' AND conrelid::regclass::text IN ('jobs', 'documents')"
+    )
+    allowed: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        column = _CHECKED_COLUMN.match(row["def"])
+        if column:
+            allowed[(row["tbl"], column[1])] = set(re.findall(r"'([^']*)'::text", row["def"]))
+    enums: dict[tuple[str, str], type[StrEnum]] = {
+        ("jobs", "status"): JobStatus,
+        ("jobs", "stage"): Stage,
+        ("jobs", "priority"): Priority,
+        ("documents", "status"): DocumentStatus,
+    }
+    for key, enum in enums.items():
+        assert allowed.get(key) == {str(member) for member in enum}, (key, allowed.get(key))

@@ -11,8 +11,9 @@ from app.core.errors import Conflict, NotFound
 from app.gateway.services import Services
 from app.jobs.documents import create_document, create_job
 from app.jobs.events import decode_event, stream_key
-from app.jobs.model import JobStatus
-from app.jobs.transitions import record_progress, request_cancel
+from app.jobs.model import JobStatus, Stage
+from app.jobs.service import request_cancel
+from app.jobs.transitions import change_job, job_snapshot, job_snapshots
 
 
 async def _job(services: Services, owner: str, status: JobStatus) -> str:
@@ -49,9 +50,9 @@ async def test_cancel_is_recorded_published_and_idempotent(services: Services, u
 
 async def test_progress_never_resurrects_a_finished_job(services: Services, user: str) -> None:
     job = await _job(services, user, JobStatus.QUEUED)
-    done = await record_progress(services.db, services.redis, job, status=JobStatus.COMPLETED)
+    done = await change_job(services.db, services.redis, job, status=JobStatus.COMPLETED)
     assert done is not None and done.terminal
-    late = await record_progress(
+    late = await change_job(
         services.db,
         services.redis,
         job,
@@ -62,3 +63,18 @@ async def test_progress_never_resurrects_a_finished_job(services: Services, user
     assert late is None
     with pytest.raises(Conflict):
         await request_cancel(services.db, services.redis, job, user)
+
+
+async def test_snapshots_are_read_in_one_query_typed_and_only_for_existing_jobs(
+    services: Services, user: str
+) -> None:
+    queued = await _job(services, user, JobStatus.QUEUED)
+    other = await _job(services, "someone-else", JobStatus.AWAITING_UPLOAD)
+    unknown = str(uuid.uuid4())
+    found = await job_snapshots(services.db, [queued, other, unknown])
+    assert set(found) == {queued, other}  # any owner: the caller checks ownership
+    assert found[queued] == await job_snapshot(services.db, queued)
+    assert type(found[queued].status) is JobStatus and found[queued].stage is None
+    assert found[other].status == JobStatus.AWAITING_UPLOAD
+    assert type(found[other].stage) is Stage and found[other].stage == Stage.UPLOAD
+    assert await job_snapshots(services.db, []) == {}

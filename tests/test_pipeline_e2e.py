@@ -20,7 +20,8 @@ from app.core.queue import Priority
 from app.core.storage import open_s3
 from app.gateway.services import Services
 from app.jobs.model import JobStatus, Stage
-from app.jobs.transitions import job_snapshot, request_cancel
+from app.jobs.service import request_cancel
+from app.jobs.transitions import job_snapshot
 from devstack.process import free_port
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (

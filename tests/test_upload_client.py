@@ -22,7 +22,7 @@ from app.client.progress import UploadProgress
 from app.client.upload import UploadResult
 from app.gateway.app import create_app
 from app.gateway.services import Services
-from app.jobs.transitions import request_cancel
+from app.jobs.service import request_cancel
 from tests import fixtures_uploads as fx
 from tests import fixtures_ws
 from tests.fixtures_uploads import (

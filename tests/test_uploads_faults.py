@@ -18,7 +18,7 @@ from botocore.config import Config
 from app.core.queue import JobQueue
 from app.gateway.routes.uploads import upload_context
 from app.gateway.services import Services
-from app.jobs.transitions import request_cancel
+from app.jobs.service import request_cancel
 from app.uploads import sweeper
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (

@@ -1,4 +1,10 @@
-"""PostgreSQL access: one asyncpg pool per process, and the migration runner.
+"""PostgreSQL access: one asyncpg pool per process, owner-scoped lookups, and
+the migration runner.
+
+Every row a client names by id belongs to an owner.  :func:`parse_uuid` and
+:func:`fetch_owned` make a malformed id, a missing row and another owner's row
+the same 404 (:func:`missing`: ``{what}_not_found``), so an id never tells a
+caller whether someone else's row exists.
 
 Migrations are numbered plain-SQL files (``0001_init.sql``) applied in order.
 Each runs in its own transaction and is recorded in ``schema_migrations`` with
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,7 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-from app.core.errors import ConfigError
+from app.core.errors import ConfigError, NotFound
 from app.core.outage import is_database_outage, wait_until_reachable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -32,6 +39,48 @@ Queryable = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
+
+
+def missing(what: str) -> NotFound:
+    """The one 404 for a ``what`` (``job``, ``document``, ``upload``...) the caller cannot see."""
+    return NotFound(f"{what} not found", code=f"{what}_not_found")
+
+
+def parse_uuid(value: str, *, not_found: str) -> uuid.UUID:
+    """``value`` as a UUID; a malformed one is :func:`missing` (404).
+
+    A malformed id cannot name a row, so it gets the answer a missing row gets.
+    """
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise missing(not_found) from None
+
+
+async def fetch_owned(
+    db: Queryable,
+    select: str,
+    item_id: str,
+    owner_id: str,
+    *,
+    not_found: str,
+    for_update: bool = False,
+    of: str | None = None,
+) -> asyncpg.Record:
+    """The row ``select`` finds for ``item_id`` owned by ``owner_id``, or a 404.
+
+    ``select`` is a whole query but its locking clause; its WHERE binds the
+    item's id as ``$1`` (a ``uuid``) and the owner as ``$2``.  With
+    ``for_update`` the row stays locked until ``db``'s transaction ends
+    (``FOR UPDATE``, or ``FOR UPDATE OF {of}`` to lock one table of a join).
+    Malformed, unknown and foreign ids are the same 404.
+    """
+    key = parse_uuid(item_id, not_found=not_found)
+    lock = "" if not for_update else " FOR UPDATE" if of is None else f" FOR UPDATE OF {of}"
+    row = await db.fetchrow(select + lock, key, owner_id)
+    if row is None:
+        raise missing(not_found)
+    return row
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -70,11 +70,6 @@ class Unauthorized(SluiceError):
     default_code = "unauthorized"
 
 
-class Forbidden(SluiceError):
-    status = 403
-    default_code = "forbidden"
-
-
 class NotFound(SluiceError):
     """Missing, or owned by someone else: the two are indistinguishable on purpose."""
 

@@ -1,4 +1,4 @@
-"""Job vocabulary and progress events.
+"""Progress events on Redis: the channel and stream names, encoding, publishing.
 
 Every state change of a job is written to the ``jobs`` table first (which
 assigns the next per-job ``seq``) and then published to Redis by
@@ -13,11 +13,13 @@ assigns the next per-job ``seq``) and then published to Redis by
 The table is the source of truth: Redis pub/sub is at-most-once, so a reader
 that must not miss anything subscribes first, then reads the stream (or the
 table snapshot) and merges by ``seq``.
+
+This module owns every Redis name of a job's events: readers that route
+messages by channel (the WebSocket hub) use :data:`JOB_CHANNEL_PREFIX` and
+:data:`USER_CHANNEL_PREFIX` rather than spelling them again.
 """
 
 from __future__ import annotations
-
-import time
 
 import msgspec
 from redis.asyncio import Redis
@@ -26,6 +28,11 @@ from app.jobs.model import ProgressEvent
 
 STREAM_MAXLEN = 1000
 STREAM_TTL_SECONDS = 7 * 24 * 3600
+
+JOB_CHANNEL_PREFIX = "sluice:job:"
+"""Every per-job channel (and stream key) starts with this: ``sluice:job:{id}``."""
+USER_CHANNEL_PREFIX = "sluice:user:"
+"""Every per-user channel is ``sluice:user:{owner_id}``."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -41,15 +48,15 @@ def decode_event(data: bytes | str) -> ProgressEvent:
 
 
 def stream_key(job_id: str) -> str:
-    return f"sluice:job:{job_id}:events"
+    return f"{JOB_CHANNEL_PREFIX}{job_id}:events"
 
 
 def job_channel(job_id: str) -> str:
-    return f"sluice:job:{job_id}"
+    return f"{JOB_CHANNEL_PREFIX}{job_id}"
 
 
 def user_channel(owner_id: str) -> str:
-    return f"sluice:user:{owner_id}"
+    return f"{USER_CHANNEL_PREFIX}{owner_id}"
 
 
 async def publish_event(redis: Redis, event: ProgressEvent) -> None:
@@ -63,7 +70,3 @@ async def publish_event(redis: Redis, event: ProgressEvent) -> None:
     if event.terminal and event.owner_id:
         pipe.publish(user_channel(event.owner_id), payload)
     await pipe.execute()
-
-
-def now() -> float:
-    return time.time()

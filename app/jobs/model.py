@@ -1,8 +1,11 @@
-"""What a job is: its statuses and stages, and the event that records a change.
+"""What a job and a document are: their statuses and stages, and the event that
+records a job's change.
 
 Every status and stage is a :class:`~enum.StrEnum` whose values are the strings
-stored in the ``jobs`` table and sent on the wire, so they compare equal to the
-raw strings a row or a decoded message holds.
+stored in the ``jobs`` and ``documents`` tables (their CHECK constraints list
+the same values; ``tests/test_migrations.py`` pins that) and sent on the wire,
+so they compare equal to, hash like and encode as the raw strings a row or a
+decoded message holds.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ class JobStatus(StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+"""A job in one of these never changes state again (short of ``/retry``)."""
+
+UNFINISHED_STATUSES = frozenset(JobStatus) - TERMINAL_STATUSES
+"""A job in one of these is still in flight: it will change state on its own.  A
+document has at most one such job (reprocessing refuses a second one), and
+deleting the document drops its unfinished jobs from the queue."""
+
+RETRYABLE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+"""``/retry`` queues a job in one of these again, under the same id."""
 
 
 class Stage(StrEnum):
@@ -39,13 +51,29 @@ class Stage(StrEnum):
     INDEX = "index"
 
 
+class DocumentStatus(StrEnum):
+    """Where a document's bytes and chunks are (``documents.status``)."""
+
+    PENDING = "pending"
+    """Its upload has not completed: there are no bytes to process yet."""
+    STORED = "stored"
+    PROCESSING = "processing"
+    INDEXED = "indexed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class ProgressEvent(msgspec.Struct, kw_only=True, omit_defaults=False):
-    """One job state change; the ``data`` of a WebSocket ``job_progress`` message."""
+    """One job state change; the ``data`` of a WebSocket ``job_progress`` message.
+
+    ``status`` and ``stage`` encode as their string values, so the wire form is
+    the one a plain-string event had; decoding yields the enums.
+    """
 
     job_id: str
     seq: int
-    status: str
-    stage: str | None
+    status: JobStatus
+    stage: Stage | None
     stage_progress: float
     overall_progress: float
     message: str

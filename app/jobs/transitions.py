@@ -13,11 +13,14 @@ Both write through one ``UPDATE`` that bumps the job's ``seq`` with the new
 state, so sequence numbers only grow and agree with the table.  A failed
 publish is logged, never raised: the table stays the truth, and resuming
 subscribers fall back to its snapshot.
+
+Reading a job's state as an event lives here too (:func:`job_snapshot`,
+:func:`job_snapshots`; :func:`event_from_row` over :data:`JOB_EVENT_COLUMNS`),
+so the columns an event is made of are spelled once.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,28 +29,29 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.core.db import Queryable
-from app.core.errors import Conflict, NotFound
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage
 from app.jobs.events import publish_event
-from app.jobs.model import TERMINAL_STATUSES, JobStatus, ProgressEvent
+from app.jobs.model import TERMINAL_STATUSES, JobStatus, ProgressEvent, Stage
 
 log = get_logger(__name__)
 
-_RETURNING = """
+JOB_EVENT_COLUMNS = """
     id::text AS job_id, seq, status, stage, stage_progress, overall_progress, message,
     extract(epoch FROM updated_at)::float8 AS ts, owner_id, document_id::text AS document_id,
     error_code, error_message
 """
+"""The ``jobs`` columns a :class:`ProgressEvent` is built from (:func:`event_from_row`);
+select them from ``jobs`` unaliased."""
 
 
 def event_from_row(row: asyncpg.Record, details: dict[str, Any] | None = None) -> ProgressEvent:
-    """Build the event (or snapshot) for a row selected with the job columns above."""
+    """Build the event (or snapshot) for a row selected with :data:`JOB_EVENT_COLUMNS`."""
     return ProgressEvent(
         job_id=row["job_id"],
         seq=row["seq"],
-        status=row["status"],
-        stage=row["stage"],
+        status=JobStatus(row["status"]),
+        stage=None if row["stage"] is None else Stage(row["stage"]),
         stage_progress=round(float(row["stage_progress"]), 4),
         overall_progress=round(float(row["overall_progress"]), 4),
         message=row["message"],
@@ -62,16 +66,26 @@ def event_from_row(row: asyncpg.Record, details: dict[str, Any] | None = None) -
 
 async def job_snapshot(db: Queryable, job_id: str) -> ProgressEvent | None:
     """The job's current state as an event (not published), or None if unknown."""
-    row = await db.fetchrow(f"SELECT {_RETURNING} FROM jobs WHERE id = $1::uuid", job_id)
+    row = await db.fetchrow(f"SELECT {JOB_EVENT_COLUMNS} FROM jobs WHERE id = $1::uuid", job_id)
     return event_from_row(row) if row is not None else None
 
 
-async def record_progress(
+async def job_snapshots(db: Queryable, job_ids: Collection[str]) -> dict[str, ProgressEvent]:
+    """Current states of the existing jobs among ``job_ids`` (any owner), by id, in one query.
+
+    Every id must be a valid UUID.
+    """
+    rows = await db.fetch(
+        f"SELECT {JOB_EVENT_COLUMNS} FROM jobs WHERE id = ANY($1::uuid[])", list(job_ids)
+    )
+    return {row["job_id"]: event_from_row(row) for row in rows}
+
+
+async def _write(
     db: Queryable,
-    redis: Redis | None,
     job_id: str,
     *,
-    status: JobStatus | str | None = None,
+    status: JobStatus | None = None,
     stage: str | None = None,
     stage_progress: float | None = None,
     overall_progress: float | None = None,
@@ -81,14 +95,12 @@ async def record_progress(
     details: dict[str, Any] | None = None,
     only_if_status: Collection[str] | None = None,
 ) -> ProgressEvent | None:
-    """Write a state change and publish it.
+    """Write one state change (not published); the event, or None if nothing changed.
 
     Fields left as ``None`` keep their current value.  With ``only_if_status``
     the change applies only while the job is in one of those statuses (so a
-    late progress report cannot resurrect a cancelled job); None is returned
-    when nothing was changed.  ``redis=None`` records without publishing.
-    A failed publish is logged, not raised: the table stays the truth and
-    resuming subscribers fall back to its snapshot.
+    late progress report cannot resurrect a cancelled job).  Every write bumps
+    ``seq``, so sequence numbers only grow and agree with the table.
     """
     terminal = status is not None and status in TERMINAL_STATUSES
     row = await db.fetchrow(
@@ -108,11 +120,11 @@ async def record_progress(
             seq = seq + 1,
             updated_at = clock_timestamp()
         WHERE id = $1::uuid AND ($10::text[] IS NULL OR status = ANY($10::text[]))
-        RETURNING {_RETURNING}
+        RETURNING {JOB_EVENT_COLUMNS}
         """,
         job_id,
         None if status is None else str(status),
-        stage,
+        None if stage is None else str(stage),
         stage_progress,
         overall_progress,
         message,
@@ -121,81 +133,7 @@ async def record_progress(
         terminal,
         None if only_if_status is None else [str(s) for s in only_if_status],
     )
-    if row is None:
-        return None
-    event = event_from_row(row, details)
-    if redis is not None:
-        try:
-            await publish_event(redis, event)
-        except Exception as exc:  # the table already holds the truth
-            log.warning(
-                "event_publish_failed",
-                job_id=job_id,
-                seq=event.seq,
-                exc_info=not is_redis_outage(exc),  # an outage needs no traceback
-            )
-    return event
-
-
-async def request_cancel(
-    db: asyncpg.Pool, redis: Redis | None, job_id: str, owner_id: str
-) -> ProgressEvent:
-    """Cancel a job on behalf of its owner; the one cancel path for every front end.
-
-    A job that has not started (``awaiting_upload``, ``queued``, ``retrying``)
-    ends ``cancelled`` at once; a ``running`` one gets ``cancel_requested`` and
-    its worker ends it at the next stage or batch boundary.  Cancelling an
-    already-cancelled job returns its state again (idempotent); a completed or
-    failed job is a :class:`Conflict`.  Unknown and foreign jobs are both
-    :class:`NotFound`.
-    """
-    try:
-        job_uuid = uuid.UUID(job_id)
-    except ValueError:
-        raise NotFound("job not found", code="job_not_found") from None
-    async with db.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            "SELECT status FROM jobs WHERE id = $1 AND owner_id = $2 FOR UPDATE",
-            job_uuid,
-            owner_id,
-        )
-        if row is None:
-            raise NotFound("job not found", code="job_not_found")
-        status = row["status"]
-        if status == JobStatus.CANCELLED:
-            snapshot = await job_snapshot(conn, job_id)
-            assert snapshot is not None
-            return snapshot
-        if status in (JobStatus.COMPLETED, JobStatus.FAILED):
-            raise Conflict(f"job already {status}", code="job_finished", details={"status": status})
-        await conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = $1", job_uuid)
-        if status == JobStatus.RUNNING:
-            event = await record_progress(conn, None, job_id, message="cancellation requested")
-        else:
-            event = await record_progress(
-                conn,
-                None,
-                job_id,
-                status=JobStatus.CANCELLED,
-                message="cancelled before processing started",
-            )
-            await conn.execute(
-                "UPDATE documents SET status = 'cancelled', updated_at = now() "
-                "WHERE id = (SELECT document_id FROM jobs WHERE id = $1)",
-                job_uuid,
-            )
-    assert event is not None
-    if redis is not None:  # publish after commit, so readers of the table agree
-        try:
-            await publish_event(redis, event)
-        except Exception as exc:
-            log.warning(
-                "event_publish_failed",
-                job_id=job_id,
-                seq=event.seq,
-                exc_info=not is_redis_outage(exc),
-            )
-    return event
+    return None if row is None else event_from_row(row, details)
 
 
 async def publish_events(redis: Redis | None, events: Collection[ProgressEvent]) -> None:
@@ -239,10 +177,9 @@ class JobChanges:
         details: dict[str, Any] | None = None,
         only_if_status: Collection[str] | None = None,
     ) -> ProgressEvent | None:
-        """Write one change (see :func:`record_progress` for the fields); None if skipped."""
-        event = await record_progress(
+        """Write one change (see :func:`_write` for the fields); None if skipped."""
+        event = await _write(
             self.conn,
-            None,
             job_id,
             status=status,
             stage=stage,
@@ -297,9 +234,8 @@ async def change_job(
     ``db`` must not be inside a transaction the caller will still roll back:
     use :class:`JobChanges` there.
     """
-    event = await record_progress(
+    event = await _write(
         db,
-        None,
         job_id,
         status=status,
         stage=stage,
@@ -314,6 +250,3 @@ async def change_job(
     if event is not None:
         await publish_events(redis, [event])
     return event
-
-
-JOB_EVENT_COLUMNS = _RETURNING

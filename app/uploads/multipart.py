@@ -29,7 +29,7 @@ settings, clock).  The rules:
   part again.  Parts are only ever recorded against the session's current
   S3 upload id, so a part that raced a restart is refused, not mis-recorded.
 * **cancel** aborts the S3 upload and cancels the job through
-  :func:`app.jobs.transitions.request_cancel`, the one cancel path.
+  :func:`app.jobs.service.request_cancel`, the one cancel path.
 * the **sweeper** (:mod:`app.uploads.sweeper`) aborts sessions past
   their TTL and those whose job was cancelled elsewhere.
 """
@@ -66,7 +66,8 @@ from app.core.storage import S3Client, client_error_code, storage_errors
 from app.jobs.documents import create_document, create_job, object_key_for
 from app.jobs.events import publish_event
 from app.jobs.model import JobStatus, ProgressEvent, Stage
-from app.jobs.transitions import record_progress, request_cancel
+from app.jobs.service import request_cancel
+from app.jobs.transitions import record_progress
 from app.uploads.rules import (
     HEX_MD5,
     MAX_PARTS,

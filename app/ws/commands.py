@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from app.core.errors import Conflict, NotFound, SluiceError
 from app.core.logging import get_logger
-from app.jobs.transitions import request_cancel
+from app.jobs.service import request_cancel
 from app.ws.connection import Connection
 from app.ws.hub import FollowResult, Hub
 from app.ws.messages import (

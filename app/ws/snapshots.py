@@ -15,9 +15,7 @@ from collections.abc import Iterable
 import asyncpg
 
 from app.jobs.model import ProgressEvent
-from app.jobs.transitions import JOB_EVENT_COLUMNS, event_from_row
-
-_SNAPSHOTS_SQL = f"SELECT {JOB_EVENT_COLUMNS} FROM jobs WHERE id = ANY($1::uuid[])"
+from app.jobs.transitions import job_snapshots
 
 
 class SnapshotLoader:
@@ -71,7 +69,7 @@ class SnapshotLoader:
     async def _run(self, batch: dict[str, asyncio.Future[ProgressEvent | None]]) -> None:
         self.queries += 1
         try:
-            rows = await self._db.fetch(_SNAPSHOTS_SQL, list(batch))
+            found = await job_snapshots(self._db, list(batch))
         except Exception as exc:
             for fut in batch.values():
                 if not fut.done():
@@ -81,7 +79,6 @@ class SnapshotLoader:
                 fut.cancel()
             raise
         else:
-            found = {row["job_id"]: event_from_row(row) for row in rows}
             for job_id, fut in batch.items():
                 if not fut.done():
                     fut.set_result(found.get(job_id))
