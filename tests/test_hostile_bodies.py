@@ -33,7 +33,7 @@ import pytest
 
 from app.core.auth import TokenService
 from app.core.settings import Settings
-from app.gateway.routes.uploads import PartBuffer
+from app.uploads.parts import PartBuffer
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import GatewayProcess, gateway_env
 

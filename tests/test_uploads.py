@@ -16,6 +16,7 @@ from app.core.errors import BadRequest
 from app.gateway.formstream import FormPart, iter_form
 from app.gateway.services import Services
 from app.jobs.events import decode_event, stream_key
+from app.uploads.model import UploadSessionStatus
 from app.uploads.rules import MAX_PARTS, MIN_PART_SIZE, decide_chunk_size
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (
@@ -43,6 +44,19 @@ def test_chunk_size_rules() -> None:
     chunk, parts = decide_chunk_size(size, 8 * MiB)
     assert parts <= MAX_PARTS and chunk % MiB == 0 and chunk * parts >= size
     assert (chunk - MiB) * MAX_PARTS < size  # raised no more than needed
+
+
+async def test_upload_session_statuses_are_the_tables(upload_services: Services) -> None:
+    """Every stored status is one the table's CHECK admits; ``lost`` is only reported."""
+    check = await upload_services.db.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = 'upload_sessions'::regclass AND contype = 'c' "
+        "AND pg_get_constraintdef(oid) LIKE '%status%'"
+    )
+    assert isinstance(check, str)
+    stored = set(UploadSessionStatus) - {UploadSessionStatus.LOST}
+    assert all(f"'{s}'" in check for s in stored), check
+    assert f"'{UploadSessionStatus.LOST}'" not in check
 
 
 async def test_multipart_happy_path_stores_exact_bytes(

@@ -7,7 +7,8 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aioboto3
 import httpx
@@ -18,6 +19,7 @@ from botocore.config import Config
 from app.core.queue import JobQueue
 from app.gateway.routes.uploads import upload_context
 from app.gateway.services import Services
+from app.jobs.events import decode_event, stream_key
 from app.jobs.service import request_cancel
 from app.uploads import sweeper
 from tests import fixtures_uploads as fx
@@ -32,6 +34,8 @@ from tests.fixtures_uploads import (
     s3_object,
     s3_upload_ids,
 )
+from workers.context import WorkerContext
+from workers.lease import resync_queue
 
 gateway_factory = fx.gateway_factory
 upload_services = fx.upload_services
@@ -195,6 +199,10 @@ async def test_lost_enqueue_is_recovered_by_the_sweeper(
     finally:
         await dead_redis.aclose()
     uid = init["upload_id"]
+    job_status = await upload_services.db.fetchval(
+        "SELECT status FROM jobs WHERE id = $1::uuid", init["job_id"]
+    )
+    assert job_status == "queued"
     assert (
         await upload_services.db.fetchval(
             "SELECT enqueued_at FROM upload_sessions WHERE id = $1::uuid", uid
@@ -210,6 +218,57 @@ async def test_lost_enqueue_is_recovered_by_the_sweeper(
     assert report.reenqueued >= 1
     assert await upload_services.redis.exists(job_key_prefix + init["job_id"])
     assert (await sweeper.sweep(upload_context(upload_services))).reenqueued == 0
+
+
+async def test_simple_upload_during_a_queue_outage_is_queued_and_resync_enqueues_it(
+    upload_services: Services, auth_headers: dict[str, str]
+) -> None:
+    """The one enqueue-failure policy: the job is committed ``queued`` before the enqueue,
+    so an unreachable queue neither fails the upload (no 503, no failed job) nor loses
+    the job: the workers' resync enqueues it."""
+    dead_redis = ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    try:
+        svc = dataclasses.replace(upload_services, queue=JobQueue(dead_redis))
+        async with app_client(svc) as c:
+            r = await c.post(
+                f"{BASE}/simple",
+                headers=auth_headers,
+                files={"file": ("outage.txt", b"stored while the queue was down", "text/plain")},
+            )
+    finally:
+        await dead_redis.aclose()
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["status"] == "queued"
+    job_id = body["job_id"]
+    job = await upload_services.db.fetchrow(
+        "SELECT j.status, j.stage, j.stage_progress, j.message, j.error_code, j.seq, "
+        "j.queued_at, d.status AS document_status "
+        "FROM jobs j JOIN documents d ON d.id = j.document_id WHERE j.id = $1::uuid",
+        job_id,
+    )
+    assert job is not None
+    assert (job["status"], job["error_code"], job["document_status"]) == (
+        "queued",
+        None,
+        "stored",
+    )
+    assert (job["stage"], job["stage_progress"], job["seq"]) == ("upload", 1.0, 1)
+    assert job["message"] == "upload complete; queued for processing"
+    assert job["queued_at"] is not None
+    # the queued change was published (after the commit), like a resumable upload's
+    published = [
+        decode_event(fields[b"e"])
+        for _, fields in await upload_services.redis.xrange(stream_key(job_id))
+    ]
+    assert [(e.seq, e.status) for e in published] == [(1, "queued")]
+    assert published[0].details == {"bytes_received": 31, "file_size": 31}
+    assert not await upload_services.redis.exists(job_key_prefix + job_id)
+    worker = cast(
+        WorkerContext, SimpleNamespace(db=upload_services.db, queue=upload_services.queue)
+    )
+    assert job_id in await resync_queue(worker, grace_seconds=0)
+    assert await upload_services.redis.exists(job_key_prefix + job_id)
 
 
 async def _slow_body(data: bytes, started: asyncio.Event) -> AsyncIterator[bytes]:

@@ -63,6 +63,7 @@ FILENAME_JSON_SCHEMA = {"pattern": FILENAME_PATTERN, "maxLength": MAX_FILENAME_B
 """``maxLength`` counts characters: a non-ASCII name can pass it and still exceed
 :data:`MAX_FILENAME_BYTES` (400 ``invalid_filename``)."""
 HEX_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
+HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def decide_chunk_size(file_size: int, configured: int) -> tuple[int, int]:
@@ -181,6 +182,19 @@ def check_size(file_size: int, limit: int, *, field: str = "file_size") -> None:
             code="file_too_large",
             details={"field": field, "limit": limit, "limit_mb": limit // MiB, "size": file_size},
         )
+
+
+def check_sha256(checksum: str | None) -> str | None:
+    """A declared SHA-256 (64 hex digits) in lower case, or 400 ``invalid_checksum``."""
+    if checksum is None:
+        return None
+    if not HEX_SHA256.fullmatch(checksum):
+        raise BadRequest(
+            "checksum_sha256 must be 64 hex digits",
+            code="invalid_checksum",
+            details={"field": "checksum_sha256"},
+        )
+    return checksum.lower()
 
 
 def parse_md5(*, content_md5: str | None, hex_md5: str | None) -> bytes:

@@ -14,7 +14,7 @@ import msgspec
 from app.core.queue import Priority
 from app.core.schemas import ProcessingOptions, Request, Response
 from app.jobs.documents import DOCUMENT_TYPES
-from app.uploads.rules import FILENAME_JSON_SCHEMA, HEX_MD5
+from app.uploads.rules import FILENAME_JSON_SCHEMA, HEX_MD5, MAX_PARTS
 
 Filename = Annotated[
     str, msgspec.Meta(extra_json_schema=FILENAME_JSON_SCHEMA, examples=["annual report 2025.pdf"])
@@ -26,6 +26,8 @@ DocumentType = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(DOCUM
 HexMd5 = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": HEX_MD5.pattern})]
 """An MD5 as 32 hex digits; checked by :func:`~app.uploads.rules.parse_md5`
 (400 ``invalid_checksum``), not by the decoder."""
+_PART_NUMBER = msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": MAX_PARTS})
+_MAYBE_HEX_MD5 = msgspec.Meta(extra_json_schema={"pattern": "^(?:[0-9a-fA-F]{32})?$"})
 
 
 class InitiateUpload(Request):
@@ -39,6 +41,30 @@ class InitiateUpload(Request):
     checksum_sha256: (
         Annotated[str, msgspec.Meta(extra_json_schema={"pattern": "^[0-9a-fA-F]{64}$"})] | None
     ) = None
+
+
+# The text fields of the form route for one part (its bytes are ``chunk_file``).
+class ChunkFields(Request):
+    upload_id: Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
+    part_number: Annotated[int, _PART_NUMBER]
+    chunk_hash: HexMd5
+    total_parts: Annotated[int, _PART_NUMBER] | None = None
+    is_final_chunk: bool | None = None
+
+
+# The text fields of a simple upload's form (its bytes are ``file``).
+class SimpleFields(Request):
+    priority: Priority = Priority.NORMAL
+    document_type: DocumentType | None = None
+    processing_options: str | None = None
+    """A JSON object, as text, validated like ``reprocess``'s (``chunk_size``,
+    ``chunk_overlap``): malformed or nested too deep is 400, a bad value 422."""
+
+
+class PresignBody(Request):
+    content_md5: Annotated[str, _MAYBE_HEX_MD5] | None = None
+    """Hex MD5 of the part (empty is the same as absent); when given, storage rejects
+    any other bytes."""
 
 
 class InitiatedUpload(Response):

@@ -2,8 +2,12 @@
 
 :class:`StreamingObjectWriter` holds at most one part in memory: a body that
 fits in one part becomes a ``PutObject``; a longer one becomes a multipart
-upload whose parts are sent as they fill.  :func:`finalize_direct` then
-creates the document (``stored``) and its job (``queued``) and enqueues it.
+upload whose parts are sent as they fill.  :func:`finalize_simple` then
+registers the document (``stored``) and its job (``queued``) through
+:func:`~app.uploads.register.register_upload`, the same path as a resumable
+upload's, and enqueues the job once that has committed.  A Redis outage at
+that point does not fail the upload: the job stays ``queued`` and the
+workers' ``resync_queue`` enqueues it (``enqueue_or_defer``).
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import io
 import uuid
 from typing import Any
 
-from app.core.errors import PayloadTooLarge, ServiceUnavailable
+from app.core.errors import PayloadTooLarge
 from app.core.logging import get_logger
 from app.core.queue import Priority
 from app.core.storage import S3Client, storage_errors
-from app.jobs.documents import create_document, create_job, object_key_for
-from app.jobs.model import JobStatus, Stage
-from app.jobs.transitions import record_progress
-from app.uploads.multipart import UploadContext
+from app.jobs.documents import object_key_for
+from app.jobs.transitions import job_transaction
+from app.uploads.model import UploadContext
+from app.uploads.register import NewUpload, register_upload
 from app.uploads.rules import MiB
 from app.uploads.schemas import CompletedUpload
 
@@ -127,7 +131,7 @@ class StreamingObjectWriter:
                 await self._s3.delete_object(Bucket=self._bucket, Key=self.key)
 
 
-def new_direct_writer(ctx: UploadContext, content_type: str) -> tuple[str, StreamingObjectWriter]:
+def new_simple_writer(ctx: UploadContext, content_type: str) -> tuple[str, StreamingObjectWriter]:
     """A fresh document id and a writer for its object (limit: the multipart threshold)."""
     document_id = str(uuid.uuid4())
     writer = StreamingObjectWriter(
@@ -141,7 +145,7 @@ def new_direct_writer(ctx: UploadContext, content_type: str) -> tuple[str, Strea
     return document_id, writer
 
 
-async def finalize_direct(
+async def finalize_simple(
     ctx: UploadContext,
     owner_id: str,
     *,
@@ -153,57 +157,25 @@ async def finalize_direct(
     priority: Priority,
     processing_options: dict[str, Any] | None = None,
 ) -> CompletedUpload:
-    """Record a stored object as a document with a queued job and enqueue it."""
-    job_id = str(uuid.uuid4())
-    async with ctx.db.acquire() as conn, conn.transaction():
-        await create_document(
-            conn,
-            owner_id=owner_id,
-            filename=filename,
-            content_type=content_type,
-            document_type=document_type,
-            size_bytes=size,
-            processing_options=processing_options,
-            status="stored",
-            document_id=document_id,
-        )
-        await create_job(
-            conn,
-            owner_id=owner_id,
-            document_id=document_id,
-            priority=priority,
-            status=JobStatus.QUEUED,
-            job_id=job_id,
-        )
-    await record_progress(
-        ctx.db,
-        ctx.redis,
-        job_id,
-        stage=Stage.UPLOAD,
-        stage_progress=1.0,
-        message="upload complete; queued for processing",
-        details={"bytes_received": size, "file_size": size},
+    """Register a stored object as a document with a queued job, then enqueue it."""
+    upload = NewUpload(
+        owner_id=owner_id,
+        document_id=document_id,
+        job_id=str(uuid.uuid4()),
+        filename=filename,
+        content_type=content_type,
+        document_type=document_type,
+        size=size,
+        priority=priority,
+        processing_options=processing_options or {},
     )
-    try:
-        await ctx.queue.enqueue(job_id, priority)
-    except Exception:
-        log.warning("enqueue_failed", job_id=job_id, exc_info=True)
-        await record_progress(
-            ctx.db,
-            ctx.redis,
-            job_id,
-            status=JobStatus.FAILED,
-            error_code="enqueue_failed",
-            error_message="the job could not be queued; upload again",
-            only_if_status=[JobStatus.QUEUED],
-        )
-        raise ServiceUnavailable(
-            "the job queue is unavailable; upload again", code="queue_unavailable"
-        ) from None
-    log.info("direct_upload_stored", job_id=job_id, document_id=document_id, size=size)
+    async with job_transaction(ctx.db, ctx.redis) as changes:
+        await register_upload(changes, upload, stored=True)
+    await ctx.queue.enqueue_or_defer(upload.job_id, priority)
+    log.info("simple_upload_stored", job_id=upload.job_id, document_id=document_id, size=size)
     return CompletedUpload(
         upload_id=None,
-        job_id=job_id,
+        job_id=upload.job_id,
         document_id=document_id,
         status="queued",
         size=size,

@@ -13,7 +13,6 @@ requests from touching the same session at once.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import datetime, timedelta
 
 from redis.asyncio import Redis
@@ -21,18 +20,17 @@ from redis.asyncio import Redis
 from app.core.errors import ServiceUnavailable
 from app.core.logging import get_logger
 from app.jobs.model import JobStatus
-from app.jobs.transitions import record_progress
-from app.uploads.multipart import (
-    REENQUEUE_GRACE_SECONDS,
+from app.jobs.transitions import job_transaction
+from app.uploads.completion import REENQUEUE_GRACE_SECONDS, reenqueue_if_lost
+from app.uploads.model import (
     SESSION_COLUMNS,
-    Session,
     UploadContext,
-    abort_s3,
-    publish,
-    reenqueue_if_lost,
+    UploadSession,
+    UploadSessionStatus,
     session_from_row,
 )
 from app.uploads.schemas import SweepReport
+from app.uploads.sessions import abort_s3
 
 log = get_logger(__name__)
 SWEEP_LOCK_KEY = "sluice:uploads:sweeper"
@@ -60,9 +58,9 @@ async def sweep(ctx: UploadContext, *, batch: int = 200) -> SweepReport:
         except ServiceUnavailable:
             log.warning("sweep_abort_failed", upload_id=session.id)
             continue
-        if outcome == "expired":
+        if outcome == UploadSessionStatus.EXPIRED:
             report.expired += 1
-        elif outcome == "cancelled":
+        elif outcome == UploadSessionStatus.CANCELLED:
             report.cancelled += 1
     lost = await ctx.db.fetch(
         f"""
@@ -85,9 +83,13 @@ async def sweep(ctx: UploadContext, *, batch: int = 200) -> SweepReport:
     return report
 
 
-async def _close_abandoned(ctx: UploadContext, session: Session, now: datetime) -> str | None:
-    event = None
-    async with ctx.db.acquire() as conn, conn.transaction():
+async def _close_abandoned(
+    ctx: UploadContext, session: UploadSession, now: datetime
+) -> UploadSessionStatus | None:
+    """Abort one open session whose job was cancelled (``cancelled``) or that is past
+    its TTL (``expired``: its document and job fail); None if left to someone else."""
+    async with job_transaction(ctx.db, ctx.redis) as changes:
+        conn = changes.conn
         row = await conn.fetchrow(
             f"SELECT {SESSION_COLUMNS} FROM upload_sessions s JOIN jobs j ON j.id = s.job_id "
             "WHERE s.id = $1::uuid AND s.status IN ('initiated', 'uploading') "
@@ -97,23 +99,24 @@ async def _close_abandoned(ctx: UploadContext, session: Session, now: datetime) 
         if row is None:  # another replica or request is on it
             return None
         session = session_from_row(row)
-        outcome = "cancelled" if session.job_status == JobStatus.CANCELLED else "expired"
-        if outcome == "expired" and session.expires_at > now:
+        if session.job_status == JobStatus.CANCELLED:
+            outcome = UploadSessionStatus.CANCELLED
+        elif session.expires_at <= now:
+            outcome = UploadSessionStatus.EXPIRED
+        else:
             return None
         await abort_s3(ctx, session)
         await conn.execute(
             "UPDATE upload_sessions SET status = $2, updated_at = now() WHERE id = $1::uuid",
             session.id,
-            outcome,
+            str(outcome),
         )
-        if outcome == "expired":
+        if outcome == UploadSessionStatus.EXPIRED:
             await conn.execute(
                 "UPDATE documents SET status = 'failed', updated_at = now() WHERE id = $1::uuid",
                 session.document_id,
             )
-            event = await record_progress(
-                conn,
-                None,
+            await changes.record(
                 session.job_id,
                 status=JobStatus.FAILED,
                 error_code="upload_expired",
@@ -121,16 +124,18 @@ async def _close_abandoned(ctx: UploadContext, session: Session, now: datetime) 
                 message="upload expired",
                 only_if_status=[JobStatus.AWAITING_UPLOAD],
             )
-    await publish(ctx, event)
     return outcome
 
 
 async def sweep_once_across_replicas(
     ctx: UploadContext, redis: Redis, *, interval_seconds: float
 ) -> SweepReport | None:
-    """Run :func:`sweep` unless another replica already did this interval."""
-    token = uuid.uuid4().hex
-    if not await redis.set(SWEEP_LOCK_KEY, token, nx=True, px=int(interval_seconds * 1000)):
+    """Run :func:`sweep` unless another replica already did this interval.
+
+    The key is never released, only left to expire with the interval, so its
+    value means nothing and no replica needs to tell whose it is.
+    """
+    if not await redis.set(SWEEP_LOCK_KEY, b"1", nx=True, px=int(interval_seconds * 1000)):
         return None
     return await sweep(ctx)
 

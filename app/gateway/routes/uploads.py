@@ -1,13 +1,14 @@
 """Upload routes: resumable multipart sessions and single-request uploads.
 
-The handlers only read HTTP (paths, headers, bodies) and call
-:mod:`app.uploads.multipart` / :mod:`app.uploads.simple`.  Every body is read
-through :func:`~app.gateway.http.iter_body` with the route's limit (the part
-size for parts, plus :data:`FORM_OVERHEAD` for forms; the simple-upload
-threshold for ``/simple``; ``MAX_JSON_BODY_KB`` for JSON).  Part bodies are
-written into a :class:`PartBuffer` that grows as the bytes arrive (never
-reserved up front) while their MD5 is computed piece by piece, so a request never holds more than
-what it has sent, at most one part; a user has at most
+The handlers only read HTTP (paths, headers, bodies) and call the services of
+:mod:`app.uploads` (sessions, parts, presign, completion, listing, simple).
+Every body is read through :func:`~app.gateway.http.iter_body` with the
+route's limit (the part size for parts, plus :data:`FORM_OVERHEAD` for forms;
+the simple-upload threshold for ``/simple``; ``MAX_JSON_BODY_KB`` for JSON).
+Part bodies are written into a :class:`~app.uploads.parts.PartBuffer` that
+grows as the bytes arrive (never reserved up front) while their MD5 is
+computed piece by piece, so a request never holds more than what it has
+sent, at most one part; a user has at most
 ``MAX_PARTS_IN_FLIGHT_PER_USER`` part requests in progress per gateway process
 (:class:`PartSlots`).  The multipart form routes use the streaming reader in
 :mod:`app.gateway.formstream` rather than Starlette's spooling parser.
@@ -16,22 +17,17 @@ what it has sent, at most one part; a user has at most
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, Any
+from collections.abc import Iterator
+from typing import Any
 
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 
 from app.core.errors import BadRequest, PayloadTooLarge, RateLimited, ValidationFailed
-from app.core.queue import Priority
 from app.core.schemas import Page, PageQuery, ProcessingOptions
-from app.core.schemas import Request as RequestSchema
 from app.core.settings import Settings
 from app.gateway.formstream import FormPart, read_form
 from app.gateway.http import (
@@ -52,10 +48,26 @@ from app.gateway.http import (
 from app.gateway.routes.documents import document_links
 from app.gateway.routes.jobs import job_links
 from app.gateway.services import Services, services
-from app.uploads import multipart as mp
-from app.uploads import rules
-from app.uploads import schemas as us
-from app.uploads.simple import StreamingObjectWriter, finalize_direct, new_direct_writer
+from app.uploads import listing, sessions
+from app.uploads.completion import complete as complete_upload
+from app.uploads.model import UploadContext
+from app.uploads.parts import PartBuffer, check_part, read_exact, upload_part
+from app.uploads.presign import presign_part
+from app.uploads.rules import check_filename, check_size, classify, decide_chunk_size, parse_md5
+from app.uploads.schemas import (
+    ActiveUpload,
+    CancelledUpload,
+    ChunkFields,
+    CompletedUpload,
+    InitiatedUpload,
+    InitiateUpload,
+    PartAccepted,
+    PresignBody,
+    PresignedPart,
+    SimpleFields,
+    UploadStatus,
+)
+from app.uploads.simple import StreamingObjectWriter, finalize_simple, new_simple_writer
 
 PREFIX = "/api/v1/documents/upload"
 FORM_OVERHEAD = 64 * 1024
@@ -106,34 +118,6 @@ def part_slots(request: Request) -> PartSlots:
     return slots
 
 
-_PART_NUMBER = msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": rules.MAX_PARTS})
-
-
-class ChunkFields(RequestSchema):
-    upload_id: Annotated[str, msgspec.Meta(extra_json_schema={"format": "uuid"})]
-    part_number: Annotated[int, _PART_NUMBER]
-    chunk_hash: us.HexMd5
-    total_parts: Annotated[int, _PART_NUMBER] | None = None
-    is_final_chunk: bool | None = None
-
-
-class SimpleFields(RequestSchema):
-    priority: Priority = Priority.NORMAL
-    document_type: us.DocumentType | None = None
-    processing_options: str | None = None
-    """A JSON object, as text, validated like ``reprocess``'s (``chunk_size``,
-    ``chunk_overlap``): malformed or nested too deep is 400, a bad value 422."""
-
-
-_MAYBE_HEX_MD5 = msgspec.Meta(extra_json_schema={"pattern": "^(?:[0-9a-fA-F]{32})?$"})
-
-
-class PresignBody(RequestSchema):
-    content_md5: Annotated[str, _MAYBE_HEX_MD5] | None = None
-    """Hex MD5 of the part (empty is the same as absent); when given, storage rejects
-    any other bytes."""
-
-
 class UploadMetrics:
     """Upload counters on the gateway's Prometheus registry (errors are in the
     per-route HTTP metrics)."""
@@ -166,8 +150,8 @@ def metrics_of(svc: Services) -> UploadMetrics:
     return found
 
 
-def upload_context(svc: Services) -> mp.UploadContext:
-    return mp.UploadContext(
+def upload_context(svc: Services) -> UploadContext:
+    return UploadContext(
         db=svc.db,
         redis=svc.redis,
         s3=svc.s3,
@@ -178,7 +162,7 @@ def upload_context(svc: Services) -> mp.UploadContext:
     )
 
 
-def _ctx(request: Request) -> mp.UploadContext:
+def _ctx(request: Request) -> UploadContext:
     return upload_context(services(request))
 
 
@@ -193,80 +177,7 @@ def _int(value: str, field: str) -> int:
 
 def max_part_size(settings: Settings) -> int:
     """The largest part any session can have under these settings."""
-    return rules.decide_chunk_size(
-        settings.max_upload_size_bytes, settings.upload_chunk_size_bytes
-    )[0]
-
-
-class PartBuffer:
-    """One part held in memory as it arrives, with its MD5.
-
-    Room is reserved as bytes arrive, never before: the reservation doubles from
-    :data:`MIN_RESERVE` (twice what has arrived) until that would reach a quarter
-    of ``capacity`` (the part's size), and then becomes the whole part.  So a slow
-    client that sent a few bytes costs 64 KiB, not a part; a part costs its size
-    only once an eighth of it has arrived; at most an eighth of the part is copied
-    by regrowth (no quadratic copying, and the big buffer is allocated once, which
-    keeps the allocator's peak where a fixed buffer would be); and S3's client
-    streams from :meth:`finish`'s ``BytesIO`` without another copy.
-    """
-
-    MIN_RESERVE = 64 * 1024
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.body = io.BytesIO()
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
-        self._reserved = 0
-
-    def add(self, data: bytes) -> None:
-        end = self.size + len(data)
-        if end > self._reserved:
-            room = max(self.MIN_RESERVE, 2 * end)
-            self._reserve(max(end, self.capacity if 4 * room >= self.capacity else room))
-        self.body.write(data)
-        self.md5.update(data)
-        self.size = end
-
-    def _reserve(self, room: int) -> None:
-        self.body.seek(room - 1)
-        self.body.write(b"\0")
-        self.body.seek(self.size)
-        self._reserved = room
-
-    def finish(self) -> io.BytesIO:
-        """The part's bytes (the unused reservation dropped), positioned at 0."""
-        self.body.truncate(self.size)
-        self.body.seek(0)
-        return self.body
-
-
-async def read_exact(
-    chunks: AsyncIterator[bytes], size: int, *, field: str = "body"
-) -> tuple[io.BytesIO, bytes]:
-    """Read exactly ``size`` bytes (400 on more or fewer) into a :class:`PartBuffer`;
-    return it and the bytes' MD5.  The buffer is freed at once on any failure."""
-    part = PartBuffer(size)
-    try:
-        async for piece in chunks:
-            if part.size + len(piece) > size:
-                raise BadRequest(
-                    f"part must be exactly {size} bytes; more were sent",
-                    code="invalid_part_size",
-                    details={"field": field, "expected_size": size},
-                )
-            part.add(piece)
-        if part.size != size:
-            raise BadRequest(
-                f"part must be exactly {size} bytes, got {part.size}",
-                code="invalid_part_size",
-                details={"field": field, "expected_size": size, "size": part.size},
-            )
-    except BaseException:
-        part.body.close()  # free it now, not when the error's traceback goes
-        raise
-    return part.finish(), part.md5.digest()
+    return decide_chunk_size(settings.max_upload_size_bytes, settings.upload_chunk_size_bytes)[0]
 
 
 # --- sessions --------------------------------------------------------------------------
@@ -274,8 +185,8 @@ async def read_exact(
 
 async def initiate(request: Request) -> Response:
     ident = identity(request)
-    body = await read_json(request, us.InitiateUpload)
-    result = await mp.initiate(_ctx(request), ident.user_id, body)
+    body = await read_json(request, InitiateUpload)
+    result = await sessions.initiate(_ctx(request), ident.user_id, body)
     metrics_of(services(request)).sessions.labels("initiated").inc()
     return json_response(result, 201)
 
@@ -290,7 +201,7 @@ async def put_part(request: Request) -> Response:
     ctx = _ctx(request)
     started = time.perf_counter()
     part_number = _int(request.path_params["part_number"], "part_number")
-    declared = rules.parse_md5(
+    declared = parse_md5(
         content_md5=request.headers.get("content-md5"), hex_md5=request.headers.get("x-chunk-hash")
     )
     limit = max_part_size(ctx.settings)
@@ -298,15 +209,17 @@ async def put_part(request: Request) -> Response:
     if length is not None and length > limit:
         raise too_large(limit, code="part_too_large", field="Content-Length")
     with part_slots(request).hold(ident.user_id):
-        session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
-        mp.ensure_writable(session, ctx.now())
-        expected = mp.check_part(session, part_number)
+        session = await sessions.get_session(
+            ctx.db, ident.user_id, request.path_params["upload_id"]
+        )
+        sessions.ensure_writable(session, ctx.now())
+        expected = check_part(session, part_number)
         if length is not None:
-            mp.check_part(session, part_number, length, size_field="Content-Length")
+            check_part(session, part_number, length, size_field="Content-Length")
         chunks = iter_body(request, limit, code="part_too_large")
         body, md5 = await read_exact(chunks, expected)
         with body:
-            accepted = await mp.upload_part(
+            accepted = await upload_part(
                 ctx, session, part_number, body, computed_md5=md5, declared_md5=declared
             )
     _count_part(request, "put", accepted.size, started)
@@ -332,9 +245,9 @@ async def chunk_form(request: Request) -> Response:
                     f"{required}: a form field is required", details={"field": required}
                 )
         form = convert(fields, ChunkFields)
-        session = await mp.get_session(ctx.db, ident.user_id, form.upload_id)
-        mp.ensure_writable(session, ctx.now())
-        mp.check_part(session, form.part_number, part.size, form.total_parts)
+        session = await sessions.get_session(ctx.db, ident.user_id, form.upload_id)
+        sessions.ensure_writable(session, ctx.now())
+        check_part(session, form.part_number, part.size, form.total_parts)
         if form.is_final_chunk is not None and form.is_final_chunk != (
             form.part_number == session.total_parts
         ):
@@ -343,8 +256,8 @@ async def chunk_form(request: Request) -> Response:
                 code="invalid_is_final_chunk",
                 details={"field": "is_final_chunk"},
             )
-        declared = rules.parse_md5(content_md5=None, hex_md5=form.chunk_hash)
-        accepted = await mp.upload_part(
+        declared = parse_md5(content_md5=None, hex_md5=form.chunk_hash)
+        accepted = await upload_part(
             ctx,
             session,
             form.part_number,
@@ -381,43 +294,44 @@ async def presign(request: Request) -> Response:
     ctx = _ctx(request)
     part_number = _int(request.path_params["part_number"], "part_number")
     body = await read_optional_json(request, PresignBody, PresignBody())
-    session = await mp.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
-    return json_response(await mp.presign_part(ctx, session, part_number, body.content_md5))
+    session = await sessions.get_session(ctx.db, ident.user_id, request.path_params["upload_id"])
+    return json_response(await presign_part(ctx, session, part_number, body.content_md5))
 
 
 async def complete(request: Request) -> Response:
     ident = identity(request)
     return json_response(
-        await mp.complete(_ctx(request), ident.user_id, request.path_params["upload_id"])
+        await complete_upload(_ctx(request), ident.user_id, request.path_params["upload_id"])
     )
 
 
 async def status(request: Request) -> Response:
     ident = identity(request)
     return json_response(
-        await mp.status(_ctx(request), ident.user_id, request.path_params["upload_id"])
+        await listing.status(_ctx(request), ident.user_id, request.path_params["upload_id"])
     )
 
 
 async def restart(request: Request) -> Response:
     """A lost upload (410 ``upload_lost``) starts again in place: same ids, no parts."""
     ident = identity(request)
-    return json_response(
-        await mp.restart(_ctx(request), ident.user_id, request.path_params["upload_id"])
-    )
+    ctx = _ctx(request)
+    upload_id = request.path_params["upload_id"]
+    await sessions.restart(ctx, ident.user_id, upload_id)
+    return json_response(await listing.status(ctx, ident.user_id, upload_id))
 
 
 async def cancel(request: Request) -> Response:
     ident = identity(request)
     return json_response(
-        await mp.cancel(_ctx(request), ident.user_id, request.path_params["upload_id"])
+        await sessions.cancel(_ctx(request), ident.user_id, request.path_params["upload_id"])
     )
 
 
 async def active(request: Request) -> Response:
     ident = identity(request)
     query = query_params(request, PageQuery)
-    return json_response(await mp.list_active(_ctx(request), ident.user_id, query))
+    return json_response(await listing.list_active(_ctx(request), ident.user_id, query))
 
 
 # --- single request ---------------------------------------------------------------------
@@ -430,19 +344,19 @@ async def simple(request: Request) -> Response:
     limit = ctx.settings.multipart_upload_threshold_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + FORM_OVERHEAD:
-        rules.check_size(int(length) - FORM_OVERHEAD, limit, field="file")
+        check_size(int(length) - FORM_OVERHEAD, limit, field="file")
     writer: StreamingObjectWriter | None = None
     document_id = ""
     finalizing = False
 
     async def open_file(part: FormPart, fields: dict[str, str]) -> StreamingObjectWriter:
         nonlocal writer, document_id
-        rules.check_filename(part.filename or "")
+        check_filename(part.filename or "")
         _options(fields.get("processing_options"))  # refuse bad options before storing
-        _, content_type = rules.classify(
+        _, content_type = classify(
             part.filename or "", part.content_type, fields.get("document_type")
         )
-        document_id, writer = new_direct_writer(ctx, content_type)
+        document_id, writer = new_simple_writer(ctx, content_type)
         return writer
 
     try:
@@ -450,14 +364,12 @@ async def simple(request: Request) -> Response:
         assert writer is not None
         form = convert(fields, SimpleFields)
         options = _options(form.processing_options)
-        filename = rules.check_filename(file_part.filename or "")
-        document_type, content_type = rules.classify(
-            filename, file_part.content_type, form.document_type
-        )
-        rules.check_size(writer.size, limit, field="file")
+        filename = check_filename(file_part.filename or "")
+        document_type, content_type = classify(filename, file_part.content_type, form.document_type)
+        check_size(writer.size, limit, field="file")
         size = await writer.finish()
         finalizing = True
-        result = await finalize_direct(
+        result = await finalize_simple(
             ctx,
             ident.user_id,
             document_id=document_id,
@@ -523,8 +435,8 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             status_code=201,
             summary="Start a resumable upload (creates the job)",
-            body=us.InitiateUpload,
-            response=us.InitiatedUpload,
+            body=InitiateUpload,
+            response=InitiatedUpload,
             errors=[415],
             links=[
                 *session_links,
@@ -556,7 +468,7 @@ def routes() -> list[ApiRoute]:
             body=ChunkFields,
             body_media_type="multipart/form-data",
             files=["chunk_file"],
-            response=us.PartAccepted,
+            response=PartAccepted,
             errors=[404, 409, 410],
             tags=tags,
         ),
@@ -567,7 +479,7 @@ def routes() -> list[ApiRoute]:
             summary="Send one part as the raw body with Content-MD5 or X-Chunk-Hash",
             raw_body=True,
             headers=_PART_HEADERS,
-            response=us.PartAccepted,
+            response=PartAccepted,
             errors=[404, 409, 410],
             tags=tags,
         ),
@@ -578,7 +490,7 @@ def routes() -> list[ApiRoute]:
             summary="A presigned S3 UploadPart URL for one part",
             body=PresignBody,
             body_required=False,
-            response=us.PresignedPart,
+            response=PresignedPart,
             errors=[404, 409, 410],
             tags=tags,
         ),
@@ -587,7 +499,7 @@ def routes() -> list[ApiRoute]:
             complete,
             methods=["POST"],
             summary="Complete the upload and queue its job (idempotent)",
-            response=us.CompletedUpload,
+            response=CompletedUpload,
             errors=[404, 409, 410],
             tags=tags,
         ),
@@ -601,7 +513,7 @@ def routes() -> list[ApiRoute]:
             body_media_type="multipart/form-data",
             files=["file"],
             json_fields={"processing_options": ProcessingOptions},
-            response=us.CompletedUpload,
+            response=CompletedUpload,
             errors=[415],
             links=_OTHERS,
             tags=tags,
@@ -611,7 +523,7 @@ def routes() -> list[ApiRoute]:
             status,
             methods=["GET"],
             summary="Upload progress, received and missing parts",
-            response=us.UploadStatus,
+            response=UploadStatus,
             errors=[404],
             tags=tags,
         ),
@@ -621,7 +533,7 @@ def routes() -> list[ApiRoute]:
             methods=["POST"],
             summary="Restart a lost upload (410 upload_lost): a fresh storage upload for "
             "the same session and job; send every part again (idempotent)",
-            response=us.UploadStatus,
+            response=UploadStatus,
             errors=[404, 409, 503],
             tags=tags,
         ),
@@ -630,7 +542,7 @@ def routes() -> list[ApiRoute]:
             cancel,
             methods=["DELETE"],
             summary="Abort the upload and cancel its job (idempotent)",
-            response=us.CancelledUpload,
+            response=CancelledUpload,
             errors=[404, 409],
             tags=tags,
         ),
@@ -640,7 +552,7 @@ def routes() -> list[ApiRoute]:
             methods=["GET"],
             query=PageQuery,
             summary="The caller's unfinished uploads, newest first",
-            response=Page[us.ActiveUpload],
+            response=Page[ActiveUpload],
             errors=[400, 422],
             tags=tags,
         ),
