@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -17,15 +16,13 @@ from app.core.auth import TokenService
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
-from app.gateway.bodyguard import BodyGuardMiddleware, BodyPolicy
-from app.gateway.middleware import (
-    AuthMiddleware,
-    HttpMetrics,
-    RequestContextMiddleware,
-    exception_handlers,
-)
+from app.gateway.metrics import GatewayMetrics
+from app.gateway.middleware.auth import AuthMiddleware
+from app.gateway.middleware.bodyguard import BodyGuardMiddleware, BodyPolicy
+from app.gateway.middleware.context import RequestContextMiddleware
+from app.gateway.middleware.errors import exception_handlers
+from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
-from app.gateway.ratelimit import RateLimitMiddleware
 from app.gateway.routes import documents, health, jobs, search, uploads
 from app.gateway.services import Services, open_services
 from app.uploads.sweeper import run_sweeper
@@ -57,9 +54,11 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     """Build the gateway.
 
     With ``services`` given (tests), the caller owns them; otherwise they are
-    opened from ``settings`` in the app's lifespan and closed at shutdown.
+    opened from ``settings`` in the app's lifespan and closed at shutdown.  The
+    metrics are built before either (the middleware records into them) and
+    are the services' own.
     """
-    registry = services.registry if services is not None else CollectorRegistry()
+    metrics = services.metrics if services is not None else GatewayMetrics()
     tokens = services.tokens if services is not None else TokenService(settings.jwt_secret.reveal())
 
     @asynccontextmanager
@@ -67,7 +66,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         if services is not None:
             yield
             return
-        async with open_services(settings, registry=registry) as svc:
+        async with open_services(settings, metrics=metrics) as svc:
             await ensure_bucket(svc.s3, settings.minio_bucket_name)
             app.state.services = svc
             sweeper = asyncio.create_task(
@@ -93,7 +92,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         lifespan=lifespan,
         exception_handlers=exception_handlers(),
         middleware=[
-            Middleware(RequestContextMiddleware, metrics=HttpMetrics.of(registry)),
+            Middleware(RequestContextMiddleware, metrics=metrics.http),
             Middleware(BodyGuardMiddleware, policy=BodyPolicy.of(settings)),
             Middleware(
                 CORSMiddleware,

@@ -27,10 +27,11 @@ import msgspec
 from starlette.requests import Request
 
 from app.core.errors import BadRequest, ValidationFailed
-from app.gateway.http import iter_body
+from app.gateway.requests import iter_body
 
 MAX_HEADER_BYTES = 16 * 1024
-MAX_PARTS = 32
+MAX_FORM_FIELDS = 32
+"""Most parts (text fields and files) one form may have."""
 _PARAM_RE = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:\\.|[^"\\])*"|[^;]*)')
 
 
@@ -100,7 +101,7 @@ def _parse_headers(raw: bytes) -> FormPart:
 
 async def iter_form(request: Request, limit: int) -> AsyncIterator[FormEvent]:
     """Stream the events of a ``multipart/form-data`` request body of at most
-    ``limit`` bytes (413 beyond, see :func:`~app.gateway.http.iter_body`)."""
+    ``limit`` bytes (413 beyond, see :func:`~app.gateway.requests.iter_body`)."""
     delimiter = b"--" + boundary_of(request.headers.get("content-type", ""))
     body_end = b"\r\n" + delimiter
     buf = bytearray()
@@ -134,8 +135,8 @@ async def iter_form(request: Request, limit: int) -> AsyncIterator[FormEvent]:
                         raise _invalid("part headers are too large")
                     break
                 parts += 1
-                if parts > MAX_PARTS:
-                    raise _invalid(f"more than {MAX_PARTS} form parts")
+                if parts > MAX_FORM_FIELDS:
+                    raise _invalid(f"more than {MAX_FORM_FIELDS} form parts")
                 part = _parse_headers(bytes(buf[:at]))
                 del buf[: at + 4]
                 state = "body"

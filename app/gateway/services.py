@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from arq.connections import ArqRedis
-from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
 from app.core.auth import TokenService
@@ -22,6 +21,7 @@ from app.core.db import create_pool
 from app.core.queue import JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import S3Client, open_s3
+from app.gateway.metrics import GatewayMetrics
 
 
 @dataclass
@@ -34,13 +34,14 @@ class Services:
     """Signs presigned URLs with the endpoint clients can reach."""
     tokens: TokenService
     queue: JobQueue
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    """The gateway's Prometheus series (built once; apps sharing these services share them)."""
     clock: Callable[[], float] = time.time
 
 
 @asynccontextmanager
 async def open_services(
-    settings: Settings, *, registry: CollectorRegistry | None = None
+    settings: Settings, *, metrics: GatewayMetrics | None = None
 ) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
         db = await create_pool(
@@ -59,7 +60,7 @@ async def open_services(
             s3_public=s3_public,
             tokens=TokenService(settings.jwt_secret.reveal()),
             queue=JobQueue(redis),
-            registry=registry if registry is not None else CollectorRegistry(),
+            metrics=metrics if metrics is not None else GatewayMetrics(),
         )
 
 

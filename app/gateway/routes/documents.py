@@ -35,15 +35,10 @@ from app.core.schemas import (
 from app.core.schemas import Request as RequestBody
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
-from app.gateway.http import (
-    ApiLink,
-    ApiRoute,
-    identity,
-    json_response,
-    query_params,
-    read_optional_json,
-)
+from app.gateway.requests import identity, query_params, read_optional_json
+from app.gateway.responses import json_response
 from app.gateway.routes.jobs import parse_id
+from app.gateway.routing import ApiLink, ApiRoute
 from app.gateway.services import Services, services
 from app.jobs.documents import create_job
 from app.jobs.model import JobStatus

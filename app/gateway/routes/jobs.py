@@ -26,7 +26,9 @@ from app.core.queue import Priority
 from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
 from app.core.schemas import Response as ResponseBody
 from app.core.storage import client_error_code
-from app.gateway.http import ApiLink, ApiRoute, identity, json_response, query_params
+from app.gateway.requests import identity, query_params
+from app.gateway.responses import json_response
+from app.gateway.routing import ApiLink, ApiRoute
 from app.gateway.services import Services, services
 from app.jobs.events import publish_event
 from app.jobs.model import JobStatus

@@ -30,7 +30,9 @@ from app.core.errors import ServiceUnavailable, TransientError, ValidationFailed
 from app.core.schemas import Request as RequestBody
 from app.core.schemas import Response as ResponseBody
 from app.core.settings import Settings
-from app.gateway.http import ApiRoute, identity, json_response, read_json
+from app.gateway.requests import identity, read_json
+from app.gateway.responses import json_response
+from app.gateway.routing import ApiRoute
 from app.gateway.services import services
 
 HNSW_EF_SEARCH = 200
