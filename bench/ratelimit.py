@@ -211,11 +211,13 @@ def scenarios(limit: int, t0: float) -> dict[str, tuple[list[float], int]]:
     burst = [t0 + 59.9] * limit + [t0 + 60.1] * limit
     late = [t0 + 59.9] * limit + [t0 + 90.0] * limit
     early = [t0 + 0.1] * limit + [t0 + 90.0] * limit
+    then_steady = [t0 + 59.9] * limit + [t0 + 60 + i * 0.1 for i in range(600)]
     steady = [t0 + i * 0.1 for i in range(3000)]  # 10/s = 6x a limit of 100/min, 5 min
     return {
         "full at 0:59.9, burst at 1:00.1: admitted": (burst, limit),
         "full at 0:59.9, burst at 1:30: admitted": (late, limit),
         "full at 0:00.1, burst at 1:30: admitted": (early, limit),
+        "full at 0:59.9, then 10/s for a minute: admitted": (then_steady, limit),
         "steady 10/s for 5 min: admitted": (steady, 0),
     }
 

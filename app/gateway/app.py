@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -16,7 +16,7 @@ from app.core.auth import TokenService
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
-from app.gateway.metrics import GatewayMetrics
+from app.gateway.metrics import GatewayMetrics, HttpMetrics
 from app.gateway.middleware.auth import AuthMiddleware
 from app.gateway.middleware.bodyguard import BodyGuardMiddleware, BodyPolicy
 from app.gateway.middleware.context import RequestContextMiddleware
@@ -60,6 +60,55 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     """
     metrics = services.metrics if services is not None else GatewayMetrics()
     tokens = services.tokens if services is not None else TokenService(settings.jwt_secret.reveal())
+    routes = api_routes()
+    spec = build_openapi(routes, title="Sluice", version=VERSION)
+    routes += [
+        Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
+        *docs_routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=_lifespan(settings, services, metrics),
+        exception_handlers=exception_handlers(),
+        middleware=middleware_stack(settings, metrics.http, tokens),
+    )
+    app.state.part_slots = uploads.PartSlots(settings.max_parts_in_flight_per_user)
+    if services is not None:
+        app.state.services = services
+    return app
+
+
+def middleware_stack(
+    settings: Settings, metrics: HttpMetrics, tokens: TokenService
+) -> list[Middleware]:
+    """The gateway's middleware, outermost first (see :mod:`app.gateway.middleware`)."""
+    return [
+        Middleware(RequestContextMiddleware, metrics=metrics),
+        Middleware(BodyGuardMiddleware, policy=BodyPolicy.of(settings)),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Content-MD5",
+                "X-Chunk-Hash",
+                "X-Request-ID",
+            ],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        ),
+        Middleware(AuthMiddleware, tokens=tokens),
+        Middleware(RateLimitMiddleware, settings=settings),
+    ]
+
+
+def _lifespan(
+    settings: Settings, services: Services | None, metrics: GatewayMetrics
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: nothing when the caller owns ``services``; otherwise open
+    them (with ``metrics``), make sure the bucket exists and run the upload sweeper."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -81,38 +130,4 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
                     await sweeper
         log.info("gateway_stopped")
 
-    routes = api_routes()
-    spec = build_openapi(routes, title="Sluice", version=VERSION)
-    routes += [
-        Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
-        *docs_routes(),
-    ]
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers=exception_handlers(),
-        middleware=[
-            Middleware(RequestContextMiddleware, metrics=metrics.http),
-            Middleware(BodyGuardMiddleware, policy=BodyPolicy.of(settings)),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-                allow_headers=[
-                    "Authorization",
-                    "Content-Type",
-                    "Content-MD5",
-                    "X-Chunk-Hash",
-                    "X-Request-ID",
-                ],
-                expose_headers=EXPOSED_HEADERS,
-                max_age=600,
-            ),
-            Middleware(AuthMiddleware, tokens=tokens),
-            Middleware(RateLimitMiddleware, settings=settings),
-        ],
-    )
-    app.state.part_slots = uploads.PartSlots(settings.max_parts_in_flight_per_user)
-    if services is not None:
-        app.state.services = services
-    return app
+    return lifespan

@@ -1,8 +1,9 @@
 """The gateway's collaborators, built once per process and passed to handlers.
 
 :func:`open_services` builds them from :class:`~app.core.settings.Settings`
-(the pool, the Redis client, the S3 clients, the token service...) and closes
-them on exit.  Tests build the same object against the embedded stack.
+(the pool, the Redis client, the S3 clients, the token service, the Prometheus
+metrics...) and closes them on exit.  Tests build the same object against the
+embedded stack.  Handlers reach them through :func:`services`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ async def open_services(
 
 
 def services(request: Request) -> Services:
+    """The :class:`Services` of the app serving ``request``."""
     svc = request.app.state.services
     assert isinstance(svc, Services)
     return svc
