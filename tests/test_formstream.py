@@ -9,12 +9,13 @@ line from the parser) for any malformed body.
 from __future__ import annotations
 
 import logging
+import re
 import string
 from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
@@ -89,7 +90,16 @@ LOOKALIKES = st.sampled_from(
 )
 FILES = st.lists(st.binary(max_size=300) | LOOKALIKES, max_size=8).map(b"".join)
 SIZES = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=6)
-QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+QUICK = settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+_DELIMITER = re.compile(rb"\r\n--" + re.escape(BOUNDARY.encode()) + rb"(.?)", re.DOTALL)
+
+
+def only_lookalikes(file: bytes) -> bool:
+    """The file holds no real delimiter (a client picks a boundary its data lacks):
+    every ``CRLF--boundary`` in it, or made with the CRLF after it, goes on with X."""
+    return all(m.group(1) == b"X" for m in _DELIMITER.finditer(file + b"\r\n"))
 
 
 @QUICK
@@ -103,6 +113,7 @@ async def test_any_split_gives_the_same_events(
 ) -> None:
     """Text with CRLFs and dashes, binary data with delimiter look-alikes: the
     events are the form's, however the body is split."""
+    assume(only_lookalikes(file))
     assert await events_of(form(fields, file), sizes) == expected(fields, file)
 
 
