@@ -41,8 +41,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from app.core.auth import TokenService
 from app.core.settings import Settings
 from app.gateway.app import api_routes
-from app.gateway.http import ApiLink, ApiRoute
 from app.gateway.openapi import build_openapi
+from app.gateway.routing import ApiLink, ApiRoute
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import GatewayProcess, gateway_env
 

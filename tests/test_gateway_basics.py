@@ -141,3 +141,17 @@ async def test_docs_load_nothing_from_another_host(client: httpx.AsyncClient) ->
     # Only the allowlisted assets are served.
     for name in ("swagger-editor.js", "LICENSE", "..%2Fcore.py"):
         assert (await client.get(f"/docs/assets/{name}")).status_code == 404
+
+
+async def test_apps_sharing_services_record_into_their_metrics(services: Services) -> None:
+    """The metrics are built once and held by the services: two apps on one
+    :class:`Services` (two replicas in a test) count into the same series."""
+    labels = {"method": "GET", "route": "/health", "status": "200"}
+    sample = "sluice_http_requests_total"
+    before = services.metrics.registry.get_sample_value(sample, labels) or 0.0
+    for _ in range(2):
+        app = create_app(services.settings, services=services)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            assert (await c.get("/health")).status_code == 200
+    assert services.metrics.registry.get_sample_value(sample, labels) == before + 2

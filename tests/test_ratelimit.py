@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from app.gateway.ratelimit import RateLimiter
+from app.gateway.middleware.ratelimit import RateLimiter
 from app.gateway.services import Services
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -17,15 +16,13 @@ from app.core.auth import TokenService
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
-from app.gateway.bodyguard import BodyGuardMiddleware, BodyPolicy
-from app.gateway.middleware import (
-    AuthMiddleware,
-    HttpMetrics,
-    RequestContextMiddleware,
-    exception_handlers,
-)
+from app.gateway.metrics import GatewayMetrics, HttpMetrics
+from app.gateway.middleware.auth import AuthMiddleware
+from app.gateway.middleware.bodyguard import BodyGuardMiddleware, BodyPolicy
+from app.gateway.middleware.context import RequestContextMiddleware
+from app.gateway.middleware.errors import exception_handlers
+from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
-from app.gateway.ratelimit import RateLimitMiddleware
 from app.gateway.routes import documents, health, jobs, search, uploads
 from app.gateway.services import Services, open_services
 from app.uploads.sweeper import run_sweeper
@@ -57,17 +54,68 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     """Build the gateway.
 
     With ``services`` given (tests), the caller owns them; otherwise they are
-    opened from ``settings`` in the app's lifespan and closed at shutdown.
+    opened from ``settings`` in the app's lifespan and closed at shutdown.  The
+    metrics are built before either (the middleware records into them) and
+    are the services' own.
     """
-    registry = services.registry if services is not None else CollectorRegistry()
+    metrics = services.metrics if services is not None else GatewayMetrics()
     tokens = services.tokens if services is not None else TokenService(settings.jwt_secret.reveal())
+    routes = api_routes()
+    spec = build_openapi(routes, title="Sluice", version=VERSION)
+    routes += [
+        Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
+        *docs_routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=_lifespan(settings, services, metrics),
+        exception_handlers=exception_handlers(),
+        middleware=middleware_stack(settings, metrics.http, tokens),
+    )
+    app.state.part_slots = uploads.PartSlots(settings.max_parts_in_flight_per_user)
+    if services is not None:
+        app.state.services = services
+    return app
+
+
+def middleware_stack(
+    settings: Settings, metrics: HttpMetrics, tokens: TokenService
+) -> list[Middleware]:
+    """The gateway's middleware, outermost first (see :mod:`app.gateway.middleware`)."""
+    return [
+        Middleware(RequestContextMiddleware, metrics=metrics),
+        Middleware(BodyGuardMiddleware, policy=BodyPolicy.of(settings)),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Content-MD5",
+                "X-Chunk-Hash",
+                "X-Request-ID",
+            ],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        ),
+        Middleware(AuthMiddleware, tokens=tokens),
+        Middleware(RateLimitMiddleware, settings=settings),
+    ]
+
+
+def _lifespan(
+    settings: Settings, services: Services | None, metrics: GatewayMetrics
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: nothing when the caller owns ``services``; otherwise open
+    them (with ``metrics``), make sure the bucket exists and run the upload sweeper."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if services is not None:
             yield
             return
-        async with open_services(settings, registry=registry) as svc:
+        async with open_services(settings, metrics=metrics) as svc:
             await ensure_bucket(svc.s3, settings.minio_bucket_name)
             app.state.services = svc
             sweeper = asyncio.create_task(
@@ -82,38 +130,4 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
                     await sweeper
         log.info("gateway_stopped")
 
-    routes = api_routes()
-    spec = build_openapi(routes, title="Sluice", version=VERSION)
-    routes += [
-        Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
-        *docs_routes(),
-    ]
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers=exception_handlers(),
-        middleware=[
-            Middleware(RequestContextMiddleware, metrics=HttpMetrics.of(registry)),
-            Middleware(BodyGuardMiddleware, policy=BodyPolicy.of(settings)),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-                allow_headers=[
-                    "Authorization",
-                    "Content-Type",
-                    "Content-MD5",
-                    "X-Chunk-Hash",
-                    "X-Request-ID",
-                ],
-                expose_headers=EXPOSED_HEADERS,
-                max_age=600,
-            ),
-            Middleware(AuthMiddleware, tokens=tokens),
-            Middleware(RateLimitMiddleware, settings=settings),
-        ],
-    )
-    app.state.part_slots = uploads.PartSlots(settings.max_parts_in_flight_per_user)
-    if services is not None:
-        app.state.services = services
-    return app
+    return lifespan

@@ -3,7 +3,7 @@
 ``/docs`` is Swagger UI served entirely by the gateway (its assets come from a
 pinned pip package), so it works offline and loads nothing from another host.
 
-Walks the application's :class:`~app.gateway.http.ApiRoute` objects and asks
+Walks the application's :class:`~app.gateway.routing.ApiRoute` objects and asks
 msgspec for the JSON Schema of every request, query and response type.
 """
 
@@ -21,7 +21,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.core.schemas import ErrorBody
-from app.gateway.http import BINARY, ApiRoute, json_response
+from app.gateway.routing import BINARY, ApiRoute
 from app.uploads.rules import MAX_PARTS
 
 _REF = "#/components/schemas/{name}"
@@ -306,4 +306,4 @@ def docs_routes() -> list[BaseRoute]:
     ]
 
 
-__all__ = ["build_openapi", "docs_routes", "json_response", "openapi_endpoint"]
+__all__ = ["build_openapi", "docs_routes", "openapi_endpoint"]

@@ -1,8 +1,9 @@
 """The gateway's collaborators, built once per process and passed to handlers.
 
 :func:`open_services` builds them from :class:`~app.core.settings.Settings`
-(the pool, the Redis client, the S3 clients, the token service...) and closes
-them on exit.  Tests build the same object against the embedded stack.
+(the pool, the Redis client, the S3 clients, the token service, the Prometheus
+metrics...) and closes them on exit.  Tests build the same object against the
+embedded stack.  Handlers reach them through :func:`services`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from arq.connections import ArqRedis
-from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
 from app.core.auth import TokenService
@@ -22,6 +22,7 @@ from app.core.db import create_pool
 from app.core.queue import JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import S3Client, open_s3
+from app.gateway.metrics import GatewayMetrics
 
 
 @dataclass
@@ -34,13 +35,14 @@ class Services:
     """Signs presigned URLs with the endpoint clients can reach."""
     tokens: TokenService
     queue: JobQueue
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    """The gateway's Prometheus series (built once; apps sharing these services share them)."""
     clock: Callable[[], float] = time.time
 
 
 @asynccontextmanager
 async def open_services(
-    settings: Settings, *, registry: CollectorRegistry | None = None
+    settings: Settings, *, metrics: GatewayMetrics | None = None
 ) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
         db = await create_pool(
@@ -59,11 +61,12 @@ async def open_services(
             s3_public=s3_public,
             tokens=TokenService(settings.jwt_secret.reveal()),
             queue=JobQueue(redis),
-            registry=registry if registry is not None else CollectorRegistry(),
+            metrics=metrics if metrics is not None else GatewayMetrics(),
         )
 
 
 def services(request: Request) -> Services:
+    """The :class:`Services` of the app serving ``request``."""
     svc = request.app.state.services
     assert isinstance(svc, Services)
     return svc

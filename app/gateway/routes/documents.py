@@ -14,15 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.core.schemas import Page
-from app.gateway.http import (
-    ApiLink,
-    ApiRoute,
-    Endpoint,
-    identity,
-    json_response,
-    query_params,
-    read_optional_json,
-)
+from app.gateway.requests import identity, query_params, read_optional_json
+from app.gateway.responses import json_response
+from app.gateway.routing import ApiLink, ApiRoute, Endpoint
 from app.gateway.services import services
 from app.jobs import documents
 from app.jobs.schemas import (

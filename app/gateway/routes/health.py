@@ -19,7 +19,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.core.schemas import DependencyHealth, Liveness, Readiness, WhoAmI
-from app.gateway.http import ApiRoute, identity, json_response
+from app.gateway.requests import identity
+from app.gateway.responses import json_response
+from app.gateway.routing import ApiRoute
 from app.gateway.services import services
 
 CHECK_TIMEOUT = 2.0
@@ -58,7 +60,9 @@ async def readiness(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(services(request).registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
 
 
 async def whoami(request: Request) -> Response:

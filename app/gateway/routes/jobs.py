@@ -17,7 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.core.schemas import Page
-from app.gateway.http import ApiLink, ApiRoute, identity, json_response, query_params
+from app.gateway.requests import identity, query_params
+from app.gateway.responses import json_response
+from app.gateway.routing import ApiLink, ApiRoute
 from app.gateway.services import services
 from app.jobs import service
 from app.jobs.model import JobStatus

@@ -11,7 +11,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.gateway.http import ApiRoute, identity, json_response, read_json
+from app.gateway.requests import identity, read_json
+from app.gateway.responses import json_response
+from app.gateway.routing import ApiRoute
 from app.gateway.services import services
 from app.jobs.schemas import SearchRequest, SearchResponse
 from app.jobs.search import EmbedderHolder

@@ -2,7 +2,7 @@
 
 The handlers only read HTTP (paths, headers, bodies) and call the services of
 :mod:`app.uploads` (sessions, parts, presign, completion, listing, simple).
-Every body is read through :func:`~app.gateway.http.iter_body` with the
+Every body is read through :func:`~app.gateway.requests.iter_body` with the
 route's limit (the part size for parts, plus :data:`FORM_OVERHEAD` for forms;
 the simple-upload threshold for ``/simple``; ``MAX_JSON_BODY_KB`` for JSON).
 Part bodies are written into a :class:`~app.uploads.parts.PartBuffer` that
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -30,23 +28,21 @@ from app.core.errors import BadRequest, PayloadTooLarge, RateLimited, Validation
 from app.core.schemas import Page, PageQuery, ProcessingOptions
 from app.core.settings import Settings
 from app.gateway.formstream import FormPart, read_form
-from app.gateway.http import (
-    ApiLink,
-    ApiRoute,
-    HeaderParam,
+from app.gateway.requests import (
     convert,
     declared_length,
     decode_json,
     identity,
     iter_body,
-    json_response,
     query_params,
     read_json,
     read_optional_json,
     too_large,
 )
+from app.gateway.responses import json_response
 from app.gateway.routes.documents import document_links
 from app.gateway.routes.jobs import job_links
+from app.gateway.routing import ApiLink, ApiRoute, HeaderParam, RateLimit
 from app.gateway.services import Services, services
 from app.uploads import listing, sessions
 from app.uploads.completion import complete as complete_upload
@@ -118,38 +114,6 @@ def part_slots(request: Request) -> PartSlots:
     return slots
 
 
-class UploadMetrics:
-    """Upload counters on the gateway's Prometheus registry (errors are in the
-    per-route HTTP metrics)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.bytes = Counter(
-            "sluice_upload_bytes_total", "Part and file bytes accepted", registry=registry
-        )
-        self.parts = Counter(
-            "sluice_upload_parts_total", "Parts accepted", ["route"], registry=registry
-        )
-        self.part_seconds = Histogram(
-            "sluice_upload_part_seconds",
-            "Receiving, verifying and storing one part",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=registry,
-        )
-        self.sessions = Counter(
-            "sluice_uploads_total", "Upload lifecycle events", ["event"], registry=registry
-        )
-
-
-_metrics: weakref.WeakKeyDictionary[CollectorRegistry, UploadMetrics] = weakref.WeakKeyDictionary()
-
-
-def metrics_of(svc: Services) -> UploadMetrics:
-    found = _metrics.get(svc.registry)
-    if found is None:
-        found = _metrics[svc.registry] = UploadMetrics(svc.registry)
-    return found
-
-
 def upload_context(svc: Services) -> UploadContext:
     return UploadContext(
         db=svc.db,
@@ -187,7 +151,7 @@ async def initiate(request: Request) -> Response:
     ident = identity(request)
     body = await read_json(request, InitiateUpload)
     result = await sessions.initiate(_ctx(request), ident.user_id, body)
-    metrics_of(services(request)).sessions.labels("initiated").inc()
+    services(request).metrics.uploads.sessions.labels("initiated").inc()
     return json_response(result, 201)
 
 
@@ -270,7 +234,7 @@ async def chunk_form(request: Request) -> Response:
 
 
 def _count_part(request: Request, route: str, size: int, started: float) -> None:
-    m = metrics_of(services(request))
+    m = services(request).metrics.uploads
     m.parts.labels(route).inc()
     m.bytes.inc(size)
     m.part_seconds.observe(time.perf_counter() - started)
@@ -384,7 +348,7 @@ async def simple(request: Request) -> Response:
         if writer is not None and not finalizing:
             await writer.abort()
         raise
-    m = metrics_of(services(request))
+    m = services(request).metrics.uploads
     m.sessions.labels("simple").inc()
     m.bytes.inc(result.size)
     return json_response(result, 201)
@@ -457,6 +421,7 @@ def routes() -> list[ApiRoute]:
                 ),
                 *_OTHERS,
             ],
+            rate_limit=RateLimit.UPLOAD_START,
             tags=tags,
         ),
         ApiRoute(
@@ -470,6 +435,7 @@ def routes() -> list[ApiRoute]:
             files=["chunk_file"],
             response=PartAccepted,
             errors=[404, 409, 410],
+            rate_limit=RateLimit.PART_TRANSFER,
             tags=tags,
         ),
         ApiRoute(
@@ -481,6 +447,7 @@ def routes() -> list[ApiRoute]:
             headers=_PART_HEADERS,
             response=PartAccepted,
             errors=[404, 409, 410],
+            rate_limit=RateLimit.PART_TRANSFER,
             tags=tags,
         ),
         ApiRoute(
@@ -492,6 +459,7 @@ def routes() -> list[ApiRoute]:
             body_required=False,
             response=PresignedPart,
             errors=[404, 409, 410],
+            rate_limit=RateLimit.PART_TRANSFER,
             tags=tags,
         ),
         ApiRoute(
@@ -516,6 +484,7 @@ def routes() -> list[ApiRoute]:
             response=CompletedUpload,
             errors=[415],
             links=_OTHERS,
+            rate_limit=RateLimit.UPLOAD_START,
             tags=tags,
         ),
         ApiRoute(

@@ -1,23 +1,20 @@
-"""Request/response plumbing for the gateway's JSON API.
+"""Reading a request: bounded bodies, JSON, forms' text fields, query strings, the caller.
 
-Handlers are plain Starlette endpoints.  They read bodies only through
-:func:`iter_body` (and :func:`read_body` / :func:`read_json` built on it), which
-bound every body by a per-route limit before and while reading it; they answer
-with :func:`json_response`, and raise :class:`~app.core.errors.SluiceError` for
-anything that goes wrong.  Routes are declared with :class:`ApiRoute`, which
-records the schemas a handler actually uses so that ``/openapi.json`` is
-generated from them rather than written by hand.
+Handlers read bodies only through :func:`iter_body` (and :func:`read_body` /
+:func:`read_json` built on it), which bound every body by a per-route limit
+before and while reading it; multipart forms are read by
+:mod:`app.gateway.formstream`, on top of :func:`iter_body`.  Everything a client
+sends is validated here into msgspec Structs: malformed input is 400, input that
+does not fit the schema 422 naming the offending field.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from app.core.auth import Identity
 from app.core.errors import BadRequest, PayloadTooLarge, Unauthorized, ValidationFailed
@@ -25,138 +22,6 @@ from app.core.jsonguard import MAX_JSON_DEPTH, too_deep
 from app.gateway.services import services
 
 T = TypeVar("T")
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-_encoder = msgspec.json.Encoder()
-
-
-class ApiLink(msgspec.Struct, frozen=True, kw_only=True):
-    """An OpenAPI link from a route's success response to another operation.
-
-    ``operation`` is the target's operationId (``<method>_<endpoint name>``);
-    ``parameters`` maps the target's parameter names to runtime expressions
-    such as ``$response.body#/upload_id``.  :func:`~app.gateway.openapi.build_openapi`
-    refuses a link to an operation that does not exist, so links cannot rot.
-    """
-
-    name: str
-    operation: str
-    parameters: dict[str, str] = msgspec.field(default_factory=dict)
-    request_body: dict[str, Any] | None = None
-    """Fields of the target's JSON or form body (merged into a generated one)."""
-    description: str = ""
-
-
-class HeaderParam(msgspec.Struct, frozen=True, kw_only=True):
-    """A request header a handler reads, documented as an OpenAPI header parameter."""
-
-    name: str
-    description: str
-    schema: dict[str, Any]
-    required: bool = False
-
-
-BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
-"""The JSON Schema of a raw byte body or a form's file field."""
-
-
-class ApiRoute(Route):
-    """A Starlette route that also describes itself for OpenAPI.
-
-    Request bodies are one of: a JSON Struct (``body``); a multipart form whose
-    text fields are the Struct ``body`` and whose binary fields are ``files``
-    (``json_fields`` are form fields that carry JSON text, documented with
-    their type); or raw bytes (``raw_body``).
-
-    ``other_responses`` are statuses answered with a body other than the error
-    shape (``/health/ready``'s 503 is a :class:`Readiness`).  The documented
-    error statuses are ``errors`` plus the ones every route of
-    a kind can answer (:meth:`default_errors`), so a route cannot forget the
-    401 of authentication, the 408/413 of a body or the 503 of an outage.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        endpoint: Endpoint,
-        *,
-        methods: Sequence[str],
-        summary: str,
-        body: type | None = None,
-        body_media_type: str = "application/json",
-        body_required: bool = True,
-        raw_body: bool = False,
-        files: Sequence[str] = (),
-        json_fields: Mapping[str, Any] | None = None,
-        headers: Sequence[HeaderParam] = (),
-        query: type | None = None,
-        response: Any = None,
-        status_code: int = 200,
-        errors: Sequence[int] = (),
-        other_responses: Mapping[int, Any] | None = None,
-        links: Sequence[ApiLink] = (),
-        auth: bool = True,
-        tags: Sequence[str] = (),
-        response_media_type: str = "application/json",
-    ) -> None:
-        super().__init__(path, endpoint, methods=list(methods))
-        self.summary = summary
-        self.body = body
-        self.body_media_type = "application/octet-stream" if raw_body else body_media_type
-        self.body_required = body_required
-        self.raw_body = raw_body
-        self.files = tuple(files)
-        self.json_fields = dict(json_fields or {})
-        self.headers = tuple(headers)
-        self.query = query
-        self.response = response
-        self.status_code = status_code
-        self.other_responses = dict(other_responses or {})
-        self.links = tuple(links)
-        self.auth = auth
-        self.tags = tuple(tags)
-        self.response_media_type = response_media_type
-        self.errors = tuple(sorted({*errors, *self.default_errors()} - set(self.other_responses)))
-
-    @property
-    def has_body(self) -> bool:
-        return self.body is not None or self.raw_body or bool(self.files)
-
-    def default_errors(self) -> set[int]:
-        """Statuses every route of this kind can answer, whatever its handler does.
-
-        * authenticated: 401 (token), 429 (rate limit, parts in flight), 503
-          (``database_unavailable`` / ``redis_unavailable``: every authenticated
-          route reads Postgres, and the rate limiter Redis);
-        * with a body: 400 (malformed), 408 (``body_timeout``), 413
-          (``payload_too_large``), and 422 when the body has a schema;
-        * with a query: 422 (unknown or invalid parameters), and 400
-          (``invalid_cursor``) when it has a ``cursor``.
-        """
-        found: set[int] = set()
-        if self.auth:
-            found |= {401, 429, 503}
-        if self.has_body:
-            found |= {400, 408, 413}
-            if self.body is not None:
-                found.add(422)
-        if self.query is not None:
-            found.add(422)
-            if "cursor" in getattr(self.query, "__struct_fields__", ()):
-                found.add(400)
-        return found
-
-
-def json_response(
-    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    """Encode ``content`` (Structs, dicts, lists...) with msgspec."""
-    return Response(
-        _encoder.encode(content),
-        status_code=status_code,
-        headers=headers,
-        media_type="application/json",
-    )
 
 
 def declared_length(request: Request) -> int | None:
@@ -186,7 +51,7 @@ async def iter_body(
     refused as soon as the count passes ``limit``; nothing is buffered here (each
     piece is yielded as received).  A client that goes away raises
     :class:`~starlette.requests.ClientDisconnect`; a body that stalls is refused
-    by the body guard (:mod:`app.gateway.bodyguard`), which owns the timeout.
+    by the body guard (:mod:`app.gateway.middleware.bodyguard`), which owns the timeout.
     """
     declared = declared_length(request)
     if declared is not None and declared > limit:
@@ -335,7 +200,7 @@ def query_params(request: Request, type_: type[T]) -> T:
 
 
 def identity(request: Request) -> Identity:
-    """The authenticated caller; set by the auth middleware on every /api/v1 route."""
+    """The authenticated caller; set by the auth middleware on every route declared ``auth``."""
     ident = request.scope.get("state", {}).get("identity")
     if not isinstance(ident, Identity):
         raise Unauthorized("authentication required", code="missing_token")
