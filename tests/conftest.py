@@ -31,6 +31,9 @@ from app.gateway.app import create_app
 from app.gateway.services import Services, open_services
 from devstack.stack import EmbeddedStack
 
+# Fixture modules, registered once for the whole suite.
+pytest_plugins = ["tests.fixtures_uploads", "tests.fixtures_pipeline", "tests.fixtures_ws"]
+
 JWT_SECRET = "test-secret-" + "x" * 24
 
 

@@ -34,10 +34,7 @@ import pytest
 from app.core.auth import TokenService
 from app.core.settings import Settings
 from app.uploads.parts import PartBuffer
-from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import GatewayProcess, gateway_env
-
-gateway_factory = fx.gateway_factory
 
 MiB = 1024 * 1024
 PART = 8 * MiB

@@ -28,7 +28,6 @@ from app.core.queue import Priority
 from app.gateway.services import Services
 from app.jobs.service import request_cancel
 from app.jobs.transitions import job_snapshot
-from tests import fixtures_pipeline as fx
 from tests.fixtures_hostile import json_bomb, shared_stream_pdf, text_stream
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
@@ -50,11 +49,6 @@ from workers.stages.extract import (
     json_to_text,
 )
 from workers.stages.validate import check_json
-
-embedder = fx.embedder
-make_job = fx.make_job
-worker_ctx = fx.worker_ctx
-worker_procs = fx.worker_procs
 
 MB = 1024 * 1024
 

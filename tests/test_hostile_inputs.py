@@ -27,9 +27,6 @@ from app.gateway.services import Services
 from app.uploads.rules import check_filename, content_disposition
 from tests import fixtures_uploads as fx
 
-upload_services = fx.upload_services
-uploads = fx.uploads
-
 BASE = "/api/v1/documents/upload"
 DEEP = "[" * 5000 + "]" * 5000
 

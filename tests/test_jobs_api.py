@@ -12,7 +12,6 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from app.core.queue import Priority
 from app.gateway.services import Services
-from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     MakeJob,
@@ -22,10 +21,6 @@ from tests.fixtures_pipeline import (
 from workers.context import WorkerContext
 from workers.lease import resync_queue
 from workers.run import JobRun, Outcome
-
-embedder = fx.embedder
-make_job = fx.make_job
-worker_ctx = fx.worker_ctx
 
 Headers = Callable[[str], dict[str, str]]
 

@@ -23,7 +23,6 @@ from app.jobs.model import JobStatus, Stage
 from app.jobs.service import request_cancel
 from app.jobs.transitions import job_snapshot
 from devstack.process import free_port
-from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     EmbeddingEndpoint,
@@ -39,10 +38,6 @@ from workers.run import JobRun, Outcome
 from workers.runtime import build_worker
 from workers.stages.chunk import chunk_pages
 from workers.stages.common import Page
-
-embedder = fx.embedder
-make_job = fx.make_job
-worker_ctx = fx.worker_ctx
 
 STAGES = [str(s) for s in (Stage.VALIDATE, Stage.EXTRACT, Stage.CHUNK, Stage.EMBED, Stage.INDEX)]
 

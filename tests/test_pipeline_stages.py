@@ -16,7 +16,6 @@ from app.core.embedding import LocalEmbedder, load_tokenizer
 from app.core.errors import PermanentError
 from app.gateway.services import Services
 from app.jobs.documents import create_document
-from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     encrypt_pdf,
     make_pdf,
@@ -34,8 +33,6 @@ from workers.stages.extract import (
 )
 from workers.stages.index import write_chunks
 from workers.stages.validate import validate_document
-
-embedder = fx.embedder
 
 REPORT = NullReporter()
 

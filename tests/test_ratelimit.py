@@ -10,12 +10,9 @@ import msgspec
 
 from app.gateway.middleware.ratelimit import RateLimiter
 from app.gateway.services import Services
-from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (
     app_client,
 )
-
-upload_services = fx.upload_services
 
 BASE = "/api/v1/documents/upload"
 WINDOW_START = 60.0 * 29_000_000  # a minute boundary, far from any real clock

@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 from app.gateway.services import Services
-from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     MakeJob,
@@ -16,10 +15,6 @@ from tests.fixtures_pipeline import (
 )
 from workers.context import WorkerContext
 from workers.run import JobRun, Outcome
-
-embedder = fx.embedder
-make_job = fx.make_job
-worker_ctx = fx.worker_ctx
 
 Headers = Callable[[str], dict[str, str]]
 

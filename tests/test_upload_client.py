@@ -24,7 +24,6 @@ from app.gateway.app import create_app
 from app.gateway.services import Services
 from app.jobs.service import request_cancel
 from tests import fixtures_uploads as fx
-from tests import fixtures_ws
 from tests.fixtures_uploads import (
     PART,
     ROOT,
@@ -32,12 +31,6 @@ from tests.fixtures_uploads import (
     s3_object,
 )
 from tests.fixtures_ws import WsProcess
-
-gateway_factory = fx.gateway_factory
-ws_factory = fixtures_ws.ws_factory
-ws_server = fixtures_ws.ws_server
-upload_services = fx.upload_services
-uploads = fx.uploads
 
 
 class DroppingTransport(httpx.AsyncBaseTransport):

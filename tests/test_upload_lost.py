@@ -23,17 +23,9 @@ import pytest
 from app.client.upload import UploadClient
 from app.gateway.app import create_app
 from app.gateway.services import Services
-from tests import fixtures_pipeline as fxp
-from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import PART, ROOT, initiate, payload, put_part, s3_object
 from workers.context import WorkerContext
 from workers.run import JobRun, Outcome
-
-upload_services = fx.upload_services
-uploads = fx.uploads
-gateway_factory = fx.gateway_factory
-embedder = fxp.embedder
-worker_ctx = fxp.worker_ctx
 
 BASE = "/api/v1/documents/upload"
 

@@ -18,7 +18,6 @@ from app.gateway.services import Services
 from app.jobs.events import decode_event, stream_key
 from app.uploads.model import UploadSessionStatus
 from app.uploads.rules import MAX_PARTS, MIN_PART_SIZE, decide_chunk_size
-from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (
     PART,
     MiB,
@@ -29,9 +28,6 @@ from tests.fixtures_uploads import (
     s3_object,
     s3_upload_ids,
 )
-
-upload_services = fx.upload_services
-uploads = fx.uploads
 
 BASE = "/api/v1/documents/upload"
 

@@ -22,7 +22,6 @@ from app.gateway.services import Services
 from app.jobs.events import decode_event, stream_key
 from app.jobs.service import request_cancel
 from app.uploads import sweeper
-from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import (
     PART,
     app_client,
@@ -36,10 +35,6 @@ from tests.fixtures_uploads import (
 )
 from workers.context import WorkerContext
 from workers.lease import resync_queue
-
-gateway_factory = fx.gateway_factory
-upload_services = fx.upload_services
-uploads = fx.uploads
 
 BASE = "/api/v1/documents/upload"
 

@@ -16,7 +16,6 @@ from app.core.embedding import load_tokenizer
 from app.core.queue import Priority
 from app.gateway.services import Services
 from app.jobs.transitions import job_snapshot
-from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import (
     MakeJob,
     WorkerProcs,
@@ -28,9 +27,6 @@ from tests.fixtures_pipeline import (
 from workers.stages.chunk import chunk_pages
 from workers.stages.common import NullReporter
 from workers.stages.extract import extract_document
-
-make_job = fx.make_job
-worker_procs = fx.worker_procs
 
 pytestmark = pytest.mark.slow
 

@@ -33,17 +33,11 @@ from app.ws.messages import SYSTEM_CHANNEL, SystemNotice, encode_system_notice
 from app.ws.server import ServerOptions, WsServer, serve
 from app.ws.snapshots import SnapshotLoader
 from devstack.process import free_port
-from tests import fixtures_uploads, fixtures_ws
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import initiate, put_part
 from tests.fixtures_ws import ROOT, Client, Deps, WsProcess, make_job, ws_client
 
 # Fixtures used here (imported by assignment so pytest finds them).
-ws_factory = fixtures_ws.ws_factory
-ws_server = fixtures_ws.ws_server
-ws_deps = fixtures_ws.ws_deps
-upload_services = fixtures_uploads.upload_services
-uploads = fixtures_uploads.uploads
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
