@@ -16,6 +16,7 @@ from app.core.auth import TokenService
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
+from app.gateway.admission import PartSlots
 from app.gateway.metrics import GatewayMetrics, HttpMetrics
 from app.gateway.middleware.auth import AuthMiddleware
 from app.gateway.middleware.bodyguard import BodyGuardMiddleware, BodyPolicy
@@ -23,7 +24,7 @@ from app.gateway.middleware.context import RequestContextMiddleware
 from app.gateway.middleware.errors import exception_handlers
 from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
-from app.gateway.routes import documents, health, jobs, search, uploads
+from app.gateway.routes import documents, health, jobs, search, simple, uploads
 from app.gateway.services import Services, open_services
 from app.uploads.sweeper import run_sweeper
 
@@ -44,6 +45,7 @@ def api_routes() -> list[BaseRoute]:
     return [
         *health.routes(),
         *uploads.routes(),
+        *simple.routes(),
         *jobs.routes(),
         *documents.routes(),
         *search.routes(),
@@ -72,7 +74,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         exception_handlers=exception_handlers(),
         middleware=middleware_stack(settings, metrics.http, tokens),
     )
-    app.state.part_slots = uploads.PartSlots(settings.max_parts_in_flight_per_user)
+    app.state.part_slots = PartSlots(settings.max_parts_in_flight_per_user)
     if services is not None:
         app.state.services = services
     return app

@@ -1,4 +1,4 @@
-"""Upload routes: resumable multipart sessions and single-request uploads.
+"""Upload routes: resumable multipart sessions (the single-request upload is in :mod:`.simple`).
 
 The handlers only read HTTP (paths, headers, bodies) and call the services of
 :mod:`app.uploads` (sessions, parts, presign, completion, listing, simple).
@@ -10,28 +10,25 @@ grows as the bytes arrive (never reserved up front) while their MD5 is
 computed piece by piece, so a request never holds more than what it has
 sent, at most one part; a user has at most
 ``MAX_PARTS_IN_FLIGHT_PER_USER`` part requests in progress per gateway process
-(:class:`PartSlots`).  The multipart form routes use the streaming reader in
+(:class:`~app.gateway.admission.PartSlots`).  The multipart form routes use the streaming reader in
 :mod:`app.gateway.formstream` rather than Starlette's spooling parser.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.core.errors import BadRequest, PayloadTooLarge, RateLimited, ValidationFailed
-from app.core.schemas import Page, PageQuery, ProcessingOptions
+from app.core.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from app.core.schemas import Page, PageQuery
 from app.core.settings import Settings
+from app.gateway.admission import part_slots
 from app.gateway.formstream import FormPart, read_form
 from app.gateway.requests import (
     convert,
     declared_length,
-    decode_json,
     identity,
     iter_body,
     query_params,
@@ -49,7 +46,7 @@ from app.uploads.completion import complete as complete_upload
 from app.uploads.model import UploadContext
 from app.uploads.parts import PartBuffer, check_part, read_exact, upload_part
 from app.uploads.presign import presign_part
-from app.uploads.rules import check_filename, check_size, classify, decide_chunk_size, parse_md5
+from app.uploads.rules import decide_chunk_size, parse_md5
 from app.uploads.schemas import (
     ActiveUpload,
     CancelledUpload,
@@ -60,58 +57,12 @@ from app.uploads.schemas import (
     PartAccepted,
     PresignBody,
     PresignedPart,
-    SimpleFields,
     UploadStatus,
 )
-from app.uploads.simple import StreamingObjectWriter, finalize_simple, new_simple_writer
 
 PREFIX = "/api/v1/documents/upload"
 FORM_OVERHEAD = 64 * 1024
 """Allowance for form field headers and text fields around a file."""
-PART_SLOT_RETRY_AFTER_SECONDS = 1
-
-
-class PartSlots:
-    """Part uploads in progress per user, in this gateway process.
-
-    Invariant: a user holds at most ``limit`` slots; :meth:`hold` refuses the
-    next one with 429 ``too_many_parts_in_flight`` (with ``Retry-After``) before
-    anything is read, and releases its slot on every path (``finally``), so a
-    failed, refused or abandoned part never leaks one.  Other users are unaffected.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._held: dict[str, int] = {}
-
-    def in_flight(self, user_id: str) -> int:
-        return self._held.get(user_id, 0)
-
-    @contextlib.contextmanager
-    def hold(self, user_id: str) -> Iterator[None]:
-        held = self._held.get(user_id, 0)
-        if held >= self.limit:
-            raise RateLimited(
-                f"at most {self.limit} parts may be uploaded at once; retry when one finishes",
-                code="too_many_parts_in_flight",
-                details={"limit": self.limit, "retry_after": PART_SLOT_RETRY_AFTER_SECONDS},
-                headers={"Retry-After": str(PART_SLOT_RETRY_AFTER_SECONDS)},
-            )
-        self._held[user_id] = held + 1
-        try:
-            yield
-        finally:
-            left = self._held[user_id] - 1
-            if left:
-                self._held[user_id] = left
-            else:
-                del self._held[user_id]
-
-
-def part_slots(request: Request) -> PartSlots:
-    slots = request.app.state.part_slots
-    assert isinstance(slots, PartSlots)
-    return slots
 
 
 def upload_context(svc: Services) -> UploadContext:
@@ -298,70 +249,6 @@ async def active(request: Request) -> Response:
     return json_response(await listing.list_active(_ctx(request), ident.user_id, query))
 
 
-# --- single request ---------------------------------------------------------------------
-
-
-async def simple(request: Request) -> Response:
-    """``file`` (+ ``priority``, ``document_type``, ``processing_options``), streamed to S3."""
-    ident = identity(request)
-    ctx = _ctx(request)
-    limit = ctx.settings.multipart_upload_threshold_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + FORM_OVERHEAD:
-        check_size(int(length) - FORM_OVERHEAD, limit, field="file")
-    writer: StreamingObjectWriter | None = None
-    document_id = ""
-    finalizing = False
-
-    async def open_file(part: FormPart, fields: dict[str, str]) -> StreamingObjectWriter:
-        nonlocal writer, document_id
-        check_filename(part.filename or "")
-        _options(fields.get("processing_options"))  # refuse bad options before storing
-        _, content_type = classify(
-            part.filename or "", part.content_type, fields.get("document_type")
-        )
-        document_id, writer = new_simple_writer(ctx, content_type)
-        return writer
-
-    try:
-        fields, file_part = await read_form(request, "file", open_file, limit=limit + FORM_OVERHEAD)
-        assert writer is not None
-        form = convert(fields, SimpleFields)
-        options = _options(form.processing_options)
-        filename = check_filename(file_part.filename or "")
-        document_type, content_type = classify(filename, file_part.content_type, form.document_type)
-        check_size(writer.size, limit, field="file")
-        size = await writer.finish()
-        finalizing = True
-        result = await finalize_simple(
-            ctx,
-            ident.user_id,
-            document_id=document_id,
-            filename=filename,
-            content_type=content_type,
-            document_type=document_type,
-            size=size,
-            priority=form.priority,
-            processing_options=options,
-        )
-    except BaseException:
-        if writer is not None and not finalizing:
-            await writer.abort()
-        raise
-    m = services(request).metrics.uploads
-    m.sessions.labels("simple").inc()
-    m.bytes.inc(result.size)
-    return json_response(result, 201)
-
-
-def _options(raw: str | None) -> dict[str, Any]:
-    """The ``processing_options`` form field: JSON text, validated like ``reprocess``'s."""
-    if not raw:
-        return {}
-    decode_json(raw, Any, field="processing_options")  # malformed JSON: 400 before 422
-    return decode_json(raw, ProcessingOptions, field="processing_options").to_dict()
-
-
 _UPLOAD_ID = {"upload_id": "$response.body#/upload_id"}
 _PART_HEADERS = (
     HeaderParam(
@@ -378,15 +265,22 @@ _PART_HEADERS = (
 )
 
 
-_OTHERS = [
+UPLOAD_LINKS = [
     *job_links("$response.body#/job_id"),
     *document_links("$response.body#/document_id"),
 ]
 """Links from an upload's answer to its job's and its document's routes."""
 
 
+TAGS = ["uploads"]
+
+
 def routes() -> list[ApiRoute]:
-    tags = ["uploads"]
+    return [*_start_and_parts(), *_session_routes()]
+
+
+def _start_and_parts() -> list[ApiRoute]:
+    tags = TAGS
     session_links = [
         ApiLink(name="GetStatus", operation="get_status", parameters=_UPLOAD_ID),
         ApiLink(name="Complete", operation="post_complete", parameters=_UPLOAD_ID),
@@ -419,7 +313,7 @@ def routes() -> list[ApiRoute]:
                     operation="post_presign",
                     parameters={**_UPLOAD_ID, "part_number": "1"},
                 ),
-                *_OTHERS,
+                *UPLOAD_LINKS,
             ],
             rate_limit=RateLimit.UPLOAD_START,
             tags=tags,
@@ -462,6 +356,12 @@ def routes() -> list[ApiRoute]:
             rate_limit=RateLimit.PART_TRANSFER,
             tags=tags,
         ),
+    ]
+
+
+def _session_routes() -> list[ApiRoute]:
+    tags = TAGS
+    return [
         ApiRoute(
             f"{PREFIX}/complete/{{upload_id}}",
             complete,
@@ -469,22 +369,6 @@ def routes() -> list[ApiRoute]:
             summary="Complete the upload and queue its job (idempotent)",
             response=CompletedUpload,
             errors=[404, 409, 410],
-            tags=tags,
-        ),
-        ApiRoute(
-            f"{PREFIX}/simple",
-            simple,
-            methods=["POST"],
-            status_code=201,
-            summary="Upload a small file in one multipart/form-data request",
-            body=SimpleFields,
-            body_media_type="multipart/form-data",
-            files=["file"],
-            json_fields={"processing_options": ProcessingOptions},
-            response=CompletedUpload,
-            errors=[415],
-            links=_OTHERS,
-            rate_limit=RateLimit.UPLOAD_START,
             tags=tags,
         ),
         ApiRoute(
