@@ -8,12 +8,12 @@ reports ``lost`` (no parts) once storage forgot the multipart upload.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 
 import asyncpg
 
-from app.core.schemas import Page, PageQuery, decode_cursor, encode_cursor
+from app.core.pagination import Keyset, Where, fetch_page
+from app.core.schemas import Page, PageQuery
 from app.jobs.model import JobStatus
 from app.uploads.model import (
     OPEN_UPLOAD_STATUSES,
@@ -93,34 +93,27 @@ def _shown_status(session: UploadSession, now: datetime, *, lost: bool) -> Uploa
 
 async def list_active(ctx: UploadContext, owner_id: str, query: PageQuery) -> Page[ActiveUpload]:
     """The caller's unfinished sessions, newest first (keyset pagination)."""
-    after_ts: datetime | None = None
-    after_id: uuid.UUID | None = None
-    if query.cursor:
-        after_ts, after_id = decode_cursor(query.cursor)
-    rows = await ctx.db.fetch(
+    where = (
+        Where()
+        .add("s.owner_id = {}", owner_id)
+        .add("s.status IN ('initiated', 'uploading')")  # literal: the partial index's predicate
+        .add("s.expires_at > {}", ctx.now())
+        .add("j.status <> 'cancelled'")
+    )
+    page = await fetch_page(
+        ctx.db,
         f"""
         SELECT {SESSION_COLUMNS}, COALESCE(p.n, 0) AS parts, COALESCE(p.bytes, 0) AS bytes
         FROM upload_sessions s JOIN jobs j ON j.id = s.job_id
         LEFT JOIN LATERAL (SELECT count(*) AS n, sum(size)::bigint AS bytes
                            FROM upload_parts WHERE upload_id = s.id) p ON true
-        WHERE s.owner_id = $1 AND s.status IN ('initiated', 'uploading') AND s.expires_at > $2
-          AND j.status <> 'cancelled'
-          AND ($3::timestamptz IS NULL OR (s.created_at, s.id) < ($3, $4::uuid))
-        ORDER BY s.created_at DESC, s.id DESC
-        LIMIT $5
         """,
-        owner_id,
-        ctx.now(),
-        after_ts,
-        after_id,
-        query.limit + 1,
+        where,
+        keyset=Keyset(created="s.created_at", id="s.id"),
+        cursor=query.cursor,
+        limit=query.limit,
     )
-    items = [_active(r) for r in rows[: query.limit]]
-    next_cursor = None
-    if len(rows) > query.limit:
-        last = rows[query.limit - 1]
-        next_cursor = encode_cursor(last["created_at"], last["id"])
-    return Page[ActiveUpload](items=items, next_cursor=next_cursor)
+    return Page[ActiveUpload](items=[_active(r) for r in page.rows], next_cursor=page.next_cursor)
 
 
 def _active(row: asyncpg.Record) -> ActiveUpload:
