@@ -58,9 +58,9 @@ from app.jobs.events import decode_event, job_channel  # noqa: E402
 from app.jobs.model import JobStatus  # noqa: E402
 from devstack.servers import EmbeddedStack, free_port  # noqa: E402
 from workers.stages.chunk import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, chunk_pages  # noqa: E402
-from workers.stages.common import Page  # noqa: E402
-from workers.stages.extract import extract_pdf_page, open_pdf  # noqa: E402
+from workers.stages.common import PageText  # noqa: E402
 from workers.stages.index import write_chunks  # noqa: E402
+from workers.stages.pdf import extract_pdf_page, open_pdf  # noqa: E402
 
 SECRET = "bench-secret-" + "x" * 32
 WORDS = [
@@ -119,7 +119,7 @@ async def baseline(
     path.write_bytes(pdf)
     t0 = time.perf_counter()
     reader = open_pdf(path)
-    pages = [Page(i + 1, extract_pdf_page(reader, i)[0]) for i in range(len(reader.pages))]
+    pages = [PageText(i + 1, extract_pdf_page(reader, i)[0]) for i in range(len(reader.pages))]
     times["extract"] = time.perf_counter() - t0
     t = time.perf_counter()
     chunks = chunk_pages(
