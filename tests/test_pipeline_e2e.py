@@ -33,7 +33,8 @@ from tests.fixtures_pipeline import (
     wait_for_status,
 )
 from workers.context import WorkerContext
-from workers.lease import reap_expired, resync_queue
+from workers.fleet import resync_queue
+from workers.lease import reap_expired
 from workers.run import JobRun, Outcome
 from workers.runtime import build_worker
 from workers.stages.chunk import chunk_pages
