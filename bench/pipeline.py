@@ -282,7 +282,7 @@ async def noop_rate(settings: Settings, jobs: int, *, ours: bool) -> tuple[float
             "poll_delay": settings.worker_poll_interval_ms / 1000,
             "handle_signals": False,
         }
-        if ours:  # the production settings (workers/settings.py)
+        if ours:  # the production settings (workers/runtime.py)
             options.update(
                 keep_result=0,
                 allow_abort_jobs=True,

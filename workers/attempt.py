@@ -94,6 +94,9 @@ class Attempt:
         self.priority = "normal"
         self.doc: DocumentInfo | None = None
         self.lease_lost = False
+        self.ending = False
+        """Set once the attempt's final transaction has begun: from then on the
+        lease is released by that transaction, which fences itself."""
         self.warnings: list[dict[str, Any]] = []
         self.timings: dict[str, list[float]] = {}
         """Stage runs of this attempt not yet written to ``stage_timings``."""

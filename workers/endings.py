@@ -60,6 +60,7 @@ async def transition(
     re-checks the job's state under it).  Returns ``commit``'s event.
     """
     ctx = attempt.ctx
+    attempt.ending = True
     while True:
         try:
             async with ctx.db.acquire() as conn, conn.transaction():

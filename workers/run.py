@@ -194,7 +194,12 @@ class JobRun:
                 resumed = True
 
     async def _renew(self, work: asyncio.Task[Outcome]) -> None:
-        """Renew the lease every third of it; cancel ``work`` once it is lost."""
+        """Renew the lease every third of it; cancel ``work`` once it is lost.
+
+        Not once the attempt's final transaction has begun (a completion): that
+        transaction releases the lease itself, and its own fence finds a lease
+        truly lost, so a renewal that lands on its commit must not turn a
+        completed job into a ``lease_lost`` outcome."""
         ctx, attempt = self.ctx, self.attempt
         interval = ctx.lease_seconds / 3
         while True:
@@ -206,8 +211,9 @@ class JobRun:
                 log.warning("lease_renew_failed", job_id=self.job_id, exc_info=not outage)
                 continue
             if not ok:
-                attempt.lease_lost = True
-                work.cancel()
+                if not attempt.ending:
+                    attempt.lease_lost = True
+                    work.cancel()
                 return
 
 

@@ -1,27 +1,32 @@
-"""The worker's checkpoint seam (``workers/checkpoints.py``) and its metrics object.
+"""The seams of one attempt: its checkpoints, its lease renewal, its metrics.
 
 :func:`~workers.checkpoints.checkpointed` is how a step's output survives its
 attempt: produced once and stored, handed back (with the job's progress moved
 to the stage's end) to every later run, never stored when the step ended the
 job, produced again when what is stored cannot be read.  Every save is fenced
-by the lease.
+by the lease.  A lease renewal that lands on the attempt's own final commit
+does not turn the completed job into a lost lease.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from app.jobs.model import JobStatus, Stage
-from app.jobs.transitions import change_job, job_snapshot
+from app.jobs.transitions import JobChanges, change_job, job_snapshot
 from tests import fixtures_pipeline as fx
 from tests.fixtures_pipeline import MakeJob
-from workers import lease
+from workers import endings, lease
 from workers.attempt import WAITING_OR_RUNNING, Attempt
 from workers.checkpoints import checkpointed, load, save
 from workers.context import WorkerContext, WorkerMetrics
 from workers.parse import Parsed
 from workers.progress import stage_end
+from workers.run import JobRun, Outcome
 
 embedder = fx.embedder
 make_job = fx.make_job
@@ -118,3 +123,22 @@ def test_worker_metrics_are_registered_once_per_registry() -> None:
     assert registry.get_sample_value("sluice_worker_jobs_total", {"outcome": "completed"}) == 1
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         WorkerMetrics(registry)
+
+
+async def test_a_renewal_after_the_final_commit_keeps_the_completion(
+    worker_ctx: WorkerContext, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal tick that comes after the index transaction committed (here: while
+    its events are published) finds the lease released -- by this very attempt,
+    which completed the job: the attempt still ends ``completed``."""
+    job = await make_job(b"A short note about lease renewals. " * 8, "txt")
+
+    class SlowPublish(JobChanges):
+        async def publish(self, redis: Any) -> None:
+            await asyncio.sleep(worker_ctx.lease_seconds / 3 * 1.5)  # a renewal tick lands here
+            await super().publish(redis)
+
+    monkeypatch.setattr(endings, "JobChanges", SlowPublish)
+    assert await JobRun(worker_ctx, job.job_id).run() == Outcome.COMPLETED
+    snap = await job_snapshot(worker_ctx.db, job.job_id)
+    assert snap is not None and snap.status == JobStatus.COMPLETED
