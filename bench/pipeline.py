@@ -59,9 +59,9 @@ from app.jobs.model import JobStatus  # noqa: E402
 from devstack.process import free_port  # noqa: E402
 from devstack.stack import EmbeddedStack  # noqa: E402
 from workers.stages.chunk import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, chunk_pages  # noqa: E402
-from workers.stages.common import Page  # noqa: E402
-from workers.stages.extract import extract_pdf_page, open_pdf  # noqa: E402
+from workers.stages.common import PageText  # noqa: E402
 from workers.stages.index import write_chunks  # noqa: E402
+from workers.stages.pdf import extract_pdf_page, open_pdf  # noqa: E402
 
 SECRET = "bench-secret-" + "x" * 32
 WORDS = [
@@ -120,7 +120,7 @@ async def baseline(
     path.write_bytes(pdf)
     t0 = time.perf_counter()
     reader = open_pdf(path)
-    pages = [Page(i + 1, extract_pdf_page(reader, i)[0]) for i in range(len(reader.pages))]
+    pages = [PageText(i + 1, extract_pdf_page(reader, i)[0]) for i in range(len(reader.pages))]
     times["extract"] = time.perf_counter() - t0
     t = time.perf_counter()
     chunks = chunk_pages(
@@ -283,7 +283,7 @@ async def noop_rate(settings: Settings, jobs: int, *, ours: bool) -> tuple[float
             "poll_delay": settings.worker_poll_interval_ms / 1000,
             "handle_signals": False,
         }
-        if ours:  # the production settings (workers/settings.py)
+        if ours:  # the production settings (workers/runtime.py)
             options.update(
                 keep_result=0,
                 allow_abort_jobs=True,

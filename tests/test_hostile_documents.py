@@ -24,7 +24,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from app.core.embedding import LocalEmbedder, OpenAIEmbedder, model_dir
 from app.core.errors import PermanentError
-from app.core.queue import Priority
+from app.core.queue import QUEUE_NAME, Priority
 from app.gateway.services import Services
 from app.jobs.service import request_cancel
 from app.jobs.transitions import job_snapshot
@@ -42,12 +42,10 @@ from tests.fixtures_pipeline import (
 from workers.context import WorkerContext
 from workers.parse import ParseChildren, ParseJob, ParseReporter, parse_in_child
 from workers.run import JobRun, Outcome, RetryLater
-from workers.stages.extract import (
-    ExtractLimits,
-    PdfPages,
-    extract_text_file,
-    json_to_text,
-)
+from workers.stages.budget import ExtractLimits
+from workers.stages.extract import extract_text_file
+from workers.stages.formats import json_to_text
+from workers.stages.pdf import PdfPages
 from workers.stages.validate import check_json
 
 MB = 1024 * 1024
@@ -443,7 +441,7 @@ async def test_parse_child_dies_with_a_sigkilled_worker(
         await services.redis.delete(
             in_progress_key_prefix + job.job_id, job_key_prefix + job.job_id
         )
-        await services.redis.zrem(services.queue.queue_name, job.job_id)
+        await services.redis.zrem(QUEUE_NAME, job.job_id)
 
 
 def _parse_children() -> set[int]:

@@ -33,11 +33,12 @@ from tests.fixtures_pipeline import (
     wait_for_status,
 )
 from workers.context import WorkerContext
-from workers.lease import reap_expired, resync_queue
+from workers.fleet import resync_queue
+from workers.lease import reap_expired
 from workers.run import JobRun, Outcome
 from workers.runtime import build_worker
 from workers.stages.chunk import chunk_pages
-from workers.stages.common import Page
+from workers.stages.common import PageText
 
 STAGES = [str(s) for s in (Stage.VALIDATE, Stage.EXTRACT, Stage.CHUNK, Stage.EMBED, Stage.INDEX)]
 
@@ -316,7 +317,7 @@ async def test_a_retried_job_skips_stages_whose_output_is_stored(
     first_embed = next(e for e in events if e.stage == "embed" and e.seq > snap.seq)
     assert first_embed.stage_progress > 0  # resumed after the stored batches
     chunks = await chunk_rows(services, job.document_id)
-    text_pages = [Page(i + 1, p[0]) for i, p in enumerate(pages)]
+    text_pages = [PageText(i + 1, p[0]) for i, p in enumerate(pages)]
     assert len(chunks) == len(
         chunk_pages(text_pages, load_tokenizer(), chunk_size=24, chunk_overlap=0)
     )

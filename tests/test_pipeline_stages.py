@@ -23,15 +23,11 @@ from tests.fixtures_pipeline import (
     sha256_of,
 )
 from workers.stages.chunk import chunk_pages, resolve_options
-from workers.stages.common import Chunk, DocumentInfo, NullReporter, Page
-from workers.stages.extract import (
-    PdfPages,
-    extract_document,
-    extract_pdf_page,
-    normalize_text,
-    open_pdf,
-)
+from workers.stages.common import Chunk, DocumentInfo, NullReporter, PageText
+from workers.stages.extract import extract_document
+from workers.stages.formats import normalize_text
 from workers.stages.index import write_chunks
+from workers.stages.pdf import PdfPages, extract_pdf_page, open_pdf
 from workers.stages.validate import validate_document
 
 REPORT = NullReporter()
@@ -194,9 +190,9 @@ def test_normalize_text() -> None:
     assert normalize_text("a\x00b  c\t d\n\n\n\nnew-\nline ") == "ab c d\n\nnewline"
 
 
-def _pages(n: int, lines: int = 12) -> list[Page]:
+def _pages(n: int, lines: int = 12) -> list[PageText]:
     return [
-        Page(p, "\n\n".join(page_sentence(p, i) for i in range(lines))) for p in range(1, n + 1)
+        PageText(p, "\n\n".join(page_sentence(p, i) for i in range(lines))) for p in range(1, n + 1)
     ]
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import asyncpg
 from arq.connections import ArqRedis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from tokenizers import Tokenizer
 
 from app.core.embedding import Embedder
 from app.core.queue import JobQueue
@@ -22,10 +21,18 @@ STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 90
 
 
 class WorkerMetrics:
-    """The worker's Prometheus metrics, in its own registry."""
+    """Every series a worker process exports, registered in ``registry``.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+    Built once per process with the process's registry (``workers/main.py``, or
+    :func:`~workers.runtime.open_worker_context` for an embedded worker) and
+    reached only through :attr:`WorkerContext.metrics`: nothing holds it in a
+    module global, and a second one on the same registry fails loudly
+    (duplicate series) instead of splitting the counts.  ``/metrics`` serves
+    :attr:`registry`.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.jobs = Counter(
             "sluice_worker_jobs_total",
             "Jobs finished by this worker, by outcome",
@@ -93,10 +100,12 @@ class WorkerContext:
     redis: ArqRedis
     s3: S3Client
     embedder: Embedder
-    tokenizer: Tokenizer
+    tokenizer_path: Path
+    """The model's ``tokenizer.json``, which the parse child chunks with."""
     queue: JobQueue
     worker_id: str
     tmp_dir: Path
+    metrics: WorkerMetrics
     clock: Callable[[], float] = time.time
     lease_seconds: float = 30.0
     """A running job's lease; renewed every third of it, reaped once lapsed."""
@@ -106,7 +115,6 @@ class WorkerContext:
     max_processing_seconds: float = 3600.0
     progress_interval_seconds: float = 0.25
     """At most one recorded progress update per stage per interval (plus stage ends)."""
-    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     running: set[str] = field(default_factory=set)
     health: DependencyHealth = field(default_factory=DependencyHealth)
     parse_children: ParseChildren = field(default_factory=ParseChildren)

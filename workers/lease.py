@@ -22,9 +22,8 @@ leases of jobs it no longer runs (a lease left behind by a bug cannot stick).
 
 The lease owner is a fencing token: every write of a running job checks it, so
 a worker that lost its lease (stalled, partitioned) cannot overwrite the work
-of the one that took over.  :func:`resync_queue` re-enqueues jobs that the
-table says are waiting but that ARQ does not hold (an enqueue lost between the
-commit and Redis, a flushed Redis).
+of the one that took over.  The heartbeats, and the resync of jobs the queue
+lost, are the fleet's (``workers/fleet.py``).
 """
 
 from __future__ import annotations
@@ -32,19 +31,19 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from app.core.db import Queryable
 from app.core.logging import get_logger
-from app.core.outage import is_redis_outage
-from app.core.queue import QUEUE_EPOCH_KEY, WORKER_SLOTS_KEY, WORKERS_KEY
-from app.jobs.events import publish_event
-from app.jobs.model import JobStatus, ProgressEvent
-from app.jobs.transitions import record_progress
+from app.core.queue import WORKERS_KEY
+from app.jobs.model import JobStatus
+from app.jobs.transitions import JobChanges, job_transaction
 from workers.context import WorkerContext
 
 log = get_logger("sluice.worker.lease")
 
-RESYNC_GRACE_SECONDS = 60
+STILL_RUNNING = (JobStatus.RUNNING,)
+"""A leased run writes its job only while the job is still ``running``: any
+other status means a cancel or the reaper ended it (the lease is gone)."""
 
 
 class LeaseLost(Exception):
@@ -102,16 +101,6 @@ async def renew(db: asyncpg.Pool, job_id: str, owner: str, lease_seconds: float)
     return bool(row)
 
 
-async def _publish(ctx: WorkerContext, events: list[ProgressEvent]) -> None:
-    for event in events:
-        try:
-            await publish_event(ctx.redis, event)
-        except Exception as exc:
-            log.warning(
-                "event_publish_failed", job_id=event.job_id, exc_info=not is_redis_outage(exc)
-            )
-
-
 async def live_workers(ctx: WorkerContext) -> list[str]:
     """Ids of the workers that sent a heartbeat within one lease, this one excluded."""
     since_ms = int((ctx.clock() - ctx.lease_seconds) * 1000)
@@ -123,12 +112,10 @@ async def live_workers(ctx: WorkerContext) -> list[str]:
 async def reap_expired(ctx: WorkerContext) -> list[str]:
     """Recover running jobs whose lease lapsed and whose worker is gone; returns the
     ids handled.  Needs Redis (the heartbeats): without it, nothing is reaped."""
-    max_attempts = ctx.settings.task_retry_max_attempts
-    events: list[ProgressEvent] = []
     handled: list[tuple[str, str]] = []
     alive = await live_workers(ctx)
-    async with ctx.db.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
+    async with job_transaction(ctx.db, ctx.redis) as changes:
+        rows = await changes.conn.fetch(
             """
             UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL
             WHERE id IN (SELECT id FROM jobs
@@ -144,49 +131,8 @@ async def reap_expired(ctx: WorkerContext) -> list[str]:
             list(ctx.running),
         )
         for row in rows:
-            job_id = row["id"]
-            if row["cancel_requested"]:
-                event = await record_progress(
-                    conn,
-                    None,
-                    job_id,
-                    status=JobStatus.CANCELLED,
-                    message="cancelled (its worker stopped responding)",
-                    only_if_status=[JobStatus.RUNNING],
-                )
-                await settle_document(conn, row["document_id"], "cancelled")
-            elif row["attempts"] >= max_attempts:
-                event = await record_progress(
-                    conn,
-                    None,
-                    job_id,
-                    status=JobStatus.FAILED,
-                    error_code="worker_lost",
-                    error_message=f"worker stopped responding on attempt {row['attempts']} of "
-                    f"{max_attempts}; giving up",
-                    message="failed: worker lost",
-                    only_if_status=[JobStatus.RUNNING],
-                )
-                await settle_document(conn, row["document_id"], "failed")
-            else:
-                event = await record_progress(
-                    conn,
-                    None,
-                    job_id,
-                    status=JobStatus.RETRYING,
-                    message=f"worker stopped responding (lease expired); requeued "
-                    f"(attempt {row['attempts']} of {max_attempts})",
-                    details={"reason": "lease_expired"},
-                    only_if_status=[JobStatus.RUNNING],
-                )
-            if event is not None:
-                if event.terminal:
-                    await conn.execute(
-                        "DELETE FROM job_checkpoints WHERE job_id = $1::uuid", job_id
-                    )
-                events.append(event)
-                handled.append((job_id, row["priority"]))
-    await _publish(ctx, events)
+            if await _reap(changes, row, ctx.settings.task_retry_max_attempts):
+                handled.append((row["id"], row["priority"]))
     for job_id, priority in handled:
         # Terminal ones too: their ARQ entry is released and skipped unrun.
         await ctx.queue.requeue_lost(job_id, priority)
@@ -195,11 +141,49 @@ async def reap_expired(ctx: WorkerContext) -> list[str]:
     return [job_id for job_id, _ in handled]
 
 
-async def settle_document(
-    conn: asyncpg.Connection | PoolConnectionProxy, document_id: Any, failed_status: str
-) -> None:
+async def _reap(changes: JobChanges, row: asyncpg.Record, max_attempts: int) -> bool:
+    """End one lapsed run (its lease already cleared in ``changes``' transaction):
+    ``cancelled`` if that was asked for, ``failed`` (``worker_lost``) once its
+    attempts are spent, else ``retrying``.  False if the job was no longer running."""
+    job_id, attempts = row["id"], row["attempts"]
+    if row["cancel_requested"]:
+        event = await changes.record(
+            job_id,
+            status=JobStatus.CANCELLED,
+            message="cancelled (its worker stopped responding)",
+            only_if_status=STILL_RUNNING,
+        )
+        await settle_document(changes.conn, row["document_id"], "cancelled")
+    elif attempts >= max_attempts:
+        event = await changes.record(
+            job_id,
+            status=JobStatus.FAILED,
+            error_code="worker_lost",
+            error_message=f"worker stopped responding on attempt {attempts} of "
+            f"{max_attempts}; giving up",
+            message="failed: worker lost",
+            only_if_status=STILL_RUNNING,
+        )
+        await settle_document(changes.conn, row["document_id"], "failed")
+    else:
+        event = await changes.record(
+            job_id,
+            status=JobStatus.RETRYING,
+            message=f"worker stopped responding (lease expired); requeued "
+            f"(attempt {attempts} of {max_attempts})",
+            details={"reason": "lease_expired"},
+            only_if_status=STILL_RUNNING,
+        )
+    if event is None:
+        return False
+    if event.terminal:
+        await changes.conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", job_id)
+    return True
+
+
+async def settle_document(db: Queryable, document_id: Any, failed_status: str) -> None:
     """A document keeps ``indexed`` if it still has chunks from an earlier job."""
-    await conn.execute(
+    await db.execute(
         """
         UPDATE documents SET updated_at = now(),
             status = CASE WHEN EXISTS (SELECT 1 FROM chunks WHERE document_id = $1)
@@ -209,81 +193,3 @@ async def settle_document(
         document_id,
         failed_status,
     )
-
-
-async def resync_queue(
-    ctx: WorkerContext, *, grace_seconds: float = RESYNC_GRACE_SECONDS
-) -> list[str]:
-    """Enqueue waiting jobs that ARQ does not hold; returns the ids enqueued.
-
-    ``grace_seconds`` spares jobs changed that recently (their enqueue may be
-    under way); 0 after Redis lost its data, when no enqueue can be trusted.
-    Idempotent: ARQ refuses a second job with the same id, and a job that runs
-    anyway is taken only through :func:`acquire`, which lets one worker hold it.
-    """
-    rows = await ctx.db.fetch(
-        """
-        SELECT id::text AS id, priority,
-               (lease_owner IS NULL OR lease_expires_at < now()) AS lease_free
-        FROM jobs
-        WHERE status IN ('queued', 'retrying')
-          AND updated_at <= now() - make_interval(secs => $1)
-        ORDER BY updated_at LIMIT 5000
-        """,
-        float(grace_seconds),
-    )
-    enqueued = []
-    for row in rows:
-        if await ctx.queue.is_queued(row["id"]):
-            # Waiting that long, yet marked started in ARQ: its worker could not tell
-            # ARQ how the run ended (Redis was down then), and ARQ would hold it for
-            # the whole job timeout.  Not after a data loss (grace 0): a worker may
-            # just have picked the job up (nor while one holds its lease, taking it).
-            if (
-                grace_seconds >= RESYNC_GRACE_SECONDS
-                and row["lease_free"]
-                and await ctx.queue.is_started(row["id"])
-            ):
-                await ctx.queue.requeue_lost(row["id"], row["priority"])
-                log.warning("stuck_job_released", job_id=row["id"])
-            continue
-        if await ctx.queue.enqueue(row["id"], row["priority"]):
-            enqueued.append(row["id"])
-            log.warning("lost_job_requeued", job_id=row["id"])
-    return enqueued
-
-
-async def heartbeat(ctx: WorkerContext, max_jobs: int) -> int:
-    """Record this worker as alive; return the fleet's total job slots."""
-    now_ms = int(ctx.clock() * 1000)
-    stale = now_ms - int(ctx.lease_seconds * 2000)
-    async with ctx.redis.pipeline(transaction=True) as pipe:
-        pipe.zadd(WORKERS_KEY, {ctx.worker_id: now_ms})
-        pipe.hset(WORKER_SLOTS_KEY, ctx.worker_id, str(max_jobs))
-        pipe.zrangebyscore(WORKERS_KEY, "-inf", stale)
-        pipe.zremrangebyscore(WORKERS_KEY, "-inf", stale)
-        pipe.hgetall(WORKER_SLOTS_KEY)
-        _, _, dead, _, slots = await pipe.execute()
-    if dead:
-        await ctx.redis.hdel(WORKER_SLOTS_KEY, *dead)  # type: ignore[misc]
-    alive = {k: v for k, v in slots.items() if k not in set(dead)}
-    return sum(int(v) for v in alive.values())
-
-
-async def leave(ctx: WorkerContext) -> None:
-    async with ctx.redis.pipeline(transaction=True) as pipe:
-        pipe.zrem(WORKERS_KEY, ctx.worker_id)
-        pipe.hdel(WORKER_SLOTS_KEY, ctx.worker_id)
-        await pipe.execute()
-
-
-async def claim_new_epoch(ctx: WorkerContext) -> bool:
-    """True if Redis had lost its data and this worker is the one to resync.
-
-    :data:`~app.core.queue.QUEUE_EPOCH_KEY` is written once per Redis data set
-    (``SET NX``); its absence means a FLUSHALL, a failover to a replica that
-    lagged, or a restart without persistence.  Exactly one caller per loss
-    gets True (and a fresh worker against a fresh Redis resyncs once).
-    """
-    marker = f"{ctx.worker_id}:{int(ctx.clock() * 1000)}"
-    return bool(await ctx.redis.set(QUEUE_EPOCH_KEY, marker, nx=True))

@@ -21,8 +21,13 @@ One child per job's parse: one child's death never touches another job.
 :class:`ParseChildren` keeps one child started ahead of need (imports done,
 waiting for its job on stdin), so a job does not wait for an interpreter to
 start.  The document's text lives only in the child; the worker holds the
-chunks it embeds.  Budget errors (``too_large_extracted``, ``corrupt_file``...) raised in
-the child come back as the same :class:`~app.core.errors.PermanentError`.
+chunks it embeds.  Budget errors (``too_large_extracted``, ``corrupt_file``...)
+raised in the child come back as the same :class:`~app.core.errors.PermanentError`.
+
+One module on purpose (about 400 lines): both ends of the pipe (the parent's
+:func:`parse_in_child` and the child's :func:`child_main`) and the frames they
+exchange read best side by side, and the child must import nothing but this
+module and the stages.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ from typing import IO, Any
 import msgspec
 
 from app.core.errors import PermanentError, TransientError
+from workers.stages.budget import ExtractLimits
 from workers.stages.common import Chunk
-from workers.stages.extract import ExtractLimits
 
 CHUNK_BATCH = 512
 """Chunks per frame sent back by the child."""
@@ -75,7 +80,7 @@ class Progress(msgspec.Struct, tag="progress"):
     message: str
 
 
-class Extracted(msgspec.Struct, tag="extracted"):
+class ExtractDone(msgspec.Struct, tag="extracted"):
     """Extraction is over (chunking starts)."""
 
     pages: int
@@ -98,7 +103,7 @@ class Failed(msgspec.Struct, tag="failed"):
     permanent: bool
 
 
-Frame = Progress | Extracted | Chunks | Done | Failed
+Frame = Progress | ExtractDone | Chunks | Done | Failed
 _encode = msgspec.msgpack.Encoder().encode
 _decode_frame = msgspec.msgpack.Decoder(Frame).decode
 _decode_job = msgspec.msgpack.Decoder(ParseJob).decode
@@ -246,13 +251,13 @@ def _died(code: int, job: ParseJob) -> PermanentError:
 
 async def _receive(stdout: asyncio.StreamReader, report: ParseReporter, started: float) -> Parsed:
     chunks: list[Chunk] = []
-    result: Extracted | None = None
+    result: ExtractDone | None = None
     while True:
         frame = await _read_frame(stdout, report)
         if isinstance(frame, Progress):
             await report.progress(frame.stage, frame.fraction, frame.message)
             await report.boundary()  # (throttled by the caller) a busy child is checked too
-        elif isinstance(frame, Extracted):
+        elif isinstance(frame, ExtractDone):
             result = frame
             await report.extracted(time.perf_counter() - started)
         elif isinstance(frame, Chunks):
@@ -328,10 +333,10 @@ def _parse(job: ParseJob, out: _Sender) -> None:
     from tokenizers import Tokenizer
 
     from workers.stages.chunk import chunk_pages
-    from workers.stages.common import Page
+    from workers.stages.common import PageText
     from workers.stages.extract import iter_pages
 
-    pages: list[Page] = []
+    pages: list[PageText] = []
     warnings: list[dict[str, Any]] = []
     chars = 0
     total = 0
@@ -342,7 +347,7 @@ def _parse(job: ParseJob, out: _Sender) -> None:
             pages.append(page)
             chars += len(page.text)
         out.progress("extract", page.number / total, f"page {page.number}/{total}")
-    out.send(Extracted(pages=total, chars=chars, warnings=warnings))
+    out.send(ExtractDone(pages=total, chars=chars, warnings=warnings))
     if not chars:
         out.send(Done())
         return

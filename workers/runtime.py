@@ -1,12 +1,13 @@
 """The ARQ worker, configured from :class:`~app.core.settings.Settings`.
 
 :func:`open_worker_context` builds the collaborators every job shares (pool,
-Redis, S3, the embedder loaded once, the tokenizer, the queue) and
-:func:`build_worker` the ARQ :class:`~arq.worker.Worker` around them:
+Redis, S3, the embedder loaded once, the parse children, the queue, the
+metrics) and :func:`build_worker` the ARQ :class:`~arq.worker.Worker` around
+them:
 
 * ``max_jobs`` = ``MAX_CONCURRENT_TASKS`` (jobs per process);
 * ``queue_read_limit`` from the fleet's concurrency (ARQ #171), refreshed from
-  the worker registry by the maintenance loop in ``workers/main.py``;
+  the worker registry by the maintenance loop (``workers/fleet.py``);
 * ``keep_result=0``: no result keys, so job ids are never blocked (ARQ #432);
   the jobs table is where results live;
 * ``job_timeout`` just above ``MAX_PROCESSING_TIME_MINUTES`` (the job function
@@ -16,11 +17,19 @@ Redis, S3, the embedder loaded once, the tokenizer, the queue) and
   table, where lease recoveries count too;
 * aborts enabled, so cancelling a waiting job drops it from the queue;
 * :class:`SluiceWorker`: ARQ's worker with one leak closed, so that its poll
-  loop can be resumed after a Redis outage (``workers/main.py``).
+  loop can be resumed after a Redis outage.
+
+Outages are waited out, never fatal: ARQ's poll loop runs under
+:func:`poll_supervised`, which resumes it (backoff with jitter) once Redis
+answers again while running jobs carry on; meanwhile ``/health`` says
+``"degraded"`` (still HTTP 200) and ``sluice_worker_redis_up`` is 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import socket
 import tempfile
 import uuid
@@ -29,16 +38,21 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
 from arq.worker import Worker, func
+from prometheus_client import CollectorRegistry
 
 from app.core.db import create_pool
-from app.core.embedding import Embedder, create_embedder, load_tokenizer
+from app.core.embedding import Embedder, create_embedder, model_dir
+from app.core.logging import get_logger
 from app.core.queue import PROCESS_FUNCTION, QUEUE_NAME, JobQueue, connect_redis, read_limit_for
 from app.core.settings import Settings
 from app.core.storage import open_s3
 from workers.context import WorkerContext, WorkerMetrics
 from workers.parse import ParseChildren
 from workers.run import process_document
+
+log = get_logger("sluice.worker")
 
 HEALTH_CHECK_SECONDS = 10
 ARQ_MAX_TRIES = 1000
@@ -57,7 +71,11 @@ async def open_worker_context(
     worker_id: str | None = None,
     **timings: Any,
 ) -> AsyncIterator[WorkerContext]:
-    """Collaborators for one worker process (``embedder`` given: shared, not closed)."""
+    """Collaborators for one worker process (``embedder`` given: shared, not closed).
+
+    ``metrics`` is the process's (built once on its registry); without it the
+    worker gets a registry of its own (an embedded or test worker).  ``timings``
+    override :class:`WorkerContext`'s timing fields (``lease_seconds``...)."""
     async with AsyncExitStack() as stack:
         db = await create_pool(
             settings.database_url.reveal(),
@@ -81,11 +99,11 @@ async def open_worker_context(
             redis=redis,
             s3=s3,
             embedder=embedder,
-            tokenizer=load_tokenizer(),
+            tokenizer_path=model_dir() / "tokenizer.json",
             queue=JobQueue(redis),
             worker_id=worker_id or new_worker_id(),
             tmp_dir=tmp,
-            metrics=metrics or WorkerMetrics(),
+            metrics=metrics if metrics is not None else WorkerMetrics(CollectorRegistry()),
             **{**WorkerContext.timings_from(settings), **timings},
         )
 
@@ -148,3 +166,45 @@ class SluiceWorker(Worker):
 
 def build_worker(ctx: WorkerContext, **overrides: Any) -> Worker:
     return SluiceWorker(**worker_kwargs(ctx, **overrides))
+
+
+RESUME_BACKOFF = (0.1, 5.0)
+"""First and largest wait (seconds, jittered) before resuming a failed poll loop."""
+_RESUMABLE = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+
+async def poll_supervised(worker: Worker, ctx: WorkerContext) -> None:
+    """Run ARQ's poll loop until the worker is told to stop.
+
+    ARQ's loop ends at the first Redis error (a restart, a failover, a blip);
+    here it is resumed once Redis answers a ``PING`` again, after a backoff
+    with jitter.  Running jobs are separate tasks: they are untouched.
+    Returns when a signal stopped the worker (ARQ cancels its main task).
+    """
+    stopping = asyncio.Event()
+    worker.on_stop = lambda _sig: stopping.set()
+    delay = RESUME_BACKOFF[0]
+    while not stopping.is_set():
+        try:
+            await worker.async_run()
+            return
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return  # ARQ's signal handler cancelled its main task: shutting down
+        except _RESUMABLE as exc:
+            ctx.set_redis_up(False)
+            log.warning("queue_poll_interrupted", error=type(exc).__name__, detail=str(exc)[:200])
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay * random.uniform(0.5, 1.0))  # noqa: S311
+            delay = min(delay * 2, RESUME_BACKOFF[1])
+            try:
+                await ctx.redis.ping()
+            except _RESUMABLE:
+                continue
+            ctx.set_redis_up(True)
+            log.info("queue_poll_resumed")
+            delay = RESUME_BACKOFF[0]
+            break

@@ -130,8 +130,11 @@ class TransientError(SluiceError):
     default_code = "transient_error"
 
 
-class JobCancelled(SluiceError):
-    """Raised inside a running job once its cancellation has been observed."""
+class CancelRequested(SluiceError):
+    """Raised inside a running job once its worker has seen that a cancel was asked for.
+
+    Not to be confused with the WebSocket message ``job_cancelled`` (class
+    ``JobCancelled``), which tells a client that a job ended cancelled."""
 
     status = 409
     default_code = "cancelled"

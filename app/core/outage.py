@@ -8,8 +8,9 @@ are not errors of the request or of the job that hit them:
   with ``Retry-After`` (:func:`as_unavailable`), in one place, the
   error-rendering middleware;
 * a worker waits them out without spending one of the job's attempts
-  (:func:`is_database_outage`, ``workers/pipeline.py``) and keeps polling
-  the queue once Redis is back (:func:`is_redis_outage`, ``workers/main.py``).
+  (:func:`is_database_outage`, :func:`is_storage_outage`, ``workers/run.py``)
+  and keeps polling the queue once Redis is back (:func:`is_redis_outage`,
+  ``workers/runtime.py``).
 
 Invariant: a bare ``OSError``/``TimeoutError`` counts as a database outage only
 when it was raised from inside asyncpg (refused connect, acquire timeout), so an

@@ -91,7 +91,7 @@ WORKER_SLOTS_KEY = "sluice:workers:slots"
 QUEUE_EPOCH_KEY = "sluice:queue:epoch"
 """A marker written once per Redis data set by the first worker that finds it
 missing: if it vanishes, Redis lost the queue and workers resync it from the
-jobs table at once (``workers/lease.py``, :func:`claim_new_epoch`)."""
+jobs table at once (``workers/fleet.py``, ``claim_new_epoch``)."""
 
 JOB_EXPIRES = timedelta(days=7)
 """How long ARQ keeps a job that has not finished (queued, deferred or retried)."""
@@ -158,14 +158,6 @@ class JobQueue:
         self._clock = clock
         self._last_score: dict[Priority, int] = {}
 
-    @property
-    def redis(self) -> ArqRedis:
-        return self._redis
-
-    @property
-    def queue_name(self) -> str:
-        return self._queue_name
-
     def _next_score(self, priority: Priority, delay_ms: int) -> int:
         score = priority_score(priority, int(self._clock() * 1000) + delay_ms)
         last = self._last_score.get(priority)
@@ -193,8 +185,8 @@ class JobQueue:
 
         The one enqueue-failure policy of every route: the job row is the
         truth, so when Redis cannot take the job now it stays ``queued`` and the
-        workers' ``resync_queue`` enqueues it once Redis is back (within its
-        grace period).  Returns True if ARQ holds the job now.
+        workers' ``resync_queue`` (``workers/fleet.py``) enqueues it once Redis is
+        back (within its grace period).  Returns True if ARQ holds the job now.
         """
         try:
             await self.enqueue(job_id, priority)
@@ -279,6 +271,6 @@ async def queue_depth_by_priority(db: asyncpg.Pool) -> dict[str, int]:
         "SELECT priority, count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying') "
         "GROUP BY priority"
     )
-    depth = {p: 0 for p in ("low", "normal", "high", "critical")}
+    depth = {str(p): 0 for p in Priority}
     depth.update({r["priority"]: int(r["n"]) for r in rows})
     return depth

@@ -14,7 +14,6 @@ joined text, token count and sha256.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import hashlib
 import re
@@ -24,7 +23,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from app.core.errors import PermanentError
-from workers.stages.common import Chunk, Page, StageReporter
+from workers.stages.common import Chunk, PageText
 
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_CHUNK_OVERLAP = 32
@@ -58,7 +57,7 @@ def resolve_options(options: dict[str, Any], max_seq_length: int) -> tuple[int, 
     return size, min(overlap, (size - SPECIAL_TOKENS) // 2)
 
 
-def join_pages(pages: list[Page]) -> tuple[str, list[int], list[int]]:
+def join_pages(pages: list[PageText]) -> tuple[str, list[int], list[int]]:
     """The document text, each page's start offset, and page numbers."""
     parts: list[str] = []
     starts: list[int] = []
@@ -77,74 +76,104 @@ def join_pages(pages: list[Page]) -> tuple[str, list[int], list[int]]:
     return "".join(parts), starts, numbers
 
 
-def chunk_pages(
-    pages: list[Page], tokenizer: Tokenizer, *, chunk_size: int, chunk_overlap: int
-) -> list[Chunk]:
-    """Split ``pages`` into chunks; pure and synchronous (run it on a thread)."""
-    text, page_starts, page_numbers = join_pages(pages)
-    if not text:
-        return []
+class _Tokens:
+    """Every token of a text: its character span and three flags, in compact arrays
+    (~19 bytes a token, not ~100 in Python lists)."""
+
+    def __init__(self) -> None:
+        self.starts = array("q")
+        self.ends = array("q")
+        self.word_start = bytearray()
+        """The token starts a word (it is not a ``##`` continuation)."""
+        self.sent_end = bytearray()
+        self.para_end = bytearray()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def best_end(self, s: int, e: int, budget: int) -> int:
+        """Where a chunk starting at token ``s`` ends, at most at ``e``: the last
+        paragraph end, else sentence end, else word start in the window's second half."""
+        low = s + max(1, budget // 2)
+        for flags in (self.para_end, self.sent_end):
+            for b in range(e, low, -1):
+                if flags[b - 1]:
+                    return b
+        for b in range(e, low, -1):
+            if self.word_start[b]:
+                return b
+        return e
+
+    def next_start(self, s: int, b: int, overlap: int) -> int:
+        """Where the chunk after ``[s, b)`` starts: ``overlap`` tokens back, moved
+        forward to a sentence start inside the overlap, else to a word start."""
+        nxt = max(b - overlap, s + 1)
+        for i in range(nxt, b):  # prefer to start the overlap at a sentence
+            if self.sent_end[i - 1] or self.para_end[i - 1]:
+                return i
+        while nxt < b and not self.word_start[nxt]:
+            nxt += 1
+        return nxt
+
+
+def _paragraphs(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each paragraph of ``text`` that is not blank."""
     paragraphs: list[tuple[int, int]] = []
     pos = 0
     for match in _PARA_RE.finditer(text):
         paragraphs.append((pos, match.start()))
         pos = match.end()
     paragraphs.append((pos, len(text)))
-    paragraphs = [(a, b) for a, b in paragraphs if text[a:b].strip()]
+    return [(a, b) for a, b in paragraphs if text[a:b].strip()]
 
-    # Per token: character span and three flags, in compact arrays (~19 bytes a
-    # token, not ~100 in Python lists), paragraphs tokenized a batch at a time so
-    # the tokenizer's own encodings never exist for the whole document at once.
-    starts = array("q")
-    ends = array("q")
-    word_start = bytearray()
-    sent_end = bytearray()
-    para_end = bytearray()
+
+def _tokenize(text: str, tokenizer: Tokenizer) -> _Tokens:
+    """The tokens of ``text``, paragraphs tokenized a batch at a time so the
+    tokenizer's own encodings never exist for the whole document at once."""
+    tokens = _Tokens()
+    paragraphs = _paragraphs(text)
     for first in range(0, len(paragraphs), ENCODE_BATCH):
         batch = paragraphs[first : first + ENCODE_BATCH]
         encodings = tokenizer.encode_batch([text[a:b] for a, b in batch], add_special_tokens=False)
         for (base, _), enc in zip(batch, encodings, strict=True):
-            tokens = enc.tokens
-            if not tokens:
+            names = enc.tokens
+            if not names:
                 continue
             offsets = enc.offsets
-            starts.extend(base + a for a, _ in offsets)
-            ends.extend(base + b for _, b in offsets)
-            word_start.extend(not tok.startswith("##") for tok in tokens)
-            sent_end.extend(tok in _SENTENCE_END for tok in tokens)
-            para_end.extend(bytes(len(tokens) - 1))
-            para_end.append(1)
+            tokens.starts.extend(base + a for a, _ in offsets)
+            tokens.ends.extend(base + b for _, b in offsets)
+            tokens.word_start.extend(not tok.startswith("##") for tok in names)
+            tokens.sent_end.extend(tok in _SENTENCE_END for tok in names)
+            tokens.para_end.extend(bytes(len(names) - 1))
+            tokens.para_end.append(1)
         del encodings
-    n = len(starts)
+    return tokens
+
+
+def chunk_pages(
+    pages: list[PageText], tokenizer: Tokenizer, *, chunk_size: int, chunk_overlap: int
+) -> list[Chunk]:
+    """Split ``pages`` into chunks; pure and synchronous (run it on a thread)."""
+    text, page_starts, page_numbers = join_pages(pages)
+    if not text:
+        return []
+    tokens = _tokenize(text, tokenizer)
+    n = len(tokens)
     budget = chunk_size - SPECIAL_TOKENS
-
-    def best_end(s: int, e: int) -> int:
-        low = s + max(1, budget // 2)
-        for flags in (para_end, sent_end):
-            for b in range(e, low, -1):
-                if flags[b - 1]:
-                    return b
-        for b in range(e, low, -1):
-            if word_start[b]:
-                return b
-        return e
-
     chunks: list[Chunk] = []
     s = 0
     while s < n:
         e = min(s + budget, n)
-        b = best_end(s, e) if e < n else n
-        char_start, char_end = starts[s], ends[b - 1]
+        b = tokens.best_end(s, e, budget) if e < n else n
+        char_start, char_end = tokens.starts[s], tokens.ends[b - 1]
         body = text[char_start:char_end]
-        first = page_numbers[bisect.bisect_right(page_starts, char_start) - 1]
-        last = page_numbers[bisect.bisect_right(page_starts, char_end - 1) - 1]
         chunks.append(
             Chunk(
                 seq=len(chunks),
                 text=body,
                 token_count=b - s,
-                page_start=first,
-                page_end=last,
+                page_start=page_numbers[bisect.bisect_right(page_starts, char_start) - 1],
+                page_end=page_numbers[bisect.bisect_right(page_starts, char_end - 1) - 1],
                 char_start=char_start,
                 char_end=char_end,
                 sha256=hashlib.sha256(body.encode()).hexdigest(),
@@ -152,30 +181,5 @@ def chunk_pages(
         )
         if b >= n:
             break
-        nxt = max(b - chunk_overlap, s + 1)
-        for i in range(nxt, b):  # prefer to start the overlap at a sentence
-            if sent_end[i - 1] or para_end[i - 1]:
-                nxt = i
-                break
-        else:
-            while nxt < b and not word_start[nxt]:
-                nxt += 1
-        s = nxt
-    return chunks
-
-
-async def chunk_document(
-    pages: list[Page],
-    tokenizer: Tokenizer,
-    *,
-    options: dict[str, Any],
-    max_seq_length: int,
-    report: StageReporter,
-) -> list[Chunk]:
-    size, overlap = resolve_options(options, max_seq_length)
-    await report.progress(0.0, f"chunking ({size} tokens, {overlap} overlap)")
-    chunks = await asyncio.to_thread(
-        chunk_pages, pages, tokenizer, chunk_size=size, chunk_overlap=overlap
-    )
-    await report.progress(1.0, f"{len(chunks)} chunks")
+        s = tokens.next_start(s, b, chunk_overlap)
     return chunks

@@ -12,7 +12,7 @@ class StageReporter(Protocol):
 
     ``progress`` may be called as often as convenient (the pipeline throttles
     what it records); ``boundary`` is called between pages and batches and
-    raises :class:`~app.core.errors.JobCancelled` once the job is cancelled
+    raises :class:`~app.core.errors.CancelRequested` once the job is cancelled
     (or its lease is lost).
     """
 
@@ -45,19 +45,20 @@ class DocumentInfo(msgspec.Struct, kw_only=True, frozen=True):
     processing_options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class Page(msgspec.Struct, array_like=True):
+class PageText(msgspec.Struct, array_like=True):
+    """The text of one page of a document (not the pagination ``Page`` of the API)."""
+
     number: int
     """1-based page number (1 for formats without pages)."""
     text: str
 
 
 class Extracted(msgspec.Struct, kw_only=True):
-    pages: list[Page]
-    warnings: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """What the extract stage produces: the pages' text in order, and warnings
+    (pages skipped or damaged) that do not fail the document."""
 
-    @property
-    def char_count(self) -> int:
-        return sum(len(p.text) for p in self.pages)
+    pages: list[PageText]
+    warnings: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
 class Chunk(msgspec.Struct, kw_only=True, array_like=True):

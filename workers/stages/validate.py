@@ -29,7 +29,7 @@ from pypdf.errors import DependencyError, PdfReadError, PyPdfError
 from app.core.errors import PermanentError, TransientError
 from app.core.storage import S3Client, client_error_code
 from workers.stages.common import DocumentInfo, StageReporter
-from workers.stages.extract import decode_json
+from workers.stages.formats import decode_json
 
 READ_SIZE = 1024 * 1024
 PDF_MAGIC_WINDOW = 1024
