@@ -10,7 +10,7 @@ import pytest
 import redis.exceptions
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from app.core.queue import Priority
+from app.core.queue import QUEUE_NAME, Priority
 from app.gateway.services import Services
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
@@ -19,7 +19,7 @@ from tests.fixtures_pipeline import (
     stream_events,
 )
 from workers.context import WorkerContext
-from workers.lease import resync_queue
+from workers.fleet import resync_queue
 from workers.run import JobRun, Outcome
 
 Headers = Callable[[str], dict[str, str]]
@@ -310,7 +310,7 @@ async def _resync_only(services: Services, ctx: WorkerContext, job_ids: set[str]
     enqueued = await resync_queue(ctx, grace_seconds=0)
     others = [j for j in enqueued if j not in job_ids]
     if others:
-        await services.redis.zrem(services.queue.queue_name, *others)
+        await services.redis.zrem(QUEUE_NAME, *others)
         await services.redis.delete(*(f"arq:job:{j}" for j in others))
     return [j for j in enqueued if j in job_ids]
 

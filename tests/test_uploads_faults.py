@@ -34,7 +34,7 @@ from tests.fixtures_uploads import (
     s3_upload_ids,
 )
 from workers.context import WorkerContext
-from workers.lease import resync_queue
+from workers.fleet import resync_queue
 
 BASE = "/api/v1/documents/upload"
 

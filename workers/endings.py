@@ -29,7 +29,7 @@ from app.core.errors import SluiceError, TransientError
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage
 from app.core.queue import JobQueue
-from app.jobs.model import JobStatus, ProgressEvent, Stage
+from app.jobs.model import DocumentStatus, JobStatus, ProgressEvent, Stage
 from app.jobs.transitions import JobChanges
 from workers import lease
 from workers.attempt import WAITING_OR_RUNNING, Attempt, Conn, Outcome, append_timings
@@ -133,7 +133,7 @@ async def finish_cancelled(attempt: Attempt, message: str) -> Outcome:
             only_if_status=WAITING_OR_RUNNING,
         )
         if event is not None and attempt.doc is not None:
-            await lease.settle_document(conn, uuid.UUID(attempt.doc.id), "cancelled")
+            await lease.settle_document(conn, uuid.UUID(attempt.doc.id), DocumentStatus.CANCELLED)
         return event
 
     await transition(attempt, commit)
@@ -153,7 +153,7 @@ async def finish_failed(attempt: Attempt, exc: SluiceError) -> Outcome:
             only_if_status=STILL_RUNNING,
         )
         if event is not None and attempt.doc is not None:
-            await lease.settle_document(conn, uuid.UUID(attempt.doc.id), "failed")
+            await lease.settle_document(conn, uuid.UUID(attempt.doc.id), DocumentStatus.FAILED)
         return event
 
     log.info("job_failed", job_id=attempt.job_id, code=exc.code, error=exc.message)

@@ -35,7 +35,7 @@ import asyncpg
 from app.core.db import Queryable
 from app.core.logging import get_logger
 from app.core.queue import WORKERS_KEY
-from app.jobs.model import JobStatus
+from app.jobs.model import DocumentStatus, JobStatus
 from app.jobs.transitions import JobChanges, job_transaction
 from workers.context import WorkerContext
 
@@ -153,7 +153,7 @@ async def _reap(changes: JobChanges, row: asyncpg.Record, max_attempts: int) -> 
             message="cancelled (its worker stopped responding)",
             only_if_status=STILL_RUNNING,
         )
-        await settle_document(changes.conn, row["document_id"], "cancelled")
+        await settle_document(changes.conn, row["document_id"], DocumentStatus.CANCELLED)
     elif attempts >= max_attempts:
         event = await changes.record(
             job_id,
@@ -164,7 +164,7 @@ async def _reap(changes: JobChanges, row: asyncpg.Record, max_attempts: int) -> 
             message="failed: worker lost",
             only_if_status=STILL_RUNNING,
         )
-        await settle_document(changes.conn, row["document_id"], "failed")
+        await settle_document(changes.conn, row["document_id"], DocumentStatus.FAILED)
     else:
         event = await changes.record(
             job_id,
@@ -181,7 +181,7 @@ async def _reap(changes: JobChanges, row: asyncpg.Record, max_attempts: int) -> 
     return True
 
 
-async def settle_document(db: Queryable, document_id: Any, failed_status: str) -> None:
+async def settle_document(db: Queryable, document_id: Any, failed_status: DocumentStatus) -> None:
     """A document keeps ``indexed`` if it still has chunks from an earlier job."""
     await db.execute(
         """
@@ -191,5 +191,5 @@ async def settle_document(db: Queryable, document_id: Any, failed_status: str) -
         WHERE id = $1
         """,
         document_id,
-        failed_status,
+        str(failed_status),
     )
