@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import asyncpg
 from redis.asyncio import Redis
@@ -79,6 +79,22 @@ async def job_snapshots(db: Queryable, job_ids: Collection[str]) -> dict[str, Pr
         f"SELECT {JOB_EVENT_COLUMNS} FROM jobs WHERE id = ANY($1::uuid[])", list(job_ids)
     )
     return {row["job_id"]: event_from_row(row) for row in rows}
+
+
+class Change(TypedDict, total=False):
+    """The fields of one state change; a field left out keeps its current value."""
+
+    status: JobStatus
+    stage: str
+    stage_progress: float
+    overall_progress: float
+    message: str
+    error_code: str
+    error_message: str
+    details: dict[str, Any]
+    """Sent with the event only (not stored)."""
+    only_if_status: Collection[str]
+    """Apply the change only while the job is in one of these statuses."""
 
 
 async def _write(
@@ -163,34 +179,9 @@ class JobChanges:
         self.conn = conn
         self.events: list[ProgressEvent] = []
 
-    async def record(
-        self,
-        job_id: str,
-        *,
-        status: JobStatus | None = None,
-        stage: str | None = None,
-        stage_progress: float | None = None,
-        overall_progress: float | None = None,
-        message: str | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        details: dict[str, Any] | None = None,
-        only_if_status: Collection[str] | None = None,
-    ) -> ProgressEvent | None:
-        """Write one change (see :func:`_write` for the fields); None if skipped."""
-        event = await _write(
-            self.conn,
-            job_id,
-            status=status,
-            stage=stage,
-            stage_progress=stage_progress,
-            overall_progress=overall_progress,
-            message=message,
-            error_code=error_code,
-            error_message=error_message,
-            details=details,
-            only_if_status=only_if_status,
-        )
+    async def record(self, job_id: str, **change: Unpack[Change]) -> ProgressEvent | None:
+        """Write one change (see :class:`Change` for the fields); None if skipped."""
+        event = await _write(self.conn, job_id, **change)
         if event is not None:
             self.events.append(event)
         return event
@@ -215,38 +206,14 @@ async def job_transaction(pool: asyncpg.Pool, redis: Redis | None) -> AsyncItera
 
 
 async def change_job(
-    db: Queryable,
-    redis: Redis | None,
-    job_id: str,
-    *,
-    status: JobStatus | None = None,
-    stage: str | None = None,
-    stage_progress: float | None = None,
-    overall_progress: float | None = None,
-    message: str | None = None,
-    error_code: str | None = None,
-    error_message: str | None = None,
-    details: dict[str, Any] | None = None,
-    only_if_status: Collection[str] | None = None,
+    db: Queryable, redis: Redis | None, job_id: str, **change: Unpack[Change]
 ) -> ProgressEvent | None:
     """One change in its own statement, published at once; None if skipped.
 
     ``db`` must not be inside a transaction the caller will still roll back:
     use :class:`JobChanges` there.
     """
-    event = await _write(
-        db,
-        job_id,
-        status=status,
-        stage=stage,
-        stage_progress=stage_progress,
-        overall_progress=overall_progress,
-        message=message,
-        error_code=error_code,
-        error_message=error_message,
-        details=details,
-        only_if_status=only_if_status,
-    )
+    event = await _write(db, job_id, **change)
     if event is not None:
         await publish_events(redis, [event])
     return event
