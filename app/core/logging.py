@@ -251,6 +251,25 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 # --- configuration ---------------------------------------------------------------------
 
 
+def _line_formatter(renderer: Any, literals: tuple[str, ...]) -> logging.Formatter:
+    """What the writer thread runs per line: redact fields, render, scrub the line."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            _record_context,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            _record_time,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            redact_secrets,
+            structlog.processors.format_exc_info,  # plain traceback, never locals
+            renderer,
+            scrub_line(literals),
+        ],
+    )
+
+
 def configure_logging(
     level: str = "INFO",
     fmt: Literal["json", "console"] = "json",
@@ -287,21 +306,7 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         cache_logger_on_first_use=True,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            _record_context,
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            _record_time,
-        ],
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            redact_secrets,
-            structlog.processors.format_exc_info,  # plain traceback, never locals
-            renderer,
-            scrub_line(secret_literals(secrets)),
-        ],
-    )
+    formatter = _line_formatter(renderer, secret_literals(secrets))
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     writer = _Current.writer = _Writer(handler)

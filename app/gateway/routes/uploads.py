@@ -276,10 +276,10 @@ TAGS = ["uploads"]
 
 
 def routes() -> list[ApiRoute]:
-    return [*_start_and_parts(), *_session_routes()]
+    return [*_start(), *_parts(), *_session_routes()]
 
 
-def _start_and_parts() -> list[ApiRoute]:
+def _start() -> list[ApiRoute]:
     tags = TAGS
     session_links = [
         ApiLink(name="GetStatus", operation="get_status", parameters=_UPLOAD_ID),
@@ -318,6 +318,12 @@ def _start_and_parts() -> list[ApiRoute]:
             rate_limit=RateLimit.UPLOAD_START,
             tags=tags,
         ),
+    ]
+
+
+def _parts() -> list[ApiRoute]:
+    tags = TAGS
+    return [
         ApiRoute(
             f"{PREFIX}/chunk",
             chunk_form,
