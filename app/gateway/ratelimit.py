@@ -2,8 +2,9 @@
 
 Two limits: ``RATE_LIMIT_REQUESTS_PER_MINUTE`` for every authenticated
 ``/api/v1`` request and ``RATE_LIMIT_UPLOADS_PER_MINUTE`` for starting an
-upload (``initiate`` and ``simple``).  Part transfers into an open session
-(``chunk``, ``PUT .../parts/N``, ``.../presign``) are exempt from the request
+upload (``initiate``, ``simple``, and a tus creation that is not a partial upload).
+Part transfers into an open session (``chunk``, ``PUT .../parts/N``, ``.../presign``,
+a tus ``PATCH``) are exempt from the request
 limit: a session holds at most ``total_parts`` parts and sessions are already
 metered by the uploads limit, while counting each 8 MiB part as a request
 would cap one user at ~13 MiB/s with the default limits.  Each is a sliding-window counter (the
@@ -38,6 +39,8 @@ from app.gateway.middleware import error_response, request_id_of
 log = get_logger("sluice.gateway")
 WINDOW_SECONDS = 60
 PART_TRANSFER_RE = re.compile(r"^/api/v1/documents/upload/(chunk|[^/]+/parts/\d+(/presign)?)$")
+TUS_UPLOAD_RE = re.compile(r"^/api/v1/tus/[^/]+$")
+"""A tus upload: its PATCHes are part transfers (exempt, like ``PART_TRANSFER_RE``)."""
 UPLOAD_START_PATHS = frozenset(
     {
         "/api/v1/documents/upload/initiate",
@@ -156,6 +159,14 @@ class RateLimiter:
         return max(1, math.ceil(t))
 
 
+def _tus_file_creation(scope: Scope) -> bool:
+    """A tus creation that starts a file (a partial upload is a piece of one: not counted)."""
+    if scope["path"].rstrip("/") != "/api/v1/tus":
+        return False
+    concat = dict(scope.get("headers", ())).get(b"upload-concat", b"")
+    return not concat.strip().startswith(b"partial")
+
+
 class RateLimitMiddleware:
     """Applies :class:`RateLimiter` to authenticated ``/api/v1`` requests.
 
@@ -178,7 +189,9 @@ class RateLimitMiddleware:
 
     def _limits(self, scope: Scope) -> list[tuple[str, int]]:
         limits = [("requests", self.settings.rate_limit_requests_per_minute)]
-        if scope["method"] == "POST" and scope["path"].rstrip("/") in UPLOAD_START_PATHS:
+        if scope["method"] == "POST" and (
+            scope["path"].rstrip("/") in UPLOAD_START_PATHS or _tus_file_creation(scope)
+        ):
             limits.append(("uploads", self.settings.rate_limit_uploads_per_minute))
         return limits
 
@@ -188,6 +201,7 @@ class RateLimitMiddleware:
             not isinstance(ident, Identity)
             or scope["method"] == "OPTIONS"
             or PART_TRANSFER_RE.match(scope["path"])
+            or (scope["method"] == "PATCH" and TUS_UPLOAD_RE.match(scope["path"]))
         ):
             await self.app(scope, receive, send)
             return

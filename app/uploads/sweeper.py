@@ -33,6 +33,7 @@ from app.uploads.multipart import (
     session_from_row,
 )
 from app.uploads.schemas import SweepReport
+from app.uploads.tus import discard_leftovers, sweep_partials
 
 log = get_logger(__name__)
 SWEEP_LOCK_KEY = "sluice:uploads:sweeper"
@@ -75,12 +76,14 @@ async def sweep(ctx: UploadContext, *, batch: int = 200) -> SweepReport:
     )
     for row in lost:
         report.reenqueued += await reenqueue_if_lost(ctx, session_from_row(row))
-    if report.expired or report.cancelled or report.reenqueued:
+    partials = await sweep_partials(ctx, now, batch=batch)  # tus pieces: no session covers them
+    if report.expired or report.cancelled or report.reenqueued or partials:
         log.info(
             "upload_sweep",
             expired=report.expired,
             cancelled=report.cancelled,
             reenqueued=report.reenqueued,
+            tus_partials=partials,
         )
     return report
 
@@ -122,6 +125,7 @@ async def _close_abandoned(ctx: UploadContext, session: Session, now: datetime) 
                 only_if_status=[JobStatus.AWAITING_UPLOAD],
             )
     await publish(ctx, event)
+    await discard_leftovers(ctx, session.id)  # a tus upload's incomplete-part objects
     return outcome
 
 
