@@ -1,41 +1,26 @@
-"""How tus bytes reach S3: PATCH bodies streamed into parts, incomplete parts kept.
+"""The S3 side of tus uploads: incomplete-part segments, partial uploads, concatenation.
 
-S3 parts must be at least 5 MiB (all but the last) while a tus PATCH may carry
-any number of bytes, so :class:`PartWriter` cuts the stream at the upload's
-chunk size (the session's ``chunk_size``) as bytes arrive:
+Object layout, everything of one upload under ``tus/<upload id>/`` (deleted as a
+prefix when the upload finishes, is terminated or expires):
 
-* every full part goes to S3 at once (through a :data:`PartSink`), while the
-  next one is being received -- at most two parts of an upload are in memory,
-  never the whole body;
-* the bytes after the last full part, when a PATCH ends (or its client goes
-  away), are kept in S3 as an *incomplete part*: one small object per PATCH
-  (``tus/<upload id>/pending/<start offset>``), listed in the upload's row by
-  start offset, so ``Upload-Offset`` counts every byte received and any gateway
-  replica can continue.  When a later PATCH fills the part, the segments are
-  read back (from :class:`PendingCache` when the same process wrote them,
-  which is the common case) and put in front of the new bytes.  Writing one
-  segment per PATCH instead of rewriting one growing object keeps the extra
-  storage traffic linear in the bytes: small PATCHes cost one extra PUT and at
-  most one GET per byte, not a rewrite of the whole incomplete part each time.
+* ``pending/<start offset>``: one *incomplete-part segment* per PATCH that ended
+  between part boundaries (see :mod:`app.uploads.tus_writer`);
+* ``partial``: a partial upload's object (``Upload-Concat: partial``), built by
+  its own multipart upload and completed when its last byte arrives.
 
-Invariants: a segment's bytes are never changed once its start is committed
-(a later PATCH starts after it); segments are deleted only after the commit
-that stopped listing them; nothing here writes Postgres (the caller commits
-offsets, and gives :class:`PartWriter` a callback for per-part commits).
-
-:func:`copy_parts` builds a concatenated upload server-side from completed
-partial uploads with S3 ``UploadPartCopy`` (as tusd's s3store does).
+:func:`copy_parts` builds a final upload server-side from completed partial
+uploads with S3 ``UploadPartCopy`` (as tusd's s3store does).  Every operation
+maps S3 failures through :func:`~app.core.storage.storage_errors` (503
+``storage_unavailable``); deletions are best effort.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import io
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -43,14 +28,9 @@ from botocore.exceptions import ClientError
 from app.core.errors import Conflict
 from app.core.logging import get_logger
 from app.core.storage import S3Client, client_error_code, storage_errors
-from app.uploads.tus_protocol import Checksum
 
 log = get_logger(__name__)
 
-PartSink = Callable[[int, io.BytesIO, bytes], Awaitable[None]]
-"""Stores part ``number`` (the body, positioned at 0, and its MD5)."""
-OnPart = Callable[[int], Awaitable[None]]
-"""Commits a new offset once a part is stored (per-part progress)."""
 COPY_PARALLELISM = 4
 _MD5_IN_THREAD = 1024 * 1024
 
@@ -78,42 +58,6 @@ async def md5_of(body: io.BytesIO) -> bytes:
     if size_of(body) >= _MD5_IN_THREAD:
         return await asyncio.to_thread(_md5, body)
     return _md5(body)
-
-
-class PendingCache:
-    """Incomplete-part segments this process wrote, most recent first kept.
-
-    Bounded by ``max_bytes`` (least recently used dropped first).  Keys are
-    ``(segment key, size)``; an entry is added only after its start offset
-    was committed, so it always holds the bytes S3 holds under that key.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._size = 0
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        self.drop(key, len(data))
-        self._entries[(key, len(data))] = data
-        self._size += len(data)
-        while self._size > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self._size -= len(old)
-
-    def get(self, key: str, size: int) -> bytes | None:
-        return self._entries.get((key, size))
-
-    def drop(self, key: str, size: int) -> None:
-        old = self._entries.pop((key, size), None)
-        if old is not None:
-            self._size -= len(old)
-
-    @property
-    def size(self) -> int:
-        return self._size
 
 
 class TusStorage:
@@ -243,163 +187,6 @@ class TusStorage:
                 CopySource={"Bucket": self.bucket, "Key": source},
                 CopySourceRange=f"bytes={start}-{end - 1}",
             )
-
-
-class PartWriter:
-    """One PATCH body, cut into S3 parts of ``chunk`` bytes as it arrives.
-
-    The upload's committed state is ``offset`` and the incomplete-part segments
-    ``pending`` (their start offsets; they cover ``[pending[0], offset)``).  The
-    part being filled starts at :attr:`base` (a multiple of ``chunk``); its
-    first ``offset - base`` bytes are the segments, fetched only when the part
-    is full (or the upload ends).  With ``on_part`` (no checksum to verify
-    first), each stored part commits its offset at once, so a gateway killed
-    mid-PATCH loses at most the part in progress.
-    """
-
-    def __init__(
-        self,
-        *,
-        storage: TusStorage,
-        cache: PendingCache,
-        upload_id: str,
-        chunk: int,
-        offset: int,
-        pending: Sequence[int],
-        sink: PartSink,
-        on_part: OnPart | None,
-        checksum: Checksum | None,
-    ) -> None:
-        self.storage, self.cache, self.upload_id = storage, cache, upload_id
-        self.chunk, self.sink, self.on_part = chunk, sink, on_part
-        self.pending = list(pending)
-        self.pending_end = offset
-        self.base = self.pending[0] if self.pending else offset
-        if self.base % chunk:
-            raise ValueError(f"incomplete part starts at {self.base}, not a part boundary")
-        self.next_part = self.base // chunk + 1
-        self.hasher = checksum.hasher() if checksum is not None else None
-        self.received = 0
-        self.consumed: list[tuple[str, int]] = []
-        """Segments folded into stored parts; deleted once a commit stops listing them."""
-        self.new_segment: tuple[str, bytes] | None = None
-        self._buf = io.BytesIO()
-        self._buf.seek(self._pending_size)
-        self._fill = 0
-        self._in_flight: asyncio.Task[None] | None = None
-
-    @property
-    def _pending_size(self) -> int:
-        return self.pending_end - self.base if self.pending else 0
-
-    @property
-    def end(self) -> int:
-        """The offset of the last byte received so far, plus one."""
-        return self.base + self._pending_size + self._fill
-
-    def digest(self) -> bytes | None:
-        return self.hasher.digest() if self.hasher is not None else None
-
-    async def write(self, piece: bytes) -> None:
-        if self.hasher is not None:
-            self.hasher.update(piece)
-        self.received += len(piece)
-        view = memoryview(piece)
-        while view:
-            room = self.chunk - self._pending_size - self._fill
-            self._buf.write(view[:room])
-            taken = min(room, len(view))
-            self._fill += taken
-            view = view[taken:]
-            if self._pending_size + self._fill == self.chunk:
-                await self._emit()
-
-    async def _emit(self) -> None:
-        body, number = await self._take_part()
-        await self.wait()
-        self._in_flight = asyncio.create_task(self._store(number, body, self.base))
-
-    async def _take_part(self) -> tuple[io.BytesIO, int]:
-        """The part in progress (segments put in front), and a fresh buffer for the next."""
-        body = self._buf
-        await self._fetch_pending(body)
-        body.seek(0)
-        number = self.next_part
-        self.next_part += 1
-        self.base += self._pending_size + self._fill
-        self.pending, self._fill = [], 0
-        self._buf = io.BytesIO()
-        return body, number
-
-    async def _fetch_pending(self, body: io.BytesIO) -> None:
-        if not self.pending:
-            return
-        ends = [*self.pending[1:], self.pending_end]
-        for start, end in zip(self.pending, ends, strict=True):
-            key = segment_key(self.upload_id, start)
-            data = self.cache.get(key, end - start)
-            if data is None:
-                data = await self.storage.get_range(key, 0, end - start)
-            body.seek(start - self.base)
-            body.write(data)
-            self.consumed.append((key, end - start))
-
-    async def _store(self, number: int, body: io.BytesIO, offset: int) -> None:
-        with body:
-            await self.sink(number, body, await md5_of(body))
-        if self.on_part is not None:
-            await self.on_part(offset)
-            await self.discard_consumed()
-
-    async def wait(self) -> None:
-        """Wait for the part being stored (its failure is raised here)."""
-        task, self._in_flight = self._in_flight, None
-        if task is not None:
-            await task
-
-    async def cancel(self) -> None:
-        task, self._in_flight = self._in_flight, None
-        if task is not None and not task.done():
-            task.cancel()
-        if task is not None:
-            with contextlib.suppress(BaseException):
-                await task
-
-    async def finish_last(self) -> None:
-        """Store what is left as the upload's last part (the body reached its length)."""
-        await self.wait()
-        if self._pending_size + self._fill:
-            body, number = await self._take_part()
-            with body:
-                await self.sink(number, body, await md5_of(body))
-
-    async def keep_rest(self) -> list[int]:
-        """Store the bytes after the last full part as a new segment; the pending list."""
-        await self.wait()
-        if self._fill:
-            start = self.base + self._pending_size
-            with self._buf.getbuffer() as view:
-                data = bytes(view[self._pending_size : self._pending_size + self._fill])
-            key = segment_key(self.upload_id, start)
-            await self.storage.put_object(key, data)
-            self.new_segment = (key, data)
-            self.pending.append(start)
-            self.pending_end = start + len(data)
-            self._fill = 0
-        return list(self.pending)
-
-    def committed(self) -> None:
-        """The caller committed :attr:`end`: remember the new segment's bytes."""
-        if self.new_segment is not None:
-            self.cache.put(*self.new_segment)
-            self.new_segment = None
-
-    async def discard_consumed(self) -> None:
-        """Delete the segments folded into stored parts (after their commit)."""
-        consumed, self.consumed = self.consumed, []
-        for key, size in consumed:
-            self.cache.drop(key, size)
-        await self.storage.delete_keys([key for key, _ in consumed])
 
 
 async def copy_parts(
