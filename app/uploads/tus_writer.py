@@ -26,7 +26,6 @@ give :class:`PartWriter` a callback to commit each stored part at once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -117,7 +116,7 @@ class PartWriter:
         self.saved: tuple[int, list[int]] = (offset, list(pending))
         """The offset and segments last committed (by the caller, or ``on_part``)."""
         self._buf = io.BytesIO()
-        self._buf.seek(self._pending_size)
+        """This PATCH's bytes of the part in progress (its segments come before them)."""
         self._fill = 0
         self._in_flight: asyncio.Task[None] | None = None
 
@@ -154,8 +153,7 @@ class PartWriter:
 
     async def _take_part(self) -> tuple[io.BytesIO, int]:
         """The part in progress (segments put in front), and a fresh buffer for the next."""
-        body = self._buf
-        await self._fetch_pending(body)
+        body = await self._with_pending(self._buf)
         body.seek(0)
         number = self.next_part
         self.next_part += 1
@@ -164,18 +162,22 @@ class PartWriter:
         self._buf = io.BytesIO()
         return body, number
 
-    async def _fetch_pending(self, body: io.BytesIO) -> None:
+    async def _with_pending(self, new: io.BytesIO) -> io.BytesIO:
+        """``new`` with the segments' bytes in front (``new`` itself when there are none)."""
         if not self.pending:
-            return
+            return new
+        part = io.BytesIO()
         ends = [*self.pending[1:], self.pending_end]
         for start, end in zip(self.pending, ends, strict=True):
             key = segment_key(self.upload_id, start)
             data = self.cache.get(key, end - start)
             if data is None:
                 data = await self.storage.get_range(key, 0, end - start)
-            body.seek(start - self.base)
-            body.write(data)
+            part.write(data)
             self.consumed.append((key, end - start))
+        with new, new.getbuffer() as view:
+            part.write(view)
+        return part
 
     async def _store(self, number: int, body: io.BytesIO, offset: int) -> None:
         with body:
@@ -190,14 +192,6 @@ class PartWriter:
         if task is not None:
             await task
 
-    async def cancel(self) -> None:
-        task, self._in_flight = self._in_flight, None
-        if task is not None and not task.done():
-            task.cancel()
-        if task is not None:
-            with contextlib.suppress(BaseException):
-                await task
-
     async def finish_last(self) -> None:
         """Store what is left as the upload's last part (the body reached its length)."""
         await self.wait()
@@ -211,14 +205,13 @@ class PartWriter:
         await self.wait()
         if self._fill:
             start = self.base + self._pending_size
-            with self._buf.getbuffer() as view:
-                data = bytes(view[self._pending_size : self._pending_size + self._fill])
+            data = self._buf.getvalue()  # shares the buffer, no copy
             key = segment_key(self.upload_id, start)
             await self.storage.put_object(key, data)
             self.new_segment = (key, data)
             self.pending.append(start)
             self.pending_end = start + len(data)
-            self._fill = 0
+            self._buf, self._fill = io.BytesIO(), 0
         return list(self.pending)
 
     def committed(self) -> None:
