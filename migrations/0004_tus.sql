@@ -31,3 +31,4 @@ CREATE TABLE tus_uploads (
     CHECK (session_id IS NOT NULL OR (object_key IS NOT NULL AND expires_at IS NOT NULL))
 );
 CREATE INDEX tus_uploads_partial_expiry ON tus_uploads (expires_at) WHERE session_id IS NULL;
+CREATE INDEX tus_uploads_pending ON tus_uploads (session_id) WHERE pending_starts <> '{}';

@@ -465,6 +465,22 @@ async def test_expired_upload_is_410_and_swept(
     assert (await head(uploads, auth_headers, url)).status_code == 410
 
 
+async def test_a_tus_session_cancelled_through_the_upload_api_is_cleaned_by_the_sweeper(
+    uploads: httpx.AsyncClient, auth_headers: dict[str, str], upload_services: Services
+) -> None:
+    url = await created(uploads, auth_headers, PART + 10)
+    assert (await patch(uploads, auth_headers, url, 0, b"x" * 1000)).status_code == 204
+    uid = upload_id(url)
+    r = await uploads.delete(f"/api/v1/documents/upload/cancel/{uid}", headers=auth_headers)
+    assert r.status_code == 200, r.text
+    assert (await head(uploads, auth_headers, url)).status_code == 410
+    r = await patch(uploads, auth_headers, url, 1000, b"y")
+    assert (r.status_code, r.json()["error"]) == (410, "upload_cancelled")
+    assert await tus_objects(upload_services, uid)
+    await sweeper.sweep(upload_context(upload_services))
+    assert await tus_objects(upload_services, uid) == []
+
+
 async def test_termination_aborts_and_then_404(
     uploads: httpx.AsyncClient, auth_headers: dict[str, str], upload_services: Services
 ) -> None:

@@ -3,8 +3,10 @@
 Each round (:func:`sweep`) aborts the S3 multipart uploads of sessions past
 their TTL (marking them ``expired`` and their jobs ``failed`` with
 ``upload_expired``), aborts those whose job was cancelled through another
-path (e.g. the WebSocket ``cancel_job``), and enqueues completed uploads whose
-enqueue was lost to a crash.  :func:`run_sweeper` runs a round per interval
+path (e.g. the WebSocket ``cancel_job``), enqueues completed uploads whose
+enqueue was lost to a crash, and removes what tus uploads leave behind
+(:func:`app.uploads.tus.sweep`: incomplete parts of closed sessions, expired
+partial uploads).  :func:`run_sweeper` runs a round per interval
 on every gateway replica, but a Redis ``SET NX PX`` lock lets only one of them
 do each round; row locks (``FOR UPDATE SKIP LOCKED``) keep a round and live
 requests from touching the same session at once.
@@ -22,6 +24,7 @@ from app.core.errors import ServiceUnavailable
 from app.core.logging import get_logger
 from app.jobs.model import JobStatus
 from app.jobs.transitions import record_progress
+from app.uploads import tus
 from app.uploads.multipart import (
     REENQUEUE_GRACE_SECONDS,
     SESSION_COLUMNS,
@@ -33,7 +36,6 @@ from app.uploads.multipart import (
     session_from_row,
 )
 from app.uploads.schemas import SweepReport
-from app.uploads.tus import discard_leftovers, sweep_partials
 
 log = get_logger(__name__)
 SWEEP_LOCK_KEY = "sluice:uploads:sweeper"
@@ -76,14 +78,14 @@ async def sweep(ctx: UploadContext, *, batch: int = 200) -> SweepReport:
     )
     for row in lost:
         report.reenqueued += await reenqueue_if_lost(ctx, session_from_row(row))
-    partials = await sweep_partials(ctx, now, batch=batch)  # tus pieces: no session covers them
-    if report.expired or report.cancelled or report.reenqueued or partials:
+    tus_cleaned = await tus.sweep(ctx, now, batch=batch)  # incomplete parts, partial uploads
+    if report.expired or report.cancelled or report.reenqueued or tus_cleaned:
         log.info(
             "upload_sweep",
             expired=report.expired,
             cancelled=report.cancelled,
             reenqueued=report.reenqueued,
-            tus_partials=partials,
+            tus_cleaned=tus_cleaned,
         )
     return report
 
@@ -125,7 +127,6 @@ async def _close_abandoned(ctx: UploadContext, session: Session, now: datetime) 
                 only_if_status=[JobStatus.AWAITING_UPLOAD],
             )
     await publish(ctx, event)
-    await discard_leftovers(ctx, session.id)  # a tus upload's incomplete-part objects
     return outcome
 
 

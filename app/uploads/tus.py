@@ -50,10 +50,9 @@ __all__ = [
     "create",
     "create_final",
     "create_partial",
-    "discard_leftovers",
     "info",
     "patch",
-    "sweep_partials",
+    "sweep",
     "terminate",
 ]
 
@@ -199,9 +198,6 @@ async def _discard_partial(
     await storage.delete_prefix(f"tus/{upload_id}/")
 
 
-# --- reading, writing, termination -----------------------------------------------------------
-
-
 # --- reading, termination ------------------------------------------------------------------
 
 
@@ -261,23 +257,28 @@ async def terminate(ctx: UploadContext, runtime: TusRuntime, owner_id: str, uplo
 # --- the sweeper's part --------------------------------------------------------------------
 
 
-async def discard_leftovers(ctx: UploadContext, session_id: str) -> None:
-    """A swept session (expired, or its job cancelled): delete its incomplete-part objects."""
-    if await ctx.db.fetchval("SELECT 1 FROM tus_uploads WHERE id = $1::uuid", session_id):
-        await storage_of(ctx).delete_prefix(f"tus/{session_id}/")
-
-
-async def sweep_partials(ctx: UploadContext, now: datetime, *, batch: int = 200) -> int:
-    """Remove partial uploads past their TTL (no session covers them); how many."""
-    rows = await ctx.db.fetch(
+async def sweep(ctx: UploadContext, now: datetime, *, batch: int = 200) -> int:
+    """The sweeper's tus round: partial uploads past their TTL (no session covers them)
+    are removed, and so are the incomplete parts of sessions that closed without
+    completing (expired, cancelled by any path).  How many uploads it cleaned."""
+    partials = await ctx.db.fetch(
         "DELETE FROM tus_uploads WHERE id IN (SELECT id FROM tus_uploads "
         "WHERE session_id IS NULL AND expires_at <= $1 LIMIT $2) "
         "RETURNING id::text AS id, object_key, s3_upload_id",
         now,
         batch,
     )
-    for row in rows:
+    for row in partials:
         await _discard_partial(ctx, row["id"], row["object_key"], row["s3_upload_id"])
-    if rows:
-        log.info("tus_partials_expired", count=len(rows))
-    return len(rows)
+    closed = await ctx.db.fetch(
+        "UPDATE tus_uploads t SET pending_starts = '{}', updated_at = now() "
+        "WHERE t.id IN (SELECT t2.id FROM tus_uploads t2 JOIN upload_sessions s "
+        "ON s.id = t2.session_id WHERE t2.pending_starts <> '{}' "
+        "AND s.status NOT IN ('initiated', 'uploading') LIMIT $1) RETURNING t.id::text AS id",
+        batch,
+    )
+    for row in closed:
+        await storage_of(ctx).delete_prefix(f"tus/{row['id']}/")
+    if partials or closed:
+        log.info("tus_swept", partials=len(partials), incomplete_parts=len(closed))
+    return len(partials) + len(closed)

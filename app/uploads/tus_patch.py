@@ -132,7 +132,8 @@ async def patch(
                 pass
             return upload
         writer = _writer(ctx, runtime, conn, upload, checksum)
-        limit = (upload.upload_length or ctx.settings.max_upload_size_bytes) - upload.offset
+        length = upload.upload_length
+        limit = (ctx.settings.max_upload_size_bytes if length is None else length) - upload.offset
         await _receive(conn, upload, writer, body(limit), checksum)
         if writer.end != upload.upload_length:
             pending = await _keep(conn, upload, writer)
@@ -140,9 +141,16 @@ async def patch(
         await writer.finish_last()
         await _finish(ctx, conn, upload)
         await writer.discard_consumed()
-        status = None if upload.partial else SessionStatus.COMPLETED
-        done = {"upload_offset": writer.end, "pending_starts": [], "s3_upload_id": None}
-        return msgspec.structs.replace(upload, **done, session_status=status)
+        if upload.partial:  # its object is complete
+            return msgspec.structs.replace(
+                upload, upload_offset=writer.end, pending_starts=[], s3_upload_id=None
+            )
+        return msgspec.structs.replace(
+            upload,
+            upload_offset=writer.end,
+            pending_starts=[],
+            session_status=SessionStatus.COMPLETED,
+        )
 
 
 async def _receive(

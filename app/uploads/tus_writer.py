@@ -109,7 +109,6 @@ class PartWriter:
             raise ValueError(f"incomplete part starts at {self.base}, not a part boundary")
         self.next_part = self.base // chunk + 1
         self.hasher = checksum.hasher() if checksum is not None else None
-        self.received = 0
         self.consumed: list[tuple[str, int]] = []
         """Segments folded into stored parts; deleted once a commit stops listing them."""
         self.new_segment: tuple[str, bytes] | None = None
@@ -135,7 +134,6 @@ class PartWriter:
     async def write(self, piece: bytes) -> None:
         if self.hasher is not None:
             self.hasher.update(piece)
-        self.received += len(piece)
         view = memoryview(piece)
         while view:
             room = self.chunk - self._pending_size - self._fill

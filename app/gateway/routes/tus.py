@@ -241,7 +241,8 @@ async def create(request: Request) -> Response:
         if concat.kind == "partial":
             upload = await tus.create_partial(ctx, owner, length=length, metadata=raw_metadata)
         else:
-            req = initiate_request(metadata, length or ctx.settings.max_upload_size_bytes)
+            size = ctx.settings.max_upload_size_bytes if length is None else length
+            req = initiate_request(metadata, size)
             upload = await tus.create(ctx, owner, req, length=length, metadata=raw_metadata)
     where = location(upload.id)
     if with_body:
