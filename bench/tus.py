@@ -126,87 +126,92 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+def gateway_env(stack: EmbeddedStack, size_mb: int) -> dict[str, str]:
+    return {
+        **stack.environ(bucket="bench"),
+        "JWT_SECRET": SECRET,
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "console",
+        "UPLOAD_CHUNK_SIZE_MB": "8",
+        "MAX_UPLOAD_SIZE_MB": str(max(size_mb * 2, 5120)),
+        "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000",
+        "RATE_LIMIT_UPLOADS_PER_MINUTE": "1000000",
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+class Measured:
+    """Per run: MiB/s, the gateway's peak RSS, gateway and S3-server CPU per MiB."""
+
+    def __init__(self, gateway_pid: int, s3_pid: int) -> None:
+        self.pids = (gateway_pid, s3_pid)
+        self.results: dict[str, dict[str, list[float]]] = {}
+
+    async def run(self, label: str, go: Awaitable[None], mib: float) -> None:
+        gateway, s3 = self.pids
+        reset_peak_rss(gateway)
+        cpu, s3_cpu = cpu_seconds(gateway), cpu_seconds(s3)
+        started = time.perf_counter()
+        await go
+        elapsed = time.perf_counter() - started
+        got = self.results.setdefault(label, {"rate": [], "rss": [], "cpu": [], "s3cpu": []})
+        got["rate"].append(mib / elapsed)
+        got["rss"].append(peak_rss_mb(gateway))
+        got["cpu"].append((cpu_seconds(gateway) - cpu) / mib * 1000)
+        got["s3cpu"].append((cpu_seconds(s3) - s3_cpu) / mib * 1000)
+        print(
+            f"{label:>8}: {mib:.0f} MiB in {elapsed:.2f} s = {got['rate'][-1]:.1f} MiB/s, "
+            f"gateway peak RSS {got['rss'][-1]:.0f} MB, CPU {got['cpu'][-1]:.1f} ms/MiB "
+            f"(S3 server {got['s3cpu'][-1]:.1f})",
+            flush=True,
+        )
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {
+            k: {m: statistics.median(v) for m, v in got.items()} for k, got in self.results.items()
+        }
+
+
 async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    size = args.size_mb * MiB
-    each = min(size, args.concurrent_mb * MiB)
-    part = 8 * MiB
+    size, each, part = args.size_mb * MiB, min(args.size_mb, args.concurrent_mb) * MiB, 8 * MiB
     with tempfile.TemporaryDirectory(prefix="sluice-bench-tus-") as tmp:
-        tmpdir = Path(tmp)
-        data_file = tmpdir / "payload.txt"
+        data_file = Path(tmp) / "payload.txt"
         write_file(data_file, size)
-        with EmbeddedStack.in_dir(tmpdir / "stack", durable=False) as stack:
-            env = {
-                **stack.environ(bucket="bench"),
-                "JWT_SECRET": SECRET,
-                "LOG_LEVEL": "WARNING",
-                "LOG_FORMAT": "console",
-                "UPLOAD_CHUNK_SIZE_MB": "8",
-                "MAX_UPLOAD_SIZE_MB": str(max(args.size_mb * 2, 5120)),
-                "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000",
-                "RATE_LIMIT_UPLOADS_PER_MINUTE": "1000000",
-                "PATH": os.environ.get("PATH", ""),
-                "PYTHONPATH": str(ROOT),
-            }
+        with EmbeddedStack.in_dir(Path(tmp) / "stack", durable=False) as stack:
+            env = gateway_env(stack, args.size_mb)
             settings = Settings.from_environ(env)
             await migrate_dsn(settings.database_url.reveal())
             async with open_s3(settings) as s3:
                 await ensure_bucket(s3, settings.minio_bucket_name)
             port = free_port()
-            gateway = start_gateway(env, port, tmpdir / "gateway.log")
-            token = TokenService(SECRET).mint("bench")
-            client = TusBench(f"http://127.0.0.1:{port}", token, data_file)
-            s3_pid = stack.s3._proc.pid  # the S3 API server's CPU per MiB, beside the gateway's
+            gateway = start_gateway(env, port, Path(tmp) / "gateway.log")
+            client = TusBench(f"http://127.0.0.1:{port}", TokenService(SECRET).mint("b"), data_file)
+            measured = Measured(gateway.pid, stack.s3._proc.pid)
 
-            async def tus(label: str, go: Callable[[], Awaitable[list[str]]]) -> None:
-                documents = await go()
-                for document_id in documents:
+            async def tus(*uploads: Awaitable[str]) -> None:
+                for document_id in await asyncio.gather(*uploads):
                     await delete(settings, f"documents/{document_id}/original")
 
             runs: dict[str, Callable[[], Awaitable[None]]] = {
                 "direct1": lambda: _direct(settings, data_file, size, part, 1),
                 "direct4": lambda: _direct(settings, data_file, size, part, 4),
-                "a": lambda: tus("a", lambda: _one(client.upload(size, part))),
-                "b": lambda: tus("b", lambda: _one(client.upload(size, MiB))),
-                "c": lambda: tus("c", lambda: _one(client.parallel(size, 4, part))),
-                "d": lambda: tus(
-                    "d", lambda: asyncio.gather(*[client.upload(each, part) for _ in range(4)])
-                ),
+                "a": lambda: tus(client.upload(size, part)),
+                "b": lambda: tus(client.upload(size, MiB)),
+                "c": lambda: tus(client.parallel(size, 4, part)),
+                "d": lambda: tus(*[client.upload(each, part) for _ in range(4)]),
             }
-            results: dict[str, dict[str, list[float]]] = {}
             try:
                 order = args.runs.split(",")
                 for round_no in range(args.rounds):
                     for label in order if round_no % 2 == 0 else order[::-1]:
-                        reset_peak_rss(gateway.pid)
-                        cpu_before = cpu_seconds(gateway.pid)
-                        s3_before = cpu_seconds(s3_pid)
-                        started = time.perf_counter()
-                        await runs[label]()
-                        elapsed = time.perf_counter() - started
-                        moved = (4 * each if label == "d" else size) / MiB
-                        got = results.setdefault(
-                            label, {"rate": [], "rss": [], "cpu": [], "s3cpu": []}
-                        )
-                        got["rate"].append(moved / elapsed)
-                        got["rss"].append(peak_rss_mb(gateway.pid))
-                        got["cpu"].append((cpu_seconds(gateway.pid) - cpu_before) / moved * 1000)
-                        got["s3cpu"].append((cpu_seconds(s3_pid) - s3_before) / moved * 1000)
-                        print(
-                            f"round {round_no + 1} {label:>8}: {moved:.0f} MiB in {elapsed:.2f} s "
-                            f"= {got['rate'][-1]:.1f} MiB/s, gateway peak RSS "
-                            f"{got['rss'][-1]:.0f} MB, CPU {got['cpu'][-1]:.1f} ms/MiB "
-                            f"(S3 server {got['s3cpu'][-1]:.1f})",
-                            flush=True,
-                        )
+                        mib = (4 * each if label == "d" else size) / MiB
+                        await measured.run(label, runs[label](), mib)
             finally:
                 await client.close()
                 gateway.terminate()
                 gateway.wait(15)
-    return {k: {m: statistics.median(v) for m, v in got.items()} for k, got in results.items()}
-
-
-async def _one(upload: Awaitable[str]) -> list[str]:
-    return [await upload]
+    return measured.medians()
 
 
 async def _direct(settings: Settings, path: Path, size: int, part: int, parallel: int) -> None:

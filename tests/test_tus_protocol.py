@@ -21,9 +21,11 @@ import httpx
 import msgspec
 from botocore.config import Config
 
+from app.core.errors import ServiceUnavailable
 from app.gateway.routes.uploads import upload_context
 from app.gateway.services import Services
 from app.uploads import sweeper
+from app.uploads.tus import TusRuntime
 from tests import fixtures_uploads as fx
 from tests.fixtures_uploads import PART, MiB, app_client, payload, s3_object
 
@@ -590,6 +592,40 @@ async def test_four_partials_concatenate_into_one_document(
         assert await tus_objects(upload_services, upload_id(url)) == []
 
 
+async def test_equal_partials_are_copied_whole(
+    uploads: httpx.AsyncClient, auth_headers: dict[str, str], upload_services: Services
+) -> None:
+    """tus-js-client's split (equal partials, the last takes the rest): one UploadPartCopy
+    per partial, the session's part size being the partials' own."""
+    sizes = [6 * MiB, 6 * MiB, 6 * MiB + 5]
+    data = payload(sum(sizes), seed=108)
+    urls, at = [], 0
+    for size in sizes:
+        r = await uploads.post(
+            f"{TUS}/", headers={**auth_headers, **V, "Upload-Length": str(size), **PARTIAL}
+        )
+        urls.append(r.headers["location"])
+        await send_all(uploads, auth_headers, urls[-1], data[at : at + size], [4 * MiB])
+        at += size
+    r = await uploads.post(
+        f"{TUS}/",
+        headers={
+            **auth_headers,
+            **V,
+            "Upload-Concat": "final;" + " ".join(urls),
+            "Upload-Metadata": metadata(filename="whole.txt"),
+        },
+    )
+    assert r.status_code == 201, r.text
+    assert await s3_object(upload_services, r.headers["sluice-document-id"]) == data
+    session = await upload_services.db.fetchrow(
+        "SELECT chunk_size, total_parts, file_size FROM upload_sessions WHERE id = $1::uuid",
+        upload_id(r.headers["location"]),
+    )
+    assert (session["chunk_size"], session["total_parts"]) == (6 * MiB, 4)
+    assert session["file_size"] == len(data)
+
+
 async def test_a_final_upload_needs_finished_partials_of_the_caller(
     uploads: httpx.AsyncClient, auth_headers: dict[str, str], headers_for: Any
 ) -> None:
@@ -677,3 +713,37 @@ async def test_storage_outage_is_503(
             headers={**auth_headers, **V, "Upload-Length": "5", "Upload-Concat": "partial"},
         )
         assert (r.status_code, r.json()["error"]) == (503, "storage_unavailable")
+
+
+async def test_a_stalled_body_is_408_and_keeps_what_arrived(
+    upload_services: Services, auth_headers: dict[str, str]
+) -> None:
+    settings = msgspec.structs.replace(upload_services.settings, upload_body_timeout_seconds=1)
+    async with app_client(dataclasses.replace(upload_services, settings=settings)) as c:
+        url = await created(c, auth_headers, 10_000)
+
+        async def stalls() -> AsyncIterator[bytes]:
+            yield b"s" * 1000
+            await asyncio.sleep(3)
+            yield b"never read"
+
+        r = await patch(c, auth_headers, url, 0, stalls())
+        assert (r.status_code, r.json()["error"]) == (408, "body_timeout")
+        assert (await head(c, auth_headers, url)).headers["upload-offset"] == "1000"
+
+
+async def test_lock_holders_per_process_are_bounded_then_503(
+    upload_services: Services, uploads: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    first = await created(uploads, auth_headers, 10)
+    second = await created(uploads, auth_headers, 10)
+    runtime = TusRuntime(max_patches=1, busy_seconds=0.2)
+    ctx = upload_context(upload_services)
+    async with runtime.lock(ctx, upload_id(first)):
+        try:
+            async with runtime.lock(ctx, upload_id(second)):
+                raise AssertionError("a second lock holder in a process of one slot")
+        except ServiceUnavailable as exc:
+            assert exc.code == "uploads_busy" and exc.headers["Retry-After"] == "1"
+    async with runtime.lock(ctx, upload_id(second)):  # the slot is back
+        pass

@@ -26,6 +26,7 @@ is completed by :func:`~app.uploads.multipart.complete`, exactly as
 from __future__ import annotations
 
 import contextlib
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -35,12 +36,12 @@ import msgspec
 from app.core.errors import BadRequest, Conflict
 from app.core.logging import get_logger
 from app.uploads.multipart import UploadContext, cancel, complete, initiate
-from app.uploads.rules import check_size, decide_chunk_size
+from app.uploads.rules import MAX_PARTS, MIN_PART_SIZE, check_size, decide_chunk_size
 from app.uploads.schemas import InitiateUpload
 from app.uploads.tus_patch import Body, BodyInterrupted, TusRuntime, patch
 from app.uploads.tus_protocol import NO_CONCAT, Concat, Locked
 from app.uploads.tus_state import OPEN, TusUpload, load, parse_upload_id, storage_of
-from app.uploads.tus_store import copy_parts, partial_key
+from app.uploads.tus_store import MAX_PART_SIZE, copy_parts, partial_key
 
 __all__ = [
     "Body",
@@ -156,14 +157,15 @@ async def create_final(
                 code="invalid_upload_concat",
                 details={"field": "Upload-Concat", "upload_id": p.id},
             )
-    total = sum(p.upload_length or 0 for p in partials)
-    req = request_for(total)
-    final = await create(ctx, owner_id, req, length=total, metadata=metadata, concat=concat)
+    sizes = [p.upload_length or 0 for p in partials]
+    req = request_for(sum(sizes))
+    final = await create(ctx, owner_id, req, length=sum(sizes), metadata=metadata, concat=concat)
     try:
+        chunk = await _align_parts(ctx, final, sizes)
         await copy_parts(
             storage_of(ctx),
             (final.object_key, final.s3_upload_id or ""),
-            chunk=final.chunk_size,
+            chunk=chunk,
             sources=[(p.object_key, p.upload_length or 0) for p in partials],
         )
         await complete(ctx, owner_id, final.id)
@@ -178,8 +180,38 @@ async def create_final(
         raise
     for p in {p.id: p for p in partials}.values():
         await _remove_partial(ctx, p)
-    log.info("tus_upload_concatenated", upload_id=final.id, partials=len(partials), size=total)
+    log.info("tus_upload_concatenated", upload_id=final.id, partials=len(sizes), size=sum(sizes))
     return await load(ctx.db, owner_id, final.id)
+
+
+async def _align_parts(ctx: UploadContext, final: TusUpload, sizes: list[int]) -> int:
+    """The final upload's part size: the partials' own size when they share one.
+
+    tus-js-client's ``parallelUploads`` cuts a file into equal partials (the last
+    takes the rest); with that size as the session's part size every part is one
+    ``UploadPartCopy`` of a whole partial, instead of one per 8 MiB.  Otherwise (or
+    when that size is not a valid S3 part size) the session keeps its own.
+    """
+    first, total = sizes[0], sum(sizes)
+    if not (
+        MIN_PART_SIZE <= first <= MAX_PART_SIZE
+        and all(size == first for size in sizes[:-1])
+        and math.ceil(total / first) <= MAX_PARTS
+        and first != final.chunk_size
+    ):
+        return final.chunk_size
+    async with ctx.db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE upload_sessions SET chunk_size = $2, total_parts = $3, updated_at = now() "
+            "WHERE id = $1::uuid",
+            final.id,
+            first,
+            math.ceil(total / first),
+        )
+        await conn.execute(
+            "UPDATE tus_uploads SET chunk_size = $2 WHERE id = $1::uuid", final.id, first
+        )
+    return first
 
 
 async def _remove_partial(ctx: UploadContext, upload: TusUpload) -> None:

@@ -59,8 +59,15 @@ class BodyInterrupted(Exception):
 class TusRuntime:
     """What a gateway process shares between its tus requests: lock slots, the cache."""
 
-    def __init__(self, *, max_patches: int, cache_bytes: int = PENDING_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_patches: int,
+        cache_bytes: int = PENDING_CACHE_BYTES,
+        busy_seconds: float = BUSY_SECONDS,
+    ) -> None:
         self.max_patches = max_patches
+        self.busy_seconds = busy_seconds
         self._slots = asyncio.Semaphore(max_patches)
         self.cache = PendingCache(cache_bytes)
 
@@ -72,7 +79,7 @@ class TusRuntime:
     async def lock(self, ctx: UploadContext, upload_id: str) -> AsyncIterator[PoolConnectionProxy]:
         """The upload's cross-replica lock, on a connection the caller may use; 423 if held."""
         try:
-            async with asyncio.timeout(BUSY_SECONDS):
+            async with asyncio.timeout(self.busy_seconds):
                 await self._slots.acquire()
         except TimeoutError:
             raise ServiceUnavailable(

@@ -32,6 +32,8 @@ from app.core.storage import S3Client, client_error_code, storage_errors
 log = get_logger(__name__)
 
 COPY_PARALLELISM = 4
+MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
+"""S3's largest part (and largest ``UploadPartCopy`` range)."""
 _MD5_IN_THREAD = 1024 * 1024
 
 
@@ -89,11 +91,22 @@ class TusStorage:
         return data
 
     async def delete_keys(self, keys: Sequence[str]) -> None:
-        """Delete objects, best effort (a leftover is removed with its upload's prefix)."""
+        """Delete objects, best effort (a leftover is removed with its upload's prefix).
+
+        One ``DeleteObjects`` per 1,000 keys; a server that refuses it (some S3
+        implementations want a Content-MD5 that botocore no longer sends) gets
+        one ``DeleteObject`` per key instead.
+        """
         for i in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            batch = keys[i : i + 1000]
             try:
-                await self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                try:
+                    await self.s3.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch]}
+                    )
+                except ClientError:
+                    for key in batch:
+                        await self.s3.delete_object(Bucket=self.bucket, Key=key)
             except Exception:
                 log.warning("tus_delete_failed", keys=len(batch), exc_info=True)
 
