@@ -114,11 +114,17 @@ class TusBench:
             await self.send(url, bounds[i], bounds[i + 1], patch)
             return url
 
+        started = time.perf_counter()
         urls = await asyncio.gather(*[partial(i) for i in range(streams)])
+        joined = time.perf_counter()
         r = await self.http.post(
             TUS, headers={"Upload-Concat": "final;" + " ".join(urls), "Upload-Metadata": NAME}
         )
         assert r.status_code == 201, r.text
+        print(
+            f"   (c) partials: {joined - started:.2f} s ({size / MiB / (joined - started):.1f} "
+            f"MiB/s); final upload built by S3 and completed: {time.perf_counter() - joined:.2f} s"
+        )
         return str(r.headers["sluice-document-id"])
 
 
