@@ -59,7 +59,6 @@ FILENAME_KEYS = ("filename", "name")
 Uppy sends both)."""
 FILETYPE_KEYS = ("filetype", "type", "content_type")
 """Where its content type may be (Uppy sends ``filetype`` and ``type``)."""
-OPTION_KEYS = ("priority", "document_type", "processing_options", "checksum_sha256")
 
 
 class PreconditionFailed(SluiceError):
