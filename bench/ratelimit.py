@@ -46,13 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 import limits.aio.storage.redis.redispy as limits_redispy  # noqa: E402
 import limits.aio.strategies as limits_strategies  # noqa: E402
-from devstack.servers import EmbeddedRedis  # noqa: E402
 from limits import RateLimitItem, RateLimitItemPerMinute  # noqa: E402
 from limits.aio.storage import RedisStorage  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 from redis.asyncio.connection import AbstractConnection  # noqa: E402
 
 from app.gateway.middleware.ratelimit import RateLimiter  # noqa: E402
+from devstack.redis import EmbeddedRedis  # noqa: E402
 
 WINDOW = 60
 BIG = 10**9

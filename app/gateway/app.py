@@ -24,9 +24,10 @@ from app.gateway.middleware.context import RequestContextMiddleware
 from app.gateway.middleware.errors import exception_handlers
 from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
-from app.gateway.routes import documents, health, jobs, search, simple, uploads
+from app.gateway.routes import documents, health, jobs, search, simple, tus, uploads
 from app.gateway.services import Services, open_services
 from app.uploads.sweeper import run_sweeper
+from app.uploads.tus import TusRuntime
 
 log = get_logger("sluice.gateway")
 VERSION = "0.1.0"
@@ -37,6 +38,7 @@ EXPOSED_HEADERS = [
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
     "ETag",
+    *tus.CORS_EXPOSE_HEADERS,
 ]
 
 
@@ -65,6 +67,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
     routes = api_routes()
     spec = build_openapi(routes, title="Sluice", version=VERSION)
     routes += [
+        *tus.routes(),  # a protocol of its own (tus.io 1.0.0), outside the OpenAPI document
         Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
         *docs_routes(),
     ]
@@ -75,6 +78,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         middleware=middleware_stack(settings, metrics.http, tokens),
     )
     app.state.part_slots = PartSlots(settings.max_parts_in_flight_per_user)
+    app.state.tus = TusRuntime.of(settings)
     if services is not None:
         app.state.services = services
     return app
@@ -90,17 +94,19 @@ def middleware_stack(
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", *tus.CORS_METHODS],
             allow_headers=[
                 "Authorization",
                 "Content-Type",
                 "Content-MD5",
                 "X-Chunk-Hash",
                 "X-Request-ID",
+                *tus.CORS_ALLOW_HEADERS,
             ],
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         ),
+        Middleware(tus.TusProtocolMiddleware),
         Middleware(AuthMiddleware, tokens=tokens),
         Middleware(RateLimitMiddleware, settings=settings),
     ]

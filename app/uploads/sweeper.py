@@ -3,8 +3,10 @@
 Each round (:func:`sweep`) aborts the S3 multipart uploads of sessions past
 their TTL (marking them ``expired`` and their jobs ``failed`` with
 ``upload_expired``), aborts those whose job was cancelled through another
-path (e.g. the WebSocket ``cancel_job``), and enqueues completed uploads whose
-enqueue was lost to a crash.  :func:`run_sweeper` runs a round per interval
+path (e.g. the WebSocket ``cancel_job``), enqueues completed uploads whose
+enqueue was lost to a crash, and removes what tus uploads leave behind
+(:func:`app.uploads.tus.sweep`: incomplete parts of closed sessions, expired
+partial uploads).  :func:`run_sweeper` runs a round per interval
 on every gateway replica, but a Redis ``SET NX PX`` lock lets only one of them
 do each round; row locks (``FOR UPDATE SKIP LOCKED``) keep a round and live
 requests from touching the same session at once.
@@ -21,6 +23,7 @@ from app.core.errors import ServiceUnavailable
 from app.core.logging import get_logger
 from app.jobs.model import JobStatus
 from app.jobs.transitions import job_transaction
+from app.uploads import tus
 from app.uploads.completion import REENQUEUE_GRACE_SECONDS, reenqueue_if_lost
 from app.uploads.model import (
     SESSION_COLUMNS,
@@ -73,12 +76,14 @@ async def sweep(ctx: UploadContext, *, batch: int = 200) -> SweepReport:
     )
     for row in lost:
         report.reenqueued += await reenqueue_if_lost(ctx, session_from_row(row))
-    if report.expired or report.cancelled or report.reenqueued:
+    tus_cleaned = await tus.sweep(ctx, now, batch=batch)  # incomplete parts, partial uploads
+    if report.expired or report.cancelled or report.reenqueued or tus_cleaned:
         log.info(
             "upload_sweep",
             expired=report.expired,
             cancelled=report.cancelled,
             reenqueued=report.reenqueued,
+            tus_cleaned=tus_cleaned,
         )
     return report
 

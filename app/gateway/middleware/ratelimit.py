@@ -1,19 +1,20 @@
 """Per-user rate limits, counted in Redis so they hold across gateway replicas.
 
-What a request costs is its route's declaration (:class:`~app.gateway.routing.RateLimit`,
-read through :func:`~app.gateway.routing.policy_of`): ``API`` is one request of
-``RATE_LIMIT_REQUESTS_PER_MINUTE``; ``UPLOAD_START`` (``initiate`` and
-``simple``) also one upload of ``RATE_LIMIT_UPLOADS_PER_MINUTE``;
-``PART_TRANSFER`` (``chunk``, ``PUT .../parts/N``, ``.../presign``) and ``NONE``
-cost nothing.  Each limit is a sliding-window counter (the current minute's
-count plus the previous minute's, weighted by how much of it still overlaps the
-window), checked and incremented for all the request's limits by one Lua script
-in one round trip, so concurrent requests on any replica cannot overshoot and a
-burst at a minute boundary does not get a second full budget.  The weighting
-assumes the previous minute's requests were spread evenly: after a burst at the
-end of a minute, a trailing 60 s can hold up to twice the limit (the price of
-two counters per limit instead of a log of every request).  Rejected requests
-are not counted, against any limit.
+What a request costs is its route's declaration
+(:class:`~app.gateway.routing.RateLimit`, read through
+:func:`~app.gateway.routing.policy_of`): ``API`` is one request of
+``RATE_LIMIT_REQUESTS_PER_MINUTE``; ``UPLOAD_START`` (``initiate`` and ``simple``, a tus
+creation unless it is a partial upload) also one upload of
+``RATE_LIMIT_UPLOADS_PER_MINUTE``; ``PART_TRANSFER`` (``chunk``, ``PUT .../parts/N``,
+``.../presign``, tus ``PATCH``) and ``NONE`` cost nothing. Each limit is a sliding-
+window counter (the current minute's count plus the previous minute's, weighted by how
+much of it still overlaps the window), checked and incremented for all the request's
+limits by one Lua script in one round trip, so concurrent requests on any replica cannot
+overshoot and a burst at a minute boundary does not get a second full budget. The
+weighting assumes the previous minute's requests were spread evenly: after a burst at
+the end of a minute, a trailing 60 s can hold up to twice the limit (the price of two
+counters per limit instead of a log of every request). Rejected requests are not
+counted, against any limit.
 
 Every limited response carries ``X-RateLimit-Limit``, ``X-RateLimit-Remaining``
 and ``X-RateLimit-Reset`` (seconds until the current window ends) for the
@@ -177,6 +178,12 @@ class RateLimiter:
         return max(1, math.ceil(t))
 
 
+def _tus_partial(scope: Scope) -> bool:
+    """A tus ``Upload-Concat: partial`` creation: a piece of one file's upload, not a new one."""
+    concat: bytes = dict(scope.get("headers", ())).get(b"upload-concat", b"")
+    return concat.strip().startswith(b"partial")
+
+
 class RateLimitMiddleware:
     """Applies :class:`RateLimiter` to authenticated requests, as their routes declare.
 
@@ -211,7 +218,10 @@ class RateLimitMiddleware:
         if not isinstance(ident, Identity) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        limits = self.limits(policy_of(scope).rate_limit)
+        cost = policy_of(scope).rate_limit
+        if cost is RateLimit.UPLOAD_START and _tus_partial(scope):
+            cost = RateLimit.API  # the tus final upload is what starts the file
+        limits = self.limits(cost)
         if not limits:
             await self.app(scope, receive, send)
             return
