@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import aiohttp
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.core.errors import ServiceUnavailable
 from app.core.logging import get_logger
 from app.core.settings import Settings
+
+if TYPE_CHECKING:
+    from botocore.config import Config
 
 log = get_logger(__name__)
 
@@ -28,6 +29,8 @@ S3Client = Any  # aiobotocore's client is dynamically typed
 
 
 def _config(max_pool_connections: int) -> Config:
+    from botocore.config import Config  # imported when a client is made: the WS server never does
+
     return Config(
         signature_version="s3v4",
         # Bodies we send carry Content-MD5, which is signed and which the server
@@ -49,6 +52,8 @@ async def open_s3(
     settings: Settings, *, public: bool = False, max_pool_connections: int = 50
 ) -> AsyncIterator[S3Client]:
     """An S3 client for the configured endpoint (``public`` for presigned URLs)."""
+    import aioboto3  # ~200 ms and ~17 MiB: only processes that talk to S3 pay for it
+
     session = aioboto3.Session()
     async with session.client(
         "s3",
