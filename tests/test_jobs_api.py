@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
-import pytest
-import redis.exceptions
-from botocore.exceptions import ClientError, EndpointConnectionError
+import msgspec
+from arq.connections import ArqRedis
 
-from app.core.queue import QUEUE_NAME, Priority
+from app.core.queue import QUEUE_NAME, JobQueue, Priority
+from app.core.storage import open_s3
 from app.gateway.services import Services
+from devstack.process import free_port
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     MakeJob,
     make_pdf,
     stream_events,
 )
+from tests.fixtures_uploads import app_client
 from workers.context import WorkerContext
 from workers.fleet import resync_queue
 from workers.run import JobRun, Outcome
@@ -315,11 +319,31 @@ async def _resync_only(services: Services, ctx: WorkerContext, job_ids: set[str]
     return [j for j in enqueued if j in job_ids]
 
 
-def _redis_down_at_enqueue(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def refuse(job_id: str, priority: object, *, delay_s: float = 0) -> bool:
-        raise redis.exceptions.ConnectionError("Error 111 connecting to redis. Connection refused.")
+@contextlib.asynccontextmanager
+async def _queue_unreachable(services: Services) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway on the same database and S3 whose queue is a real Redis client aimed at a
+    port where nothing listens: every enqueue is a refused connection."""
+    dead_redis = ArqRedis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    try:
+        svc = dataclasses.replace(services, queue=JobQueue(dead_redis))
+        async with app_client(svc) as c:
+            yield c
+    finally:
+        await dead_redis.aclose()
 
-    monkeypatch.setattr(services.queue, "enqueue", refuse)
+
+@contextlib.asynccontextmanager
+async def _storage_unreachable(services: Services) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway whose S3 client is a real one aimed at a port where nothing listens."""
+    dead = msgspec.structs.replace(
+        services.settings,
+        minio_endpoint=f"http://127.0.0.1:{free_port()}",
+        minio_public_endpoint="",
+    )
+    async with open_s3(dead) as s3:
+        svc = dataclasses.replace(services, s3=s3, s3_public=s3)
+        async with app_client(svc) as c:
+            yield c
 
 
 async def test_retry_and_reprocess_stay_queued_when_redis_refuses_the_enqueue(
@@ -328,7 +352,6 @@ async def test_retry_and_reprocess_stay_queued_when_redis_refuses_the_enqueue(
     client: httpx.AsyncClient,
     make_job: MakeJob,
     auth_headers: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The job is committed ``queued`` and the answer says so; the workers'
     resync enqueues it once Redis is back (no 500, no 503)."""
@@ -337,12 +360,11 @@ async def test_retry_and_reprocess_stay_queued_when_redis_refuses_the_enqueue(
     done = await make_job(b"Words to index again.", "txt")
     assert await JobRun(worker_ctx, done.job_id).run() == Outcome.COMPLETED
 
-    with monkeypatch.context() as patch:
-        _redis_down_at_enqueue(services, patch)
-        r = await client.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
+    async with _queue_unreachable(services) as down:
+        r = await down.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
         assert r.status_code == 202, r.text
         assert r.json()["status"] == "queued"
-        r = await client.post(
+        r = await down.post(
             f"/api/v1/documents/{done.document_id}/reprocess", headers=auth_headers, json={}
         )
         assert r.status_code == 202, r.text
@@ -365,16 +387,14 @@ async def test_deleting_an_original_requeues_its_duplicates_even_when_redis_refu
     client: httpx.AsyncClient,
     make_job: MakeJob,
     auth_headers: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = b"The same words twice, in two documents."
     original = await make_job(data, "txt")
     duplicate = await make_job(data, "txt")
     assert await JobRun(worker_ctx, original.job_id).run() == Outcome.COMPLETED
     assert await JobRun(worker_ctx, duplicate.job_id).run() == Outcome.DEDUPLICATED
-    with monkeypatch.context() as patch:
-        _redis_down_at_enqueue(services, patch)
-        r = await client.delete(f"/api/v1/documents/{original.document_id}", headers=auth_headers)
+    async with _queue_unreachable(services) as down:
+        r = await down.delete(f"/api/v1/documents/{original.document_id}", headers=auth_headers)
         assert r.status_code == 204, r.text
     doc = (
         await client.get(f"/api/v1/documents/{duplicate.document_id}", headers=auth_headers)
@@ -391,31 +411,17 @@ async def test_storage_failures_are_503_storage_unavailable(
     client: httpx.AsyncClient,
     make_job: MakeJob,
     auth_headers: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bad = await make_job(b"", "txt")
     assert await JobRun(worker_ctx, bad.job_id).run() == Outcome.FAILED
 
-    async def unreachable(**kwargs: object) -> None:
-        raise EndpointConnectionError(endpoint_url="http://s3.invalid")
-
-    async def failing(**kwargs: object) -> None:
-        raise ClientError(
-            {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}},
-            "HeadObject",
-        )
-
-    for broken in (unreachable, failing):
-        with monkeypatch.context() as patch:
-            patch.setattr(services.s3, "head_object", broken)
-            r = await client.get(
-                f"/api/v1/documents/{bad.document_id}/download", headers=auth_headers
-            )
-            assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
-            r = await client.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
-            assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
-        job = (await client.get(f"/api/v1/jobs/{bad.job_id}", headers=auth_headers)).json()
-        assert job["status"] == "failed"  # the retry rolled back
+    async with _storage_unreachable(services) as down:
+        r = await down.get(f"/api/v1/documents/{bad.document_id}/download", headers=auth_headers)
+        assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
+        r = await down.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
+        assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
+    job = (await client.get(f"/api/v1/jobs/{bad.job_id}", headers=auth_headers)).json()
+    assert job["status"] == "failed"  # the retry rolled back
     r = await client.post(f"/api/v1/jobs/{bad.job_id}/retry", headers=auth_headers)
     assert r.status_code == 202, r.text
 
