@@ -1,7 +1,7 @@
 """``sluice``: the command line.
 
     sluice dev                      the whole stack locally, Ctrl-C stops it all
-    sluice token --user NAME        mint a bearer token (last word of the output)
+    sluice token --user NAME [--admin]  mint a bearer token (last word of the output)
     sluice migrate                  apply database migrations
     sluice gateway [--host --port]  the HTTP gateway (Procfile ``web``)
     sluice ws                       the WebSocket progress server (Procfile ``ws``)
@@ -70,8 +70,11 @@ def cmd_token(args: argparse.Namespace, environ: Environ) -> int:
     from devstack.secret import jwt_secret
 
     secret = jwt_secret(environ, Path(args.data_dir))
-    token = TokenService(secret).mint(args.user, ttl_seconds=int(args.ttl_hours * 3600))
-    print(f"token for {args.user} (valid {args.ttl_hours:g}h): {token}")
+    token = TokenService(secret).mint(
+        args.user, ttl_seconds=int(args.ttl_hours * 3600), admin=args.admin
+    )
+    role = ", admin" if args.admin else ""
+    print(f"token for {args.user} (valid {args.ttl_hours:g}h{role}): {token}")
     return 0
 
 
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("token", cmd_token, "mint a bearer token for a user")
     p.add_argument("--user", required=True)
+    p.add_argument("--admin", action="store_true", help="grant the fleet-wide views")
     p.add_argument("--ttl-hours", type=float, default=24 * 30)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
 

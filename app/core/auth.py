@@ -1,6 +1,9 @@
 """JWT bearer tokens (HS256).
 
 The token's ``sub`` claim is the user id; nothing else identifies a caller.
+A ``role: "admin"`` claim (``sluice token --admin``) grants the fleet-wide
+views (every user's jobs, workers, queue internals); without it a caller sees
+only what it owns.
 :class:`TokenService` is built from the secret and a clock, so tests can mint
 expired tokens without sleeping.
 """
@@ -19,10 +22,15 @@ ALGORITHM = "HS256"
 ISSUER = "sluice"
 
 
+ADMIN_ROLE = "admin"
+
+
 class Identity(msgspec.Struct, frozen=True):
     user_id: str
     expires_at: float
     """Unix time after which the token is no longer valid."""
+    admin: bool = False
+    """The token carries ``role: "admin"``: fleet-wide views are allowed."""
 
 
 class TokenService:
@@ -32,11 +40,18 @@ class TokenService:
         self._secret = secret
         self._clock = clock
 
-    def mint(self, user_id: str, *, ttl_seconds: int = 24 * 3600) -> str:
+    def mint(self, user_id: str, *, ttl_seconds: int = 24 * 3600, admin: bool = False) -> str:
         if not user_id or len(user_id) > 200:
             raise ValueError("user id must be 1-200 characters")
         now = int(self._clock())
-        claims = {"sub": user_id, "iat": now, "exp": now + ttl_seconds, "iss": ISSUER}
+        claims: dict[str, object] = {
+            "sub": user_id,
+            "iat": now,
+            "exp": now + ttl_seconds,
+            "iss": ISSUER,
+        }
+        if admin:
+            claims["role"] = ADMIN_ROLE
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Identity:
@@ -67,7 +82,10 @@ class TokenService:
         # Checked here rather than by PyJWT so the injected clock is honoured.
         if exp <= self._clock():
             raise Unauthorized("token has expired", code="token_expired")
-        return Identity(user_id=sub, expires_at=float(exp))
+        role = claims.get("role")
+        if role is not None and not isinstance(role, str):
+            raise Unauthorized("token role must be a string", code="invalid_token")
+        return Identity(user_id=sub, expires_at=float(exp), admin=role == ADMIN_ROLE)
 
     def verify_header(self, authorization: str | None) -> Identity:
         """Verify an ``Authorization: Bearer <token>`` header value."""

@@ -56,6 +56,8 @@ class Readiness(Response):
 class WhoAmI(Response):
     user_id: str
     token_expires_at: datetime
+    admin: bool = False
+    """The token carries ``role: "admin"`` (the fleet-wide routes answer it)."""
 
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=200)]

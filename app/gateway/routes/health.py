@@ -69,7 +69,9 @@ async def whoami(request: Request) -> Response:
     ident = identity(request)
     return json_response(
         WhoAmI(
-            user_id=ident.user_id, token_expires_at=datetime.fromtimestamp(ident.expires_at, UTC)
+            user_id=ident.user_id,
+            token_expires_at=datetime.fromtimestamp(ident.expires_at, UTC),
+            admin=ident.admin,
         )
     )
 
