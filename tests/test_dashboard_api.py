@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import re
 import time
 import uuid
@@ -22,7 +23,7 @@ from arq.constants import job_key_prefix
 
 from app.core.auth import TokenService
 from app.core.fleet import WS_INSTANCES_KEY, WS_STALE_SECONDS, WsInstanceReport, publish_ws_report
-from app.core.logging import configure_logging
+from app.core.logging import configure_logging, flush_logs
 from app.core.queue import QUEUE_NAME, Priority, aging_rule
 from app.gateway.app import api_routes, create_app
 from app.gateway.routing import ApiRoute
@@ -575,8 +576,9 @@ def test_dev_prints_the_dashboard_link_and_never_logs_a_token(
     )
     try:
         announce("http://127.0.0.1:8123", options, stack, tmp_path, JWT_SECRET)
+        assert flush_logs(), "the log writer did not catch up"
     finally:
-        configure_logging("WARNING", "console")
+        logging.getLogger().handlers.clear()
     out = capsys.readouterr().out
     [line] = [ln for ln in out.splitlines() if ln.startswith("dashboard: ")]
     url, _, admin_token = line.removeprefix("dashboard: ").partition("#token=")
