@@ -82,15 +82,20 @@ async def get_job(ctx: JobsContext, job_id: str, owner_id: str) -> JobView:
     return job_view(row, ctx.settings.task_retry_max_attempts)
 
 
-async def list_jobs(ctx: JobsContext, owner_id: str, query: JobListQuery) -> Page[JobView]:
-    """The caller's jobs, newest first, filtered by status, priority and document."""
-    where = Where().add("j.owner_id = {}", owner_id)
+def _job_filters(where: Where, query: JobListQuery) -> Where:
+    """``where`` with the listing's status, priority and document filters."""
     if query.status is not None:
         where.add("j.status = {}", str(query.status))
     if query.priority is not None:
         where.add("j.priority = {}", str(query.priority))
     if query.document_id is not None:
         where.add("j.document_id = {}", query.document_id)
+    return where
+
+
+async def list_jobs(ctx: JobsContext, owner_id: str, query: JobListQuery) -> Page[JobView]:
+    """The caller's jobs, newest first, filtered by status, priority and document."""
+    where = _job_filters(Where().add("j.owner_id = {}", owner_id), query)
     page = await fetch_page(
         ctx.db, _JOB_SELECT, where, keyset=_JOB_KEYSET, cursor=query.cursor, limit=query.limit
     )
@@ -106,12 +111,7 @@ async def list_all_jobs(ctx: JobsContext, query: AdminJobListQuery) -> Page[Admi
     where = Where()
     if query.owner_id is not None:
         where.add("j.owner_id = {}", query.owner_id)
-    if query.status is not None:
-        where.add("j.status = {}", str(query.status))
-    if query.priority is not None:
-        where.add("j.priority = {}", str(query.priority))
-    if query.document_id is not None:
-        where.add("j.document_id = {}", query.document_id)
+    where = _job_filters(where, query)
     select = _JOB_SELECT.replace("SELECT j.id::text", "SELECT j.owner_id, j.id::text", 1)
     page = await fetch_page(
         ctx.db, select, where, keyset=_JOB_KEYSET, cursor=query.cursor, limit=query.limit
