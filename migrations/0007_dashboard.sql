@@ -6,4 +6,4 @@ CREATE INDEX IF NOT EXISTS jobs_queued_at ON jobs (queued_at) WHERE queued_at IS
 CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 
 -- Every user's jobs, newest first (GET /api/v1/admin/jobs): the keyset pager's order.
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at DESC, id);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at DESC, id DESC);

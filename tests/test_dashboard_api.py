@@ -591,3 +591,27 @@ def test_dev_prints_the_dashboard_link_and_never_logs_a_token(
     for token in (admin_token, dev_token):
         assert token not in logged
         assert token.split(".")[2] not in logged  # not even its signature
+
+
+async def test_rate_and_listing_queries_can_read_their_indexes(services: Services) -> None:
+    """The rates read a recent range of ``jobs_queued_at`` / ``jobs_finished_at`` and the
+    admin listing walks ``jobs_created`` (migration 0007): with sequential scans priced
+    out, the planner picks them, so their predicates do match the partial indexes."""
+    from app.jobs import queue_stats
+
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    async with services.db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        for sql, index in (
+            (queue_stats._ENQUEUED, "jobs_queued_at"),
+            (queue_stats._FINISHED, "jobs_finished_at"),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", start, 30.0))
+            assert index in plan, plan
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT id FROM jobs ORDER BY created_at DESC, id DESC LIMIT 50"
+            )
+        )
+        assert "jobs_created" in plan, plan
