@@ -6,7 +6,9 @@ server keeps objects in memory), applies migrations, creates the bucket, then
 runs the gateway, one worker and the WebSocket server as child processes
 (:class:`~devstack.supervise.Children`: a crashed one is started again, a crash
 loop stops everything with a non-zero exit).  Prints the URLs and a dev token
-once the gateway is ready.  Ctrl-C (or SIGTERM) stops the children, then the
+once the gateway is ready, and the dashboard's link with an admin dev token in
+its URL fragment (``#token=...``: browsers never send a fragment to the server).
+Tokens are printed to stdout only, never logged.  Ctrl-C (or SIGTERM) stops the children, then the
 servers; a second Ctrl-C during that is ignored, so nothing is left half-stopped.
 """
 
@@ -130,8 +132,7 @@ def run_dev(options: DevOptions, environ: Mapping[str, str]) -> int:
         children.start()
         gateway = f"http://127.0.0.1:{options.port}"
         _wait_ready(f"{gateway}/health/ready", children)
-        token = TokenService(secret).mint("dev", ttl_seconds=TOKEN_TTL_SECONDS)
-        print(_banner(gateway, options, stack, data_dir, token), flush=True)
+        announce(gateway, options, stack, data_dir, secret)
         while True:
             children.supervise()
             time.sleep(0.5)
@@ -151,6 +152,29 @@ def run_dev(options: DevOptions, environ: Mapping[str, str]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.info("stopped")
+
+
+def announce(
+    gateway: str, options: DevOptions, stack: EmbeddedStack, data_dir: Path, secret: str
+) -> None:
+    """Print the banner with the dev token and the dashboard link (an admin token for
+    the ``dev`` user in the URL fragment) to stdout.
+
+    Invariant: the tokens go to stdout only, never through structlog; the log line
+    says where the dashboard is, without its token.
+    """
+    tokens = TokenService(secret)
+    token = tokens.mint("dev", ttl_seconds=TOKEN_TTL_SECONDS)
+    admin_token = tokens.mint("dev", ttl_seconds=TOKEN_TTL_SECONDS, admin=True)
+    print(_banner(gateway, options, stack, data_dir, token), flush=True)
+    print(dashboard_line(gateway, admin_token), flush=True)
+    log.info("dev_ready", gateway=gateway, dashboard=f"{gateway}/")
+
+
+def dashboard_line(gateway: str, admin_token: str) -> str:
+    """``dashboard: http://127.0.0.1:8000/#token=...``: the page reads the fragment,
+    keeps the token in the tab's session storage and removes it from the URL."""
+    return f"dashboard: {gateway}/#token={admin_token}"
 
 
 def _banner(

@@ -152,6 +152,7 @@ def _describe(label: str, name: str, failure: Failure, code: str) -> str:
     return f"{label}: {name}: {failure.title}\n{failure.message}\n{code}"
 
 
+@pytest.mark.timeout(300)  # every operation, four phases: ~130 s on 2 loaded cores
 def test_schemathesis_finds_nothing(fuzz_gateway: GatewayProcess, fuzz_token: str) -> None:
     """Every operation, all four phases, every check: no failure and no error."""
     config = _config(fuzz_token, examples=12, steps=25)

@@ -124,6 +124,16 @@ class Dev:
                     self.token = line.split()[-1]
                     token_seen.set()
 
+    def dashboard_token(self) -> str:
+        """The token of the printed ``dashboard: http://127.0.0.1:PORT/#token=...`` line."""
+        prefix = f"dashboard: {self.gateway}/#token="
+        for _ in range(100):
+            for line in list(self.output):
+                if line.startswith(prefix):
+                    return line.strip().removeprefix(prefix)
+            time.sleep(0.1)
+        raise AssertionError("no dashboard link:\n" + "".join(self.output))
+
     def interrupt(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
@@ -153,6 +163,15 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             assert http.get("/api/v1/me").status_code == 401
             me = http.get("/api/v1/me", headers={"Authorization": f"Bearer {dev.token}"})
             assert me.status_code == 200 and me.json()["user_id"] == "dev"
+            # The dashboard link carries an admin token for "dev", printed once, never logged.
+            admin_token = dev.dashboard_token()
+            me = http.get("/api/v1/me", headers={"Authorization": f"Bearer {admin_token}"})
+            assert me.json() | {"token_expires_at": None} == {
+                "user_id": "dev",
+                "admin": True,
+                "token_expires_at": None,
+            }
+            assert sum(admin_token in line for line in dev.output) == 1
             # `sluice token`, run in the same directory, shares dev's secret.
             out = subprocess.run(
                 [sys.executable, "-m", "app", "token", "--user", "alice"],

@@ -9,6 +9,7 @@ the rate limiter) gave it, so the move changed no route's behaviour.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from typing import Any
@@ -37,6 +38,11 @@ OLD_API_PREFIX = "/api/v1/"
 OLD_PART_TRANSFER_RE = re.compile(r"^/api/v1/documents/upload/(chunk|[^/]+/parts/\d+(/presign)?)$")
 OLD_UPLOAD_START_PATHS = frozenset(
     {"/api/v1/documents/upload/initiate", "/api/v1/documents/upload/simple"}
+)
+
+
+ADMIN_ONLY = frozenset(
+    {"/api/v1/admin/jobs", "/api/v1/admin/queue", "/api/v1/admin/fleet", "/api/v1/ws/stats"}
 )
 
 
@@ -77,7 +83,14 @@ def test_every_route_declares_what_the_path_rules_gave_it() -> None:
             path = concrete(route.path)
             scope = scope_for(app, method, path)
             assert resolve(scope)[1] is not None, (method, path)
-            assert policy_of(scope) == old_policy(method, path), (method, route.path)
+            # The path rules knew nothing of the admin role: compare the rest, and
+            # pin which routes are admin-only (the fleet-wide views of issue 11).
+            policy = policy_of(scope)
+            assert dataclasses.replace(policy, admin=False) == old_policy(method, path), (
+                method,
+                route.path,
+            )
+            assert policy.admin is (route.path in ADMIN_ONLY), route.path
             assert route_template(scope) == route.path
             checked += 1
     assert checked >= 20

@@ -70,6 +70,13 @@ class Unauthorized(SluiceError):
     default_code = "unauthorized"
 
 
+class Forbidden(SluiceError):
+    """Authenticated, but the token does not grant this (``admin_required``)."""
+
+    status = 403
+    default_code = "forbidden"
+
+
 class NotFound(SluiceError):
     """Missing, or owned by someone else: the two are indistinguishable on purpose."""
 

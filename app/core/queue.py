@@ -83,6 +83,24 @@ PRIORITY_OFFSET_MS: dict[Priority, int] = {
 }
 """How much earlier than its enqueue time each level's job is ranked."""
 
+
+def aging_rule() -> str:
+    """The aging rule of the module docstring in words, from :data:`PRIORITY_OFFSET_MS`
+    (the dashboard shows it next to the queue)."""
+    hours = {p: PRIORITY_OFFSET_MS[p] / HOUR_MS for p in Priority}
+    later = ", ".join(
+        f"by later {p} jobs for at most {hours[p] - hours[Priority.LOW]:g} h"
+        for p in (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL)
+    )
+    return (
+        "Ready jobs start highest priority first, then in enqueue order. A job is ranked "
+        "as if enqueued earlier by its level's head start ("
+        + ", ".join(f"{p} {hours[p]:g} h" for p in reversed(Priority))
+        + "), so a waiting job ages past newer higher-priority ones and is never starved: "
+        f"a low job is overtaken {later}."
+    )
+
+
 WORKERS_KEY = "sluice:workers"
 """Sorted set: worker id -> its last heartbeat (unix ms)."""
 WORKER_SLOTS_KEY = "sluice:workers:slots"
@@ -259,6 +277,12 @@ class JobQueue:
     async def depth(self) -> int:
         """Jobs ARQ holds in the queue (waiting, deferred and running)."""
         return int(await self._redis.zcard(self._queue_name))
+
+    async def ready(self) -> int:
+        """Jobs ARQ holds whose ready time has come (waiting for a worker, or
+        running: ARQ keeps a running job in its sorted set); deferred ones not."""
+        now_ms = int(self._clock() * 1000)
+        return int(await self._redis.zcount(self._queue_name, "-inf", now_ms))
 
 
 async def workers_alive(redis: ArqRedis, *, window_seconds: float, now: float) -> int:

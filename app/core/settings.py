@@ -140,6 +140,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     websocket_host: str = "localhost"
     websocket_port: Port = 8765
     websocket_heartbeat_interval: PositiveInt = 30
+    public_ws_url: str = ""
+    """Base URL browsers open the WebSocket server at (``wss://ws.example.com``), told to
+    the dashboard by ``GET /api/v1/dashboard/config``; empty: ``ws://`` (``wss://`` when
+    the request came over https) + the request's host name + ``:WEBSOCKET_PORT``."""
 
     # --- auth and logs ------------------------------------------------------------------
     jwt_secret: Secret

@@ -24,7 +24,17 @@ from app.gateway.middleware.context import RequestContextMiddleware
 from app.gateway.middleware.errors import exception_handlers
 from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
-from app.gateway.routes import documents, health, jobs, search, simple, tus, uploads
+from app.gateway.routes import (
+    admin,
+    dashboard_config,
+    documents,
+    health,
+    jobs,
+    search,
+    simple,
+    tus,
+    uploads,
+)
 from app.gateway.services import Services, open_services
 from app.uploads.sweeper import run_sweeper
 from app.uploads.tus import TusRuntime
@@ -51,6 +61,8 @@ def api_routes() -> list[BaseRoute]:
         *jobs.routes(),
         *documents.routes(),
         *search.routes(),
+        *dashboard_config.routes(),
+        *admin.routes(),
     ]
 
 

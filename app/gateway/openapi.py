@@ -35,6 +35,7 @@ _ERRORS: dict[int, str] = {
     400: "Malformed request (invalid_json, invalid_cursor, invalid_filename, invalid_form, "
     "invalid_checksum, invalid_part_size, checksum_mismatch...)",
     401: "Missing, malformed or expired bearer token",
+    403: "The route needs an admin token (admin_required): sluice token --admin",
     404: "Not found, or owned by another user (indistinguishable on purpose)",
     408: "The request body stalled (body_timeout)",
     409: "Conflicts with the resource's state (upload_completed, upload_cancelled, job_active...)",

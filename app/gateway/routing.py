@@ -3,7 +3,8 @@
 Every documented route is an :class:`ApiRoute`.  Besides its endpoint it declares
 what it reads and answers (so ``/openapi.json`` is generated from it, see
 :mod:`app.gateway.openapi`), whether it needs a bearer token (``auth``) and what
-it costs against the caller's rate limits (``rate_limit``, a :class:`RateLimit`).
+it costs against the caller's rate limits (``rate_limit``, a :class:`RateLimit`)
+and whether only an admin token may call it (``admin``: the fleet-wide views).
 The authentication and rate-limit middleware ask :func:`policy_of` for the
 request's policy, which reads the route the router will pick; no middleware
 decides by looking at the path.
@@ -13,6 +14,9 @@ Invariants:
 * a route's policy is its declaration; ``rate_limit`` defaults to
   :attr:`RateLimit.API` with ``auth`` and :attr:`RateLimit.NONE` without, and a
   route without ``auth`` cannot be rate-limited (there is nobody to count);
+* an ``admin`` route needs ``auth`` too; the authentication middleware, the one
+  place that reads it, answers a valid token without ``role: "admin"`` 403
+  ``admin_required`` before the handler runs;
 * a request with the wrong method for a route's path (a 405) needs the route's
   authentication and costs one API request: it neither starts an upload nor
   transfers a part;
@@ -60,14 +64,19 @@ class RateLimit(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
-    """Whether a request needs a token, and what it costs against the rate limits."""
+    """Whether a request needs a token (an admin one), and what it costs against
+    the rate limits."""
 
     auth: bool
     rate_limit: RateLimit
+    admin: bool = False
+    """Only a token with ``role: "admin"`` may call the route (others get 403)."""
 
     def __post_init__(self) -> None:
         if not self.auth and self.rate_limit is not RateLimit.NONE:
             raise ValueError("a public route cannot be rate-limited: there is nobody to count")
+        if self.admin and not self.auth:
+            raise ValueError("an admin route needs auth: a public caller has no role")
 
 
 PUBLIC = RoutePolicy(auth=False, rate_limit=RateLimit.NONE)
@@ -144,6 +153,7 @@ class ApiRoute(Route):
         links: Sequence[ApiLink] = (),
         auth: bool = True,
         rate_limit: RateLimit | None = None,
+        admin: bool = False,
         tags: Sequence[str] = (),
         response_media_type: str = "application/json",
     ) -> None:
@@ -163,7 +173,7 @@ class ApiRoute(Route):
         self.links = tuple(links)
         default = RateLimit.API if auth else RateLimit.NONE
         self.policy = RoutePolicy(
-            auth=auth, rate_limit=default if rate_limit is None else rate_limit
+            auth=auth, rate_limit=default if rate_limit is None else rate_limit, admin=admin
         )
         self.tags = tuple(tags)
         self.response_media_type = response_media_type
@@ -178,6 +188,10 @@ class ApiRoute(Route):
         return self.policy.rate_limit
 
     @property
+    def admin(self) -> bool:
+        return self.policy.admin
+
+    @property
     def has_body(self) -> bool:
         return self.body is not None or self.raw_body or bool(self.files)
 
@@ -186,7 +200,8 @@ class ApiRoute(Route):
 
         * authenticated: 401 (token), 429 (rate limit, parts in flight), 503
           (``database_unavailable`` / ``redis_unavailable``: every authenticated
-          route reads Postgres, and the rate limiter Redis);
+          route reads Postgres, and the rate limiter Redis); admin: 403
+          (``admin_required``);
         * with a body: 400 (malformed), 408 (``body_timeout``), 413
           (``payload_too_large``), and 422 when the body has a schema;
         * with a query: 422 (unknown or invalid parameters), and 400
@@ -195,6 +210,8 @@ class ApiRoute(Route):
         found: set[int] = set()
         if self.auth:
             found |= {401, 429, 503}
+        if self.admin:
+            found.add(403)
         if self.has_body:
             found |= {400, 408, 413}
             if self.body is not None:

@@ -14,8 +14,10 @@ request.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
+import msgspec
 from redis.asyncio import Redis
 
 from app.core.db import fetch_owned
@@ -32,6 +34,7 @@ from app.jobs.model import (
     ProgressEvent,
     Stage,
 )
+from app.jobs.ops_schemas import AdminJobListQuery, AdminJobView
 from app.jobs.schemas import JobListQuery, JobView, ProcessingMetrics, StageTiming
 from app.jobs.transitions import job_snapshot, job_transaction
 
@@ -54,7 +57,7 @@ _JOB_SELECT = """
 _JOB_KEYSET = Keyset("j.created_at", "j.id", id_field="job_id")
 
 
-def job_view(row: asyncpg.Record, max_attempts: int) -> JobView:
+def job_view(row: asyncpg.Record | dict[str, Any], max_attempts: int) -> JobView:
     data = dict(row)
     data["status"] = JobStatus(data["status"])
     data["priority"] = Priority(data["priority"])
@@ -79,15 +82,20 @@ async def get_job(ctx: JobsContext, job_id: str, owner_id: str) -> JobView:
     return job_view(row, ctx.settings.task_retry_max_attempts)
 
 
-async def list_jobs(ctx: JobsContext, owner_id: str, query: JobListQuery) -> Page[JobView]:
-    """The caller's jobs, newest first, filtered by status, priority and document."""
-    where = Where().add("j.owner_id = {}", owner_id)
+def _job_filters(where: Where, query: JobListQuery) -> Where:
+    """``where`` with the listing's status, priority and document filters."""
     if query.status is not None:
         where.add("j.status = {}", str(query.status))
     if query.priority is not None:
         where.add("j.priority = {}", str(query.priority))
     if query.document_id is not None:
         where.add("j.document_id = {}", query.document_id)
+    return where
+
+
+async def list_jobs(ctx: JobsContext, owner_id: str, query: JobListQuery) -> Page[JobView]:
+    """The caller's jobs, newest first, filtered by status, priority and document."""
+    where = _job_filters(Where().add("j.owner_id = {}", owner_id), query)
     page = await fetch_page(
         ctx.db, _JOB_SELECT, where, keyset=_JOB_KEYSET, cursor=query.cursor, limit=query.limit
     )
@@ -95,6 +103,27 @@ async def list_jobs(ctx: JobsContext, owner_id: str, query: JobListQuery) -> Pag
     return Page[JobView](
         items=[job_view(r, max_attempts) for r in page.rows], next_cursor=page.next_cursor
     )
+
+
+async def list_all_jobs(ctx: JobsContext, query: AdminJobListQuery) -> Page[AdminJobView]:
+    """Every user's jobs (the admin view), newest first, filtered like :func:`list_jobs`
+    and by ``owner_id``; each item also names its owner."""
+    where = Where()
+    if query.owner_id is not None:
+        where.add("j.owner_id = {}", query.owner_id)
+    where = _job_filters(where, query)
+    select = _JOB_SELECT.replace("SELECT j.id::text", "SELECT j.owner_id, j.id::text", 1)
+    page = await fetch_page(
+        ctx.db, select, where, keyset=_JOB_KEYSET, cursor=query.cursor, limit=query.limit
+    )
+    max_attempts = ctx.settings.task_retry_max_attempts
+    items = []
+    for row in page.rows:
+        data = dict(row)
+        owner = data.pop("owner_id")
+        view = job_view(data, max_attempts)
+        items.append(AdminJobView(owner_id=owner, **msgspec.structs.asdict(view)))
+    return Page[AdminJobView](items=items, next_cursor=page.next_cursor)
 
 
 # --- cancel and retry ---------------------------------------------------------------------

@@ -6,7 +6,9 @@ true while a ``running`` job's worker has stopped renewing its lease (the
 workers' reaper re-queues it).  Cancel goes through
 :func:`app.jobs.service.request_cancel`, the one cancel path; a job that had
 not started is also dropped from the ARQ queue.  Retry re-queues a ``failed``
-or ``cancelled`` job under the same id with fresh attempts.  Another user's
+or ``cancelled`` job under the same id with fresh attempts.  A job's events
+(``/events?since=``) are what the WebSocket replays after ``since``
+(:mod:`app.jobs.timeline`); an admin reads any job's.  Another user's
 job is indistinguishable from a missing one (404).  The handlers parse, call
 :mod:`app.jobs.service` and respond.
 """
@@ -16,13 +18,15 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.core.errors import BadRequest, ValidationFailed
 from app.core.schemas import Page
 from app.gateway.requests import identity, query_params
 from app.gateway.responses import json_response
 from app.gateway.routing import ApiLink, ApiRoute
 from app.gateway.services import services
-from app.jobs import service
+from app.jobs import service, timeline
 from app.jobs.model import JobStatus
+from app.jobs.ops_schemas import JobEvents, JobEventsQuery
 from app.jobs.schemas import JobListQuery, JobView
 
 
@@ -37,6 +41,36 @@ async def list_jobs(request: Request) -> Response:
     query = query_params(request, JobListQuery)
     return json_response(
         await service.list_jobs(services(request), identity(request).user_id, query)
+    )
+
+
+def events_query(request: Request) -> JobEventsQuery:
+    """``?since=&limit=``: a bad value of either is 400 ``invalid_since`` /
+    ``invalid_limit`` naming the range; other parameters are 422 as on every route."""
+    try:
+        return query_params(request, JobEventsQuery)
+    except ValidationFailed as exc:
+        field = exc.details.get("field")
+        if field not in ("since", "limit"):
+            raise
+        expected = "an integer >= 0" if field == "since" else "an integer from 1 to 1000"
+        raise BadRequest(
+            f"{field} must be {expected}", code=f"invalid_{field}", details={"field": field}
+        ) from None
+
+
+async def job_events(request: Request) -> Response:
+    query = events_query(request)
+    svc = services(request)
+    return json_response(
+        await timeline.job_events(
+            svc.db,
+            svc.redis,
+            request.path_params["job_id"],
+            identity(request),
+            since=query.since,
+            limit=query.limit,
+        )
     )
 
 
@@ -83,6 +117,16 @@ def routes() -> list[ApiRoute]:
             response=JobView,
             errors=errors,
             links=job_links("$response.body#/job_id")[1:],
+            tags=["jobs"],
+        ),
+        ApiRoute(
+            "/api/v1/jobs/{job_id}/events",
+            job_events,
+            methods=["GET"],
+            summary="A job's events after `since`, as the WebSocket replays them",
+            query=JobEventsQuery,
+            response=JobEvents,
+            errors=[400, *errors],
             tags=["jobs"],
         ),
         ApiRoute(
