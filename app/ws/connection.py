@@ -92,7 +92,7 @@ class Connection:
 
     def reply(self, message: ServerMessage) -> None:
         self.push(encode(message))
-        self._metrics.messages_sent.inc()
+        self._metrics.sent()
 
     def stop_timers(self) -> None:
         for timer in (self.auth_timer, self.expiry_timer):

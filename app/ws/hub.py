@@ -102,6 +102,8 @@ class Hub:
         self.metrics = metrics
         self._max_subscriptions = max_subscriptions
         self._jobs: dict[str, set[Peer]] = {}
+        self.subscription_count = 0
+        """Job subscriptions over all local connections (the gauge's value, as an int)."""
         self._repairs: set[asyncio.Task[None]] = set()
         self.bus = ChannelBus(redis_factory, self._on_message, self._resync, metrics=metrics)
         self.notifications = Notifications(self.bus, metrics=metrics)
@@ -117,6 +119,11 @@ class Hub:
     @property
     def healthy(self) -> bool:
         return self.bus.connected
+
+    @property
+    def jobs_followed(self) -> int:
+        """Distinct jobs with at least one local subscriber."""
+        return len(self._jobs)
 
     # -- progress subscriptions --
 
@@ -168,6 +175,7 @@ class Hub:
                 peer.feeds[job_id] = JobFeed(job_id)
                 self._jobs.setdefault(job_id, set()).add(peer)
         if new:
+            self.subscription_count += len(new)
             self.metrics.subscriptions.inc(len(new))
         return new
 
@@ -234,6 +242,7 @@ class Hub:
                     del self._jobs[job_id]
                     gone_channels.append(job_channel(job_id))
         if removed:
+            self.subscription_count -= len(removed)
             self.metrics.subscriptions.dec(len(removed))
         if gone_channels:
             self.bus.remove(gone_channels)
@@ -278,7 +287,7 @@ class Hub:
             elif verdict is Offer.GAP:
                 self._spawn_repair(peer, feed)
         if sent:
-            self.metrics.messages_sent.inc(sent)
+            self.metrics.sent(sent)
 
     # -- catch-up --
 
@@ -297,7 +306,7 @@ class Hub:
             else:
                 message = JobProgress(job_id=event.job_id, data=event)
             peer.push(encode(message), catch_up=True)
-        self.metrics.messages_sent.inc(len(events))
+        self.metrics.sent(len(events))
 
     def _deliver_snapshot(
         self, peer: Peer, feed: JobFeed, snapshot: ProgressEvent, recovered: bool | None
