@@ -4,6 +4,7 @@ against the real Redis and Postgres (and a Redis of the test's own that it kills
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -205,3 +206,19 @@ async def test_gc_pacer_owns_full_passes_and_restores_thresholds() -> None:
     finally:
         await pacer.uninstall()
     assert gc.get_threshold() == before
+
+
+async def test_connections_opened_together_ping_at_spread_times(
+    migrated: Settings, ws_deps: Deps, user: str
+) -> None:
+    token = ws_deps.tokens.mint(user)
+    async with serve(migrated, host="127.0.0.1", port=0, options=ServerOptions()) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(url, token)) for _ in range(20)]
+            for c in clients:
+                await c.expect("connected")
+            heartbeat = migrated.websocket_heartbeat_interval
+            periods = [c.ws.ping_interval for c in server.connections]
+            assert len(periods) == 20 and len(set(periods)) == 20  # no common ping instant
+            assert all(p is not None and 0.75 * heartbeat <= p <= heartbeat for p in periods)

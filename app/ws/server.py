@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import time
 import uuid
@@ -67,6 +68,9 @@ from app.ws.session import Action, Authenticated, Close, ProtocolSession, Reply,
 from app.ws.snapshots import SnapshotLoader
 
 log = get_logger(__name__)
+
+PING_SPREAD = 0.25
+"""Keepalive periods are spread over the last quarter of the heartbeat interval."""
 
 PATHS: dict[str, Endpoint] = {
     "/api/v1/ws/progress": "progress",
@@ -160,6 +164,7 @@ class WsServer:
                 HTTPStatus.NOT_FOUND,
                 {"error": "not_found", "message": "no such endpoint"},
             )
+        _spread_keepalive(connection)
         identity: Identity | None = None
         rejected: Unauthorized | None = None
         tokens = parse_qs(url.query).get("token")
@@ -267,6 +272,19 @@ class WsServer:
                 await self.hub.notifications.listen(conn, identity.user_id)
             except SluiceError as exc:  # Redis is down: say so; the client may retry
                 conn.reply(Error(code=exc.code, message=exc.message))
+
+
+def _spread_keepalive(connection: ServerConnection) -> None:
+    """Give this connection its own keepalive period, in (1 - PING_SPREAD, 1] x the heartbeat.
+
+    With one period for all, connections opened in one burst (a deploy, a
+    reconnect storm) ping in one burst every heartbeat forever after: ~30 us of
+    loop time each, 300 ms at 10,000 connections (the p99 stall the loop-lag
+    probe showed after the GC passes).  Set before the handshake ends, so the
+    first ping already uses it; a dead peer is still found within two heartbeats.
+    """
+    if connection.ping_interval is not None:
+        connection.ping_interval *= 1 - PING_SPREAD * random.random()  # noqa: S311 (jitter)
 
 
 def _response(
