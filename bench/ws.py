@@ -12,7 +12,8 @@
    the same events itself and calls ``websockets.broadcast`` (no Redis).
    Beside the latencies, each server's event-loop lag (how late a 5 ms sleep
    wakes: ``sluice_event_loop_lag_seconds`` on its ``/metrics``) over its own
-   publishing slices.  ``--runs N`` repeats this phase on fresh servers.
+   publishing slices, and its CPU time per 1,000 deliveries (the bare server's
+   includes making the events).  ``--runs N`` repeats this phase on fresh servers.
 2. Idle capacity: ``--idle`` subscribed idle connections on one process; the
    server's RSS growth per connection, for both servers.
 
@@ -588,18 +589,30 @@ def _lag_text(delta: dict[float, float]) -> str:
     return f"p50 <={bound(0.5)} p99 <={bound(0.99)} max <={bound(1.0)} ms ({total:.0f} samples)"
 
 
-class LagMeter:
-    """A server's loop-lag histogram summed over the slices in which it was publishing."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, port: int) -> None:
+
+class LagMeter:
+    """A server's loop-lag histogram and CPU time, summed over the slices in which it
+    was publishing."""
+
+    def __init__(self, port: int, pid: int) -> None:
         self.port = port
+        self.pid = pid
         self.total: dict[float, float] = defaultdict(float)
+        self.cpu = 0.0
         self._before: dict[float, float] = {}
+        self._cpu_before = 0.0
 
     def begin(self) -> None:
         self._before = _lag_buckets(self.port)
+        self._cpu_before = _cpu_seconds(self.pid)
 
     def end(self) -> None:
+        self.cpu += _cpu_seconds(self.pid) - self._cpu_before
         for le, n in _lag_buckets(self.port).items():
             self.total[le] += n - self._before.get(le, 0.0)
 
@@ -614,7 +627,7 @@ def progress_run(
 ) -> dict[str, Any]:
     """One run of phase 1 on fresh servers and clients; returns the p99s and the lag text."""
     servers = {kind: Server(kind, env, jobs_file, args.rate) for kind in ("bare", "sluice")}
-    lag = {kind: LagMeter(server.port) for kind, server in servers.items()}
+    lag = {kind: LagMeter(server.port, server.proc.pid) for kind, server in servers.items()}
     sets: dict[str, ClientSet] = {}
     try:
         connected: dict[str, tuple[int, float]] = {}
@@ -661,6 +674,8 @@ def progress_run(
             f"{connected[kind][0]} connected in {connected[kind][1]:.1f}s"
         )
         say(f"          loop lag (5 ms sleep, while publishing): {_lag_text(lag[kind].total)}")
+        per_k = 1000 * lag[kind].cpu / max(1, r["received"])
+        say(f"          server CPU while publishing: {per_k * 1000:.1f} ms per 1,000 deliveries")
     hop = outcome["redis hop"]["latencies"]
     say(
         f"  Redis hop alone (publisher -> Redis -> a bare subscriber, in its own 1s "

@@ -34,6 +34,7 @@ from app.core.logging import get_logger
 from app.jobs.events import decode_event, job_channel, user_channel
 from app.jobs.model import ProgressEvent
 from app.ws.bus import ChannelBus
+from app.ws.connection import text_frame
 from app.ws.feed import JobFeed, Offer, can_resume, covers
 from app.ws.history import History, HistoryReader
 from app.ws.messages import (
@@ -58,11 +59,13 @@ class Peer(Protocol):
 
     feeds: dict[str, JobFeed]
 
-    def push(self, frame: bytes, *, catch_up: bool = False) -> None:
+    def push(self, frame: bytes, *, catch_up: bool = False, wire: bytes | None = None) -> None:
         """Queue one text frame without waiting (slow peers are dropped, not awaited).
 
         ``catch_up`` frames (a subscription's snapshot or replayed history, bounded
-        by the history's length) may exceed the peer's buffer limit once."""
+        by the history's length) may exceed the peer's buffer limit once.  ``wire``
+        is the frame already framed (:func:`~app.ws.connection.text_frame`), shared
+        by every subscriber of a live event."""
 
 
 @dataclass(slots=True)
@@ -272,6 +275,7 @@ class Hub:
             log.warning("undecodable_event", job_id=job_id)
             return
         frame: bytes | None = None
+        wire = b""
         sent = 0
         for peer in list(peers):
             feed = peer.feeds.get(job_id)
@@ -279,9 +283,10 @@ class Hub:
                 continue
             verdict = feed.offer(event)
             if verdict is Offer.SEND:
-                if frame is None:
+                if frame is None:  # encoded and framed once per event, not per subscriber
                     frame = progress_frame(job_id, payload)
-                peer.push(frame)
+                    wire = text_frame(frame)
+                peer.push(frame, wire=wire)
                 sent += 1
                 self._finish_if_done(peer, job_id)
             elif verdict is Offer.GAP:
