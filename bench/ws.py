@@ -166,7 +166,7 @@ async def client_role(args: argparse.Namespace) -> None:
         t.cancel()
 
 
-def _event(job_id: str, seq: int) -> Any:
+def _event(job_id: str, seq: int, ts: float | None = None) -> Any:
     from app.jobs.model import ProgressEvent
 
     return ProgressEvent(
@@ -177,7 +177,7 @@ def _event(job_id: str, seq: int) -> Any:
         stage_progress=min(1.0, seq / 1000),
         overall_progress=0.5,
         message=f"embedded batch {seq}",
-        ts=time.time(),
+        ts=time.time() if ts is None else ts,
         owner_id=USER,
         document_id="00000000-0000-0000-0000-000000000000",
     )
@@ -210,6 +210,7 @@ async def _paced(
     controller = asyncio.create_task(control())
     seqs: dict[str, int] = defaultdict(int)
     interval, n = 1.0 / rate, 0
+    wall_offset = time.time() - loop.time()  # next_at + wall_offset: when an event is due
     next_at = loop.time()
     while not done.is_set():
         if not active.is_set():
@@ -219,7 +220,7 @@ async def _paced(
         current = target["jobs"]
         job = current[n % len(current)]
         seqs[job] += 1
-        await emit(job, seqs[job])
+        await emit(job, seqs[job], next_at + wall_offset)
         n += 1
         next_at += interval
         await asyncio.sleep(max(0.0, next_at - loop.time()))
@@ -262,8 +263,10 @@ async def bare_role(args: argparse.Namespace) -> None:
         finally:
             subs[job].discard(ws)
 
-    async def emit(job: str, seq: int) -> None:
-        payload = encode_event(_event(job, seq))
+    async def emit(job: str, seq: int, due: float) -> None:
+        # --baseline-ts due: stamp the event with when it was due, so that this
+        # server's own stalls count in its latency as the sluice server's do.
+        payload = encode_event(_event(job, seq, due if args.baseline_ts == "due" else None))
         frame = b'{"type":"job_progress","job_id":"' + job.encode() + b'","data":' + payload + b"}"
         broadcast(subs[job], frame, text=True)
 
@@ -333,7 +336,7 @@ async def publisher_role(args: argparse.Namespace) -> None:
     jobs: list[str] = args.jobs_list
     redis: Redis = Redis.from_url(args.redis_url)
 
-    async def emit(job: str, seq: int) -> None:
+    async def emit(job: str, seq: int, _due: float) -> None:
         await publish_event(redis, _event(job, seq))
 
     stop = asyncio.Event()
@@ -391,7 +394,14 @@ class Server:
     """A server under test: the real ``sluice ws`` or the bare baseline, plus
     the process that feeds it events (the publisher, or the bare server itself)."""
 
-    def __init__(self, kind: str, env: dict[str, str], jobs_file: Path, rate: float) -> None:
+    def __init__(
+        self,
+        kind: str,
+        env: dict[str, str],
+        jobs_file: Path,
+        rate: float,
+        baseline_ts: str = "created",
+    ) -> None:
         from devstack.process import free_port
 
         self.kind = kind
@@ -429,6 +439,8 @@ class Server:
                 str(rate or 1),
                 "--port",
                 str(self.port),
+                "--baseline-ts",
+                baseline_ts,
                 env=env,
             )
             self.feeder = self.proc
@@ -626,7 +638,10 @@ def progress_run(
     n: int,
 ) -> dict[str, Any]:
     """One run of phase 1 on fresh servers and clients; returns the p99s and the lag text."""
-    servers = {kind: Server(kind, env, jobs_file, args.rate) for kind in ("bare", "sluice")}
+    servers = {
+        kind: Server(kind, env, jobs_file, args.rate, args.baseline_ts)
+        for kind in ("bare", "sluice")
+    }
     lag = {kind: LagMeter(server.port, server.proc.pid) for kind, server in servers.items()}
     sets: dict[str, ClientSet] = {}
     try:
@@ -725,7 +740,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             say(
                 f"\n1. progress traffic: {args.subscribers} subscribers over {args.jobs} jobs, "
                 f"{args.rate:g} events/s, {args.duration:g}s per server in alternating 1s "
-                f"slices, {args.clients} client processes per server; {args.runs} run(s)"
+                f"slices, {args.clients} client processes per server; {args.runs} run(s); "
+                f"baseline ts: {args.baseline_ts}"
             )
             runs = [
                 progress_run(args, env, token, jobs_file, say, n) for n in range(1, args.runs + 1)
@@ -784,6 +800,7 @@ def main() -> int:
     p.add_argument("--jobs-file", required=True)
     p.add_argument("--rate", type=float, default=100)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--baseline-ts", choices=("created", "due"), default="created")
     p = sub.add_parser("hop")
     p.add_argument("--jobs-file", required=True)
     p.add_argument("--redis-url", required=True)
@@ -800,6 +817,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--runs", type=int, default=1, help="repeat phase 1 on fresh servers")
     parser.add_argument("--target-ms", type=float, default=20, help="the p99 target to print")
+    parser.add_argument(
+        "--baseline-ts",
+        choices=("created", "due"),
+        default="created",
+        help="the baseline's event ts: when its own loop made the event (its stalls do "
+        "not count), or when the event was due (they do, as the sluice server's do)",
+    )
     parser.add_argument("--output", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if args.role in ("client", "bare", "publisher", "hop"):
