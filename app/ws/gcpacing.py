@@ -4,8 +4,8 @@ Measured with the loop-lag probe (``bench/ws.py``, BENCHMARKS.md): the server's
 p99 stalls were full (generation 2) collections.  Each open connection keeps
 about 80 GC-tracked objects alive (the ``websockets`` connection, its protocol,
 reader, tasks and futures, our session, connection and feeds), and a full pass
-visits every one of them with the loop stopped: ~5 ms at 1,000 connections,
-150-600 ms at 10,000 on this 2-core machine.  CPython starts one whenever
+visits every one of them with the loop stopped: ~40 ms of CPU at 1,000
+connections, 300-630 ms at 10,000 (measured on a loaded 2-core machine).  CPython starts one whenever
 objects promoted since the last pass exceed a quarter of the old ones, i.e.
 again and again while connections ramp up, and then at a random moment shortly
 after -- in the middle of the traffic.
