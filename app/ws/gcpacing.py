@@ -5,10 +5,10 @@ p99 stalls were full (generation 2) collections.  Each open connection keeps
 about 80 GC-tracked objects alive (the ``websockets`` connection, its protocol,
 reader, tasks and futures, our session, connection and feeds), and a full pass
 visits every one of them with the loop stopped: ~40 ms of CPU at 1,000
-connections, 300-630 ms at 10,000 (measured on a loaded 2-core machine).  CPython starts one whenever
-objects promoted since the last pass exceed a quarter of the old ones, i.e.
-again and again while connections ramp up, and then at a random moment shortly
-after -- in the middle of the traffic.
+connections, 300-630 ms at 10,000 (measured on a loaded 2-core machine).
+CPython starts one whenever objects promoted since the last pass exceed a
+quarter of the old ones, i.e. again and again while connections ramp up, and
+then at a random moment shortly after -- in the middle of the traffic.
 
 :class:`GcPacer` takes full passes out of CPython's hands:
 
