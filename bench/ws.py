@@ -1,7 +1,7 @@
 """Benchmark the WebSocket progress server against a bare ``websockets`` broadcast.
 
     python bench/ws.py [--subscribers 1000] [--jobs 100] [--rate 100] [--duration 15]
-                       [--idle 10000] [--clients 4]
+                       [--idle 10000] [--clients 4] [--runs 1] [--target-ms 20]
 
 1. Progress traffic: ``--subscribers`` connections on one ``sluice ws`` process,
    spread over ``--jobs`` jobs; a separate publisher process publishes ``--rate``
@@ -10,6 +10,10 @@
    p50/p99 and deliveries/s are measured by ``--clients`` client processes.
    Baseline: the same clients fed by a bare ``websockets`` server that creates
    the same events itself and calls ``websockets.broadcast`` (no Redis).
+   Beside the latencies, each server's event-loop lag (how late a 5 ms sleep
+   wakes: ``sluice_event_loop_lag_seconds`` on its ``/metrics``) over its own
+   publishing slices, and its CPU time per 1,000 deliveries (the bare server's
+   includes making the events).  ``--runs N`` repeats this phase on fresh servers.
 2. Idle capacity: ``--idle`` subscribed idle connections on one process; the
    server's RSS growth per connection, for both servers.
 
@@ -162,7 +166,7 @@ async def client_role(args: argparse.Namespace) -> None:
         t.cancel()
 
 
-def _event(job_id: str, seq: int) -> Any:
+def _event(job_id: str, seq: int, ts: float | None = None) -> Any:
     from app.jobs.model import ProgressEvent
 
     return ProgressEvent(
@@ -173,7 +177,7 @@ def _event(job_id: str, seq: int) -> Any:
         stage_progress=min(1.0, seq / 1000),
         overall_progress=0.5,
         message=f"embedded batch {seq}",
-        ts=time.time(),
+        ts=time.time() if ts is None else ts,
         owner_id=USER,
         document_id="00000000-0000-0000-0000-000000000000",
     )
@@ -206,6 +210,7 @@ async def _paced(
     controller = asyncio.create_task(control())
     seqs: dict[str, int] = defaultdict(int)
     interval, n = 1.0 / rate, 0
+    wall_offset = time.time() - loop.time()  # next_at + wall_offset: when an event is due
     next_at = loop.time()
     while not done.is_set():
         if not active.is_set():
@@ -215,7 +220,7 @@ async def _paced(
         current = target["jobs"]
         job = current[n % len(current)]
         seqs[job] += 1
-        await emit(job, seqs[job])
+        await emit(job, seqs[job], next_at + wall_offset)
         n += 1
         next_at += interval
         await asyncio.sleep(max(0.0, next_at - loop.time()))
@@ -224,11 +229,27 @@ async def _paced(
 
 async def bare_role(args: argparse.Namespace) -> None:
     """The baseline: a bare websockets server broadcasting the events it creates."""
-    from websockets.asyncio.server import ServerConnection, broadcast, serve
+    from http import HTTPStatus
 
+    from prometheus_client import CollectorRegistry, generate_latest
+    from websockets.asyncio.server import ServerConnection, broadcast, serve
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request, Response
+
+    from app.core.looplag import LoopLagMetrics, LoopLagProbe
     from app.jobs.events import encode_event
 
     raise_fd_limit()
+    registry = CollectorRegistry()
+    probe = LoopLagProbe(LoopLagMetrics(registry), "bare")
+
+    def metrics(_conn: ServerConnection, request: Request) -> Response | None:
+        if request.path != "/metrics":
+            return None
+        body = generate_latest(registry)
+        headers = Headers([("Content-Length", str(len(body)))])
+        return Response(HTTPStatus.OK.value, "OK", headers, body)
+
     jobs: list[str] = args.jobs_list
     subs: dict[str, set[ServerConnection]] = defaultdict(set)
 
@@ -242,17 +263,28 @@ async def bare_role(args: argparse.Namespace) -> None:
         finally:
             subs[job].discard(ws)
 
-    async def emit(job: str, seq: int) -> None:
-        payload = encode_event(_event(job, seq))
+    async def emit(job: str, seq: int, due: float) -> None:
+        # --baseline-ts due: stamp the event with when it was due, so that this
+        # server's own stalls count in its latency as the sluice server's do.
+        payload = encode_event(_event(job, seq, due if args.baseline_ts == "due" else None))
         frame = b'{"type":"job_progress","job_id":"' + job.encode() + b'","data":' + payload + b"}"
         broadcast(subs[job], frame, text=True)
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with serve(handler, "127.0.0.1", args.port, compression=None, ping_interval=30):
+    async with serve(
+        handler,
+        "127.0.0.1",
+        args.port,
+        compression=None,
+        ping_interval=30,
+        process_request=metrics,
+    ):
+        probe.start()
         task = asyncio.create_task(_paced(args.rate, jobs, emit))
         await stop.wait()
         task.cancel()
+        await probe.stop()
 
 
 async def hop_role(args: argparse.Namespace) -> None:
@@ -304,7 +336,7 @@ async def publisher_role(args: argparse.Namespace) -> None:
     jobs: list[str] = args.jobs_list
     redis: Redis = Redis.from_url(args.redis_url)
 
-    async def emit(job: str, seq: int) -> None:
+    async def emit(job: str, seq: int, _due: float) -> None:
         await publish_event(redis, _event(job, seq))
 
     stop = asyncio.Event()
@@ -362,7 +394,14 @@ class Server:
     """A server under test: the real ``sluice ws`` or the bare baseline, plus
     the process that feeds it events (the publisher, or the bare server itself)."""
 
-    def __init__(self, kind: str, env: dict[str, str], jobs_file: Path, rate: float) -> None:
+    def __init__(
+        self,
+        kind: str,
+        env: dict[str, str],
+        jobs_file: Path,
+        rate: float,
+        baseline_ts: str = "created",
+    ) -> None:
         from devstack.process import free_port
 
         self.kind = kind
@@ -400,6 +439,8 @@ class Server:
                 str(rate or 1),
                 "--port",
                 str(self.port),
+                "--baseline-ts",
+                baseline_ts,
                 env=env,
             )
             self.feeder = self.proc
@@ -528,6 +569,143 @@ async def _make_jobs(dsn: str, n: int) -> list[str]:
         await pool.close()
 
 
+LAG_SERIES = "sluice_event_loop_lag_seconds_bucket"
+
+
+def _lag_buckets(port: int) -> dict[float, float]:
+    """The server's loop-lag histogram (cumulative count per bucket bound) from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(LAG_SERIES):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = out.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _lag_text(delta: dict[float, float]) -> str:
+    """p50/p99/max of a loop-lag histogram delta, as bucket upper bounds in ms."""
+    total = delta.get(float("inf"), 0.0)
+    if total <= 0:
+        return "no samples"
+
+    def bound(q: float) -> str:
+        for le in sorted(delta):
+            if delta[le] >= q * total:
+                return "inf" if le == float("inf") else f"{le * 1000:g}"
+        return "inf"
+
+    return f"p50 <={bound(0.5)} p99 <={bound(0.99)} max <={bound(1.0)} ms ({total:.0f} samples)"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LagMeter:
+    """A server's loop-lag histogram and CPU time, summed over the slices in which it
+    was publishing."""
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port = port
+        self.pid = pid
+        self.total: dict[float, float] = defaultdict(float)
+        self.cpu = 0.0
+        self._before: dict[float, float] = {}
+        self._cpu_before = 0.0
+
+    def begin(self) -> None:
+        self._before = _lag_buckets(self.port)
+        self._cpu_before = _cpu_seconds(self.pid)
+
+    def end(self) -> None:
+        self.cpu += _cpu_seconds(self.pid) - self._cpu_before
+        for le, n in _lag_buckets(self.port).items():
+            self.total[le] += n - self._before.get(le, 0.0)
+
+
+def progress_run(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    token: str,
+    jobs_file: Path,
+    say: Any,
+    n: int,
+) -> dict[str, Any]:
+    """One run of phase 1 on fresh servers and clients; returns the p99s and the lag text."""
+    servers = {
+        kind: Server(kind, env, jobs_file, args.rate, args.baseline_ts)
+        for kind in ("bare", "sluice")
+    }
+    lag = {kind: LagMeter(server.port, server.proc.pid) for kind, server in servers.items()}
+    sets: dict[str, ClientSet] = {}
+    try:
+        connected: dict[str, tuple[int, float]] = {}
+        for kind, server in servers.items():
+            t0 = time.monotonic()
+            sets[kind] = ClientSet(server, token, jobs_file, args.subscribers, args.clients, env)
+            connected[kind] = (sets[kind].wait_ready(), time.monotonic() - t0)
+        sets["redis hop"] = ClientSet(None, token, jobs_file.with_name("probe.json"), 1, 1, env)
+        sets["redis hop"].wait_ready()
+        time.sleep(1.0)
+        for cs in sets.values():
+            cs.tell("go")
+        # Interleave the two so that background load hits both alike.
+        kinds = ["bare", "sluice", "redis hop"]
+        for i in range(round(args.duration)):
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:
+                server = servers["sluice" if kind == "redis hop" else kind]
+                meter = lag.get(kind)
+                if meter is not None:
+                    meter.begin()
+                # the Redis hop: the publisher feeds jobs only the probe hears
+                server.publish(True, "probe" if kind == "redis hop" else "on")
+                time.sleep(1.0)
+                server.publish(False)
+                time.sleep(0.2)  # let in-flight events land
+                if meter is not None:
+                    meter.end()
+        outcome = {kind: cs.results() for kind, cs in sets.items()}
+    finally:
+        for cs in sets.values():
+            cs.stop()
+        for server in servers.values():
+            server.stop()
+    expected = args.rate * args.subscribers / args.jobs
+    say(f"  run {n} (load average {os.getloadavg()[0]:.2f}):")
+    for kind in ("bare", "sluice"):
+        r = outcome[kind]
+        say(
+            f"  {kind:<7} p50 {_pct(r['latencies'], 50):6.2f} ms  "
+            f"p99 {_pct(r['latencies'], 99):6.2f} ms  "
+            f"max {_pct(r['latencies'], 100):7.2f} ms  "
+            f"delivered {r['received'] / round(args.duration):7.0f}/s while publishing "
+            f"(expected {expected:.0f}/s)  "
+            f"{connected[kind][0]} connected in {connected[kind][1]:.1f}s"
+        )
+        say(f"          loop lag (5 ms sleep, while publishing): {_lag_text(lag[kind].total)}")
+        per_k = 1000 * lag[kind].cpu / max(1, r["received"])
+        say(f"          server CPU while publishing: {per_k * 1000:.1f} ms per 1,000 deliveries")
+    hop = outcome["redis hop"]["latencies"]
+    say(
+        f"  Redis hop alone (publisher -> Redis -> a bare subscriber, in its own 1s "
+        f"slices): p50 {_pct(hop, 50):.2f} ms  p99 {_pct(hop, 99):.2f} ms  "
+        f"max {_pct(hop, 100):.2f} ms"
+    )
+    p99 = {k: _pct(outcome[k]["latencies"], 99) for k in ("bare", "sluice")}
+    d50 = _pct(outcome["sluice"]["latencies"], 50) - _pct(outcome["bare"]["latencies"], 50)
+    say(
+        f"  difference (sluice - bare): p50 {d50:+.2f} ms, p99 {p99['sluice'] - p99['bare']:+.2f} "
+        f"ms (target: p99 < {args.target_ms:g} ms and within 2 ms of the baseline)"
+    )
+    return {**p99, "lag": _lag_text(lag["sluice"].total)}
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     from app.core.auth import TokenService
     from devstack.stack import EmbeddedStack
@@ -562,65 +740,19 @@ def orchestrate(args: argparse.Namespace) -> int:
             say(
                 f"\n1. progress traffic: {args.subscribers} subscribers over {args.jobs} jobs, "
                 f"{args.rate:g} events/s, {args.duration:g}s per server in alternating 1s "
-                f"slices, {args.clients} client processes per server"
+                f"slices, {args.clients} client processes per server; {args.runs} run(s); "
+                f"baseline ts: {args.baseline_ts}"
             )
-            servers = {kind: Server(kind, env, jobs_file, args.rate) for kind in ("bare", "sluice")}
-            sets: dict[str, ClientSet] = {}
-            try:
-                connected: dict[str, tuple[int, float]] = {}
-                for kind, server in servers.items():
-                    t0 = time.monotonic()
-                    sets[kind] = ClientSet(
-                        server, token, jobs_file, args.subscribers, args.clients, env
+            runs = [
+                progress_run(args, env, token, jobs_file, say, n) for n in range(1, args.runs + 1)
+            ]
+            if len(runs) > 1:
+                say("  summary (p99 ms: bare / sluice / difference / sluice loop lag p99):")
+                for n, r in enumerate(runs, 1):
+                    say(
+                        f"    run {n}: {r['bare']:.2f} / {r['sluice']:.2f} / "
+                        f"{r['sluice'] - r['bare']:+.2f} / {r['lag']}"
                     )
-                    connected[kind] = (sets[kind].wait_ready(), time.monotonic() - t0)
-                sets["redis hop"] = ClientSet(
-                    None, token, jobs_file.with_name("probe.json"), 1, 1, env
-                )
-                sets["redis hop"].wait_ready()
-                time.sleep(1.0)
-                for cs in sets.values():
-                    cs.tell("go")
-                # Interleave the two so that background load hits both alike.
-                kinds = ["bare", "sluice", "redis hop"]
-                for i in range(round(args.duration)):
-                    for kind in kinds[i % 3 :] + kinds[: i % 3]:
-                        if kind == "redis hop":  # the publisher feeds jobs only the probe hears
-                            servers["sluice"].publish(True, "probe")
-                        else:
-                            servers[kind].publish(True)
-                        time.sleep(1.0)
-                        servers["sluice" if kind == "redis hop" else kind].publish(False)
-                        time.sleep(0.2)  # let in-flight events land
-                outcome = {kind: cs.results() for kind, cs in sets.items()}
-            finally:
-                for cs in sets.values():
-                    cs.stop()
-                for server in servers.values():
-                    server.stop()
-            expected = args.rate * args.subscribers / args.jobs
-            for kind in ("bare", "sluice"):
-                r = outcome[kind]
-                say(
-                    f"  {kind:<7} p50 {_pct(r['latencies'], 50):6.2f} ms  "
-                    f"p99 {_pct(r['latencies'], 99):6.2f} ms  "
-                    f"max {_pct(r['latencies'], 100):7.2f} ms  "
-                    f"delivered {r['received'] / round(args.duration):7.0f}/s while publishing "
-                    f"(expected {expected:.0f}/s)  "
-                    f"{connected[kind][0]} connected in {connected[kind][1]:.1f}s"
-                )
-            hop = outcome["redis hop"]["latencies"]
-            say(
-                f"  Redis hop alone (publisher -> Redis -> a bare subscriber, in its own 1s "
-                f"slices): p50 {_pct(hop, 50):.2f} ms  p99 {_pct(hop, 99):.2f} ms  "
-                f"max {_pct(hop, 100):.2f} ms"
-            )
-            d50 = _pct(outcome["sluice"]["latencies"], 50) - _pct(outcome["bare"]["latencies"], 50)
-            d99 = _pct(outcome["sluice"]["latencies"], 99) - _pct(outcome["bare"]["latencies"], 99)
-            say(
-                f"  difference (sluice - bare): p50 {d50:+.2f} ms, p99 {d99:+.2f} ms "
-                f"(target: p99 < 20 ms and within 2 ms of the baseline)"
-            )
 
         if args.idle:
             say(
@@ -668,6 +800,7 @@ def main() -> int:
     p.add_argument("--jobs-file", required=True)
     p.add_argument("--rate", type=float, default=100)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--baseline-ts", choices=("created", "due"), default="created")
     p = sub.add_parser("hop")
     p.add_argument("--jobs-file", required=True)
     p.add_argument("--redis-url", required=True)
@@ -682,6 +815,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15)
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=1, help="repeat phase 1 on fresh servers")
+    parser.add_argument("--target-ms", type=float, default=20, help="the p99 target to print")
+    parser.add_argument(
+        "--baseline-ts",
+        choices=("created", "due"),
+        default="created",
+        help="the baseline's event ts: when its own loop made the event (its stalls do "
+        "not count), or when the event was due (they do, as the sluice server's do)",
+    )
     parser.add_argument("--output", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if args.role in ("client", "bare", "publisher", "hop"):

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.core.embedding import Embedder
+from app.core.looplag import LoopLagMetrics
 from app.core.queue import JobQueue
 from app.core.settings import Settings
 from app.core.storage import S3Client
@@ -70,6 +71,7 @@ class WorkerMetrics:
             "1 while this worker reaches Postgres, 0 while a job waits for it",
             registry=self.registry,
         )
+        self.loop_lag = LoopLagMetrics(self.registry)
         self.redis_up.set(1)
         self.database_up.set(1)
 

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from app.core.errors import ConfigError
 from app.core.logging import configure_logging, get_logger
+from app.core.looplag import LoopLagProbe
 from app.core.queue import QUEUE_NAME, redis_settings
 from app.core.settings import Settings
 from workers import fleet
@@ -53,6 +54,8 @@ async def run(settings: Settings) -> int:
                 settings.worker_metrics_port,
                 stopping=stopping,
             )
+        lag = LoopLagProbe(metrics.loop_lag, "worker")
+        lag.start()
         maintenance = asyncio.create_task(fleet.maintenance_loop(ctx, worker))
         epoch = asyncio.create_task(fleet.watch_queue_epoch(ctx))
         log.info(
@@ -65,6 +68,7 @@ async def run(settings: Settings) -> int:
             await poll_supervised(worker, ctx)
         finally:
             stopping.set()
+            await lag.stop()
             for task in (maintenance, epoch):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from app.core.auth import TokenService
 from app.core.logging import get_logger
+from app.core.looplag import LoopLagProbe
 from app.core.settings import Settings
 from app.core.storage import ensure_bucket
 from app.gateway.admission import PartSlots
@@ -141,10 +142,13 @@ def _lifespan(
             sweeper = asyncio.create_task(
                 run_sweeper(uploads.upload_context(svc), svc.redis), name="upload-sweeper"
             )
+            lag = LoopLagProbe(metrics.loop_lag, "gateway")
+            lag.start()
             log.info("gateway_started")
             try:
                 yield
             finally:
+                await lag.stop()
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper

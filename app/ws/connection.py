@@ -5,6 +5,13 @@ Frames are written without waiting.  A connection whose unsent data passes
 ``since``), so a client that stops reading costs bounded memory and never
 delays anyone else.  A catch-up burst (a subscription's snapshot or replayed
 history, bounded by the history's length) is allowed on top of the limit once.
+
+A live event goes to every subscriber of its job as the same bytes: the hub
+frames it once (:func:`text_frame`) and :meth:`Connection.push` writes those
+bytes to each transport, instead of ``websockets`` building and serialising a
+frame per subscriber.  This is safe because the server sends whole, unmasked,
+uncompressed text frames (``compression=None``), which carry no per-connection
+state, and every write is one whole frame.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from app.core.logging import get_logger
@@ -23,6 +31,11 @@ from app.ws.metrics import WsMetrics
 from app.ws.session import ProtocolSession
 
 log = get_logger(__name__)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one complete server-to-client text frame (FIN, unmasked)."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
 
 
 class Connection:
@@ -74,9 +87,17 @@ class Connection:
         assert identity is not None
         return identity.user_id
 
-    def push(self, frame: bytes, *, catch_up: bool = False) -> None:
+    def push(self, frame: bytes, *, catch_up: bool = False, wire: bytes | None = None) -> None:
+        """Queue ``frame``; ``wire``, if given, is ``text_frame(frame)``, framed once for
+        every subscriber of a live event."""
         if self.corked is not None:
             self.corked.append(frame)
+        elif wire is not None:
+            ws = self.ws
+            if self.dropped or ws.protocol.state is not State.OPEN:
+                return
+            ws.transport.write(wire)
+            self._check_buffer(catch_up=catch_up)
         else:
             self._write((frame,), catch_up=catch_up)
 
@@ -92,7 +113,7 @@ class Connection:
 
     def reply(self, message: ServerMessage) -> None:
         self.push(encode(message))
-        self._metrics.messages_sent.inc()
+        self._metrics.sent()
 
     def stop_timers(self) -> None:
         for timer in (self.auth_timer, self.expiry_timer):
@@ -109,6 +130,11 @@ class Connection:
             for frame in frames:
                 ws.protocol.send_text(frame)
             ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        self._check_buffer(catch_up=catch_up)
+
+    def _check_buffer(self, *, catch_up: bool) -> None:
+        """Drop the connection as a slow consumer if its unsent data passed the limit."""
+        ws = self.ws
         buffered = ws.transport.get_write_buffer_size()
         limit = self._max_buffer_bytes
         if catch_up:

@@ -34,6 +34,7 @@ from app.core.logging import get_logger
 from app.jobs.events import decode_event, job_channel, user_channel
 from app.jobs.model import ProgressEvent
 from app.ws.bus import ChannelBus
+from app.ws.connection import text_frame
 from app.ws.feed import JobFeed, Offer, can_resume, covers
 from app.ws.history import History, HistoryReader
 from app.ws.messages import (
@@ -58,11 +59,13 @@ class Peer(Protocol):
 
     feeds: dict[str, JobFeed]
 
-    def push(self, frame: bytes, *, catch_up: bool = False) -> None:
+    def push(self, frame: bytes, *, catch_up: bool = False, wire: bytes | None = None) -> None:
         """Queue one text frame without waiting (slow peers are dropped, not awaited).
 
         ``catch_up`` frames (a subscription's snapshot or replayed history, bounded
-        by the history's length) may exceed the peer's buffer limit once."""
+        by the history's length) may exceed the peer's buffer limit once.  ``wire``
+        is the frame already framed (:func:`~app.ws.connection.text_frame`), shared
+        by every subscriber of a live event."""
 
 
 @dataclass(slots=True)
@@ -102,6 +105,8 @@ class Hub:
         self.metrics = metrics
         self._max_subscriptions = max_subscriptions
         self._jobs: dict[str, set[Peer]] = {}
+        self.subscription_count = 0
+        """Job subscriptions over all local connections (the gauge's value, as an int)."""
         self._repairs: set[asyncio.Task[None]] = set()
         self.bus = ChannelBus(redis_factory, self._on_message, self._resync, metrics=metrics)
         self.notifications = Notifications(self.bus, metrics=metrics)
@@ -117,6 +122,11 @@ class Hub:
     @property
     def healthy(self) -> bool:
         return self.bus.connected
+
+    @property
+    def jobs_followed(self) -> int:
+        """Distinct jobs with at least one local subscriber."""
+        return len(self._jobs)
 
     # -- progress subscriptions --
 
@@ -168,6 +178,7 @@ class Hub:
                 peer.feeds[job_id] = JobFeed(job_id)
                 self._jobs.setdefault(job_id, set()).add(peer)
         if new:
+            self.subscription_count += len(new)
             self.metrics.subscriptions.inc(len(new))
         return new
 
@@ -234,6 +245,7 @@ class Hub:
                     del self._jobs[job_id]
                     gone_channels.append(job_channel(job_id))
         if removed:
+            self.subscription_count -= len(removed)
             self.metrics.subscriptions.dec(len(removed))
         if gone_channels:
             self.bus.remove(gone_channels)
@@ -263,6 +275,7 @@ class Hub:
             log.warning("undecodable_event", job_id=job_id)
             return
         frame: bytes | None = None
+        wire = b""
         sent = 0
         for peer in list(peers):
             feed = peer.feeds.get(job_id)
@@ -270,15 +283,16 @@ class Hub:
                 continue
             verdict = feed.offer(event)
             if verdict is Offer.SEND:
-                if frame is None:
+                if frame is None:  # encoded and framed once per event, not per subscriber
                     frame = progress_frame(job_id, payload)
-                peer.push(frame)
+                    wire = text_frame(frame)
+                peer.push(frame, wire=wire)
                 sent += 1
                 self._finish_if_done(peer, job_id)
             elif verdict is Offer.GAP:
                 self._spawn_repair(peer, feed)
         if sent:
-            self.metrics.messages_sent.inc(sent)
+            self.metrics.sent(sent)
 
     # -- catch-up --
 
@@ -297,7 +311,7 @@ class Hub:
             else:
                 message = JobProgress(job_id=event.job_id, data=event)
             peer.push(encode(message), catch_up=True)
-        self.metrics.messages_sent.inc(len(events))
+        self.metrics.sent(len(events))
 
     def _deliver_snapshot(
         self, peer: Peer, feed: JobFeed, snapshot: ProgressEvent, recovered: bool | None

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from app.core.looplag import LoopLagMetrics
+
 
 class WsMetrics:
-    """Every series the WebSocket server exports, registered in ``registry``."""
+    """Every series the WebSocket server exports, registered in ``registry``.
+
+    :attr:`sent_total` mirrors ``sluice_ws_messages_sent`` as a plain int (the
+    self-report reads it without touching the client library's internals);
+    record sends with :meth:`sent` so the two never disagree.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.sent_total = 0
         self.connections = Gauge(
             "sluice_ws_connections",
             "Open WebSocket connections",
@@ -62,6 +70,12 @@ class WsMetrics:
             "Pub/sub connection re-establishments",
             registry=registry,
         )
+        self.loop_lag = LoopLagMetrics(registry)
         for endpoint in ("progress", "notifications"):  # export zeros from the start
             self.connections.labels(endpoint=endpoint)
         self.drops.labels(reason="slow_consumer")
+
+    def sent(self, n: int = 1) -> None:
+        """``n`` messages were queued to clients."""
+        self.sent_total += n
+        self.messages_sent.inc(n)

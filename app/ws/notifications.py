@@ -69,7 +69,7 @@ class Notifications:
         )
         for peer in list(peers):
             peer.push(frame)
-        self._metrics.messages_sent.inc(len(peers))
+        self._metrics.sent(len(peers))
 
     def on_system(self, payload: bytes) -> None:
         try:
@@ -80,4 +80,4 @@ class Notifications:
         frame = encode(Notification(kind="system", message=notice.message, level=notice.level))
         for peer in list(self._system):
             peer.push(frame)
-        self._metrics.messages_sent.inc(len(self._system))
+        self._metrics.sent(len(self._system))

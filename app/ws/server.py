@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
+import random
 import signal
 import time
 import uuid
@@ -45,11 +45,14 @@ from websockets.http11 import Request, Response
 from app.core.auth import Identity, TokenService
 from app.core.db import create_pool
 from app.core.errors import SluiceError, Unauthorized
+from app.core.fleet import WS_REPORT_SECONDS
 from app.core.logging import get_logger
+from app.core.looplag import LoopLagProbe
 from app.core.outage import is_redis_outage, wait_until_reachable
 from app.core.settings import Settings
 from app.ws.commands import Commands
 from app.ws.connection import Connection
+from app.ws.gcpacing import GcPacer
 from app.ws.history import HistoryReader
 from app.ws.hub import Hub
 from app.ws.messages import (
@@ -60,10 +63,14 @@ from app.ws.messages import (
     Error,
 )
 from app.ws.metrics import WsMetrics
+from app.ws.report import Counts, Reporter
 from app.ws.session import Action, Authenticated, Close, ProtocolSession, Reply, Run
 from app.ws.snapshots import SnapshotLoader
 
 log = get_logger(__name__)
+
+PING_SPREAD = 0.25
+"""Keepalive periods are spread over the last quarter of the heartbeat interval."""
 
 PATHS: dict[str, Endpoint] = {
     "/api/v1/ws/progress": "progress",
@@ -84,6 +91,8 @@ class ServerOptions:
     close_timeout: float = 5.0
     ping_timeout: float | None = None
     """Seconds to wait for a pong; default: the heartbeat interval."""
+    report_interval: float = WS_REPORT_SECONDS
+    """Seconds between two self-reports in Redis (:mod:`app.ws.report`)."""
 
 
 _Accepted = tuple[Endpoint, Identity | None, Unauthorized | None]
@@ -113,7 +122,11 @@ class WsServer:
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connections: set[Connection] = set()
+        self.authenticated: set[Connection] = set()
+        self.closed_total = 0
+        """Connections closed since start (the GC pacer's garbage estimate)."""
         self.server: Server | None = None
+        self.reporter: Reporter | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -124,6 +137,16 @@ class WsServer:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+    def counts(self) -> Counts:
+        """The live figures for the self-report (all O(1))."""
+        return Counts(
+            connections=len(self.connections),
+            authenticated=len(self.authenticated),
+            subscriptions=self.hub.subscription_count,
+            jobs_followed=self.hub.jobs_followed,
+            messages_sent=self.metrics.sent_total,
+        )
 
     # -- HTTP side of the handshake --
 
@@ -141,6 +164,7 @@ class WsServer:
                 HTTPStatus.NOT_FOUND,
                 {"error": "not_found", "message": "no such endpoint"},
             )
+        _spread_keepalive(connection)
         identity: Identity | None = None
         rejected: Unauthorized | None = None
         tokens = parse_qs(url.query).get("token")
@@ -181,6 +205,8 @@ class WsServer:
             if conn.notifications_for is not None:
                 self.hub.notifications.stop(conn, conn.notifications_for)
             self.connections.discard(conn)
+            self.authenticated.discard(conn)
+            self.closed_total += 1
             self.metrics.connections.labels(endpoint=endpoint).dec()
 
     def _open(self, ws: ServerConnection) -> Connection:
@@ -234,6 +260,8 @@ class WsServer:
             conn.auth_timer = None
         if conn.expiry_timer is not None:
             conn.expiry_timer.cancel()
+        if first:
+            self.authenticated.add(conn)
         delay = max(0.0, identity.expires_at - time.time())
         conn.expiry_timer = asyncio.get_running_loop().call_later(
             delay, lambda: self._act_soon(conn, conn.session.expiry_reached())
@@ -244,6 +272,20 @@ class WsServer:
                 await self.hub.notifications.listen(conn, identity.user_id)
             except SluiceError as exc:  # Redis is down: say so; the client may retry
                 conn.reply(Error(code=exc.code, message=exc.message))
+
+
+def _spread_keepalive(connection: ServerConnection) -> None:
+    """Give this connection its own keepalive period, in (1 - PING_SPREAD, 1] x the heartbeat.
+
+    With one period for all, connections opened in one burst (a deploy, a
+    reconnect storm) ping in one burst every heartbeat forever after: in
+    ``bench/ws.py`` the 1,000 connections opened within a second held the loop
+    for ~150 ms every 30 s (the p99 stall the loop-lag probe showed after the
+    GC passes).  Set before the handshake ends, so the first ping already uses
+    it; a dead peer is still found within two heartbeats.
+    """
+    if connection.ping_interval is not None:
+        connection.ping_interval *= 1 - PING_SPREAD * random.random()  # noqa: S311 (jitter)
 
 
 def _response(
@@ -305,14 +347,24 @@ async def serve(
         metrics=metrics,
         options=options,
     )
+    lag = LoopLagProbe(metrics.loop_lag, "ws")
     try:
         await wait_until_reachable(redis.ping, dependency="redis", is_outage=is_redis_outage)
         await hub.start()
+        lag.start()
         async with _listening(state, settings, host, port) as server:
             state.server = server
+            state.reporter = Reporter(
+                redis, state.counts, lag, port=state.port, interval=options.report_interval
+            )
+            state.reporter.start()
             log.info("ws_server_listening", port=state.port)
-            yield state
+            try:
+                yield state
+            finally:
+                await state.reporter.stop()
     finally:
+        await lag.stop()
         await hub.close()
         await redis.aclose()
         await db.close()
@@ -349,10 +401,15 @@ async def _main(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(settings):
-        gc.freeze()  # startup objects never need collecting; keeps GC pauses short
-        await stop.wait()
-        log.info("ws_server_stopping")
+    async with serve(settings) as state:
+        # Full GC passes on our schedule, not in the middle of the traffic (app/ws/gcpacing.py).
+        pacer = GcPacer(lambda: len(state.connections), lambda: state.closed_total)
+        pacer.install()
+        try:
+            await stop.wait()
+            log.info("ws_server_stopping")
+        finally:
+            await pacer.uninstall()
 
 
 def run(settings: Settings) -> int:
