@@ -130,8 +130,10 @@ def run_dev(options: DevOptions, environ: Mapping[str, str]) -> int:
         children.start()
         gateway = f"http://127.0.0.1:{options.port}"
         _wait_ready(f"{gateway}/health/ready", children)
-        token = TokenService(secret).mint("dev", ttl_seconds=TOKEN_TTL_SECONDS)
-        print(_banner(gateway, options, stack, data_dir, token), flush=True)
+        tokens = TokenService(secret)
+        token = tokens.mint("dev", ttl_seconds=TOKEN_TTL_SECONDS)
+        admin = tokens.mint("dev", ttl_seconds=TOKEN_TTL_SECONDS, admin=True)
+        print(_banner(gateway, options, stack, data_dir, token, admin_token=admin), flush=True)
         while True:
             children.supervise()
             time.sleep(0.5)
@@ -154,10 +156,21 @@ def run_dev(options: DevOptions, environ: Mapping[str, str]) -> int:
 
 
 def _banner(
-    gateway: str, options: DevOptions, stack: EmbeddedStack, data_dir: Path, token: str
+    gateway: str,
+    options: DevOptions,
+    stack: EmbeddedStack,
+    data_dir: Path,
+    token: str,
+    *,
+    admin_token: str,
 ) -> str:
+    """What ``sluice dev`` prints.  The dashboard link carries an admin token for the
+    dev user in the URL fragment (never sent to the server); the page keeps it in
+    the tab's sessionStorage and drops it from the address bar."""
     return f"""
 Sluice is running. Ctrl-C stops everything.
+
+dashboard: {gateway}/#token={admin_token}
 
   gateway     {gateway}          API docs: {gateway}/docs
   websocket   ws://127.0.0.1:{options.ws_port}/api/v1/ws/progress

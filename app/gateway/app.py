@@ -24,7 +24,7 @@ from app.gateway.middleware.context import RequestContextMiddleware
 from app.gateway.middleware.errors import exception_handlers
 from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
-from app.gateway.routes import documents, health, jobs, search, simple, tus, uploads
+from app.gateway.routes import dashboard, documents, health, jobs, search, simple, tus, uploads
 from app.gateway.services import Services, open_services
 from app.uploads.sweeper import run_sweeper
 from app.uploads.tus import TusRuntime
@@ -70,6 +70,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         *tus.routes(),  # a protocol of its own (tus.io 1.0.0), outside the OpenAPI document
         Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
         *docs_routes(),
+        *dashboard.routes(settings),  # the operations page, static files (not in OpenAPI)
     ]
     app = Starlette(
         routes=routes,
