@@ -14,6 +14,7 @@ export class JobsTable {
     this.names = names; // job_id -> filename, for files uploaded from this page
     this.rows = new Map();
     this.filters = { status: "", priority: "" };
+    this.more = false;
   }
 
   async load(filters = this.filters) {
@@ -35,7 +36,12 @@ export class JobsTable {
       if (!TERMINAL.has(job.status)) seqs[job.job_id] = job.seq;
     }
     this.feed.follow(seqs);
-    this.statusLine.textContent = `${page.items.length} job(s)${page.next_cursor ? " (newest 50)" : ""}`;
+    this.more = Boolean(page.next_cursor);
+    this.count();
+  }
+
+  count() {
+    this.statusLine.textContent = `${this.rows.size} job(s)${this.more ? " (newest first; older ones not shown)" : ""}`;
   }
 
   /** The last seq shown for a job (0 when it is not in the table). */
@@ -59,16 +65,19 @@ export class JobsTable {
       this.rows.set(job.job_id, row);
       if (first) this.tbody.prepend(row.tr);
       else this.tbody.append(row.tr);
+      if (first) this.count();
     } else {
       Object.assign(row.job, job);
     }
     this.draw(row);
   }
 
-  /** A WebSocket event (a ProgressEvent) for a followed job. */
-  apply(event) {
+  /** A WebSocket event (a ProgressEvent) for a followed job; ``snapshot`` when it is the
+   * job's current state rather than a recorded event (a resume that could not replay). */
+  apply(event, snapshot = false) {
     const row = this.rows.get(event.job_id);
     if (!row) return;
+    if (snapshot) this.backfill(row);
     const job = row.job;
     if (event.stage && row.trail[row.trail.length - 1] !== event.stage) {
       const now = event.ts;
@@ -85,7 +94,22 @@ export class JobsTable {
     });
     if (event.details && typeof event.details.attempt === "number") job.attempts = event.details.attempt;
     this.draw(row);
-    if (TERMINAL.has(event.status)) this.refreshLater(event.job_id);
+    if (TERMINAL.has(event.status)) {
+      this.statusLine.textContent = `job ${shortId(event.job_id)} ${event.status}`; // announced (role=status)
+      this.refreshLater(event.job_id);
+    }
+  }
+
+  /** Rebuild a row's stage trail from the job's recorded events (when the gateway has them). */
+  backfill(row) {
+    api(`/api/v1/jobs/${row.job.job_id}/events`, { query: { since: 0, limit: 1000 } }).then((answer) => {
+      const trail = [];
+      for (const e of answer.events) if (e.stage && trail[trail.length - 1] !== e.stage) trail.push(e.stage);
+      if (trail.length >= row.trail.length) {
+        row.trail = trail;
+        this.draw(row);
+      }
+    }).catch(() => {});
   }
 
   /** After a terminal event, read the row once (attempts, exact stage timings). */

@@ -56,6 +56,12 @@ function setupUploads(config, jobs, names) {
     event.target.value = "";
   });
   const zone = $("#dropzone");
+  zone.addEventListener("keydown", (event) => {
+    if ((event.key === "Enter" || event.key === " ") && event.target === zone) {
+      event.preventDefault();
+      $("#file-input").click();
+    }
+  });
   zone.addEventListener("dragover", (event) => {
     event.preventDefault();
     zone.classList.add("over");
@@ -93,8 +99,8 @@ async function start() {
   const feed = new LiveFeed({
     url: config.ws_url,
     getToken: token,
-    onEvent: (event) => {
-      jobs.apply(event);
+    onEvent: (event, message) => {
+      jobs.apply(event, Boolean(message.snapshot));
       detail.add(event);
     },
     onState: (state) => {
