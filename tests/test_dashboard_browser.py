@@ -9,6 +9,7 @@ sessionStorage and localStorage) and its own users.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import shutil
@@ -193,6 +194,21 @@ def test_drop_a_pdf_and_watch_it_become_searchable(page: Page, dash: Dash) -> No
     if dash.has_route("/api/v1/jobs/00000000-0000-0000-0000-000000000000/events"):
         expect(detail.locator("#timeline li").last).to_contain_text("completed")
         expect(detail.locator("#stage-durations tbody tr")).to_have_count(5)
+
+
+def test_the_pages_md5_matches_hashlib_at_every_padding_boundary(page: Page, dash: Dash) -> None:
+    open_dashboard(page, dash, dash.tokens.mint(f"dash-{uuid.uuid4().hex[:8]}"))
+    lengths = [*range(0, 140), 1000, 65536, 1_000_003]
+    digests = page.evaluate(
+        """async (lengths) => {
+          const { md5hex } = await import('/dashboard/md5.js');
+          const bytes = (n) => Uint8Array.from({ length: n }, (_, i) => (i * 31 + 7) & 255);
+          return lengths.map((n) => md5hex(bytes(n)));
+        }""",
+        lengths,
+    )
+    pattern = bytes((i * 31 + 7) & 255 for i in range(max(lengths)))
+    assert digests == [hashlib.md5(pattern[:n]).hexdigest() for n in lengths]
 
 
 def test_reload_mid_upload_then_resume(page: Page, dash: Dash) -> None:

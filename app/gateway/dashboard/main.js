@@ -10,7 +10,7 @@ import { FileUpload } from "./upload.js";
 import { el } from "./util.js";
 
 const $ = (selector) => document.querySelector(selector);
-const ADMIN_REFRESH_MS = 5000;
+const ADMIN_REFRESH_MS = 10000; // 3 requests each time: well within the per-minute API budget
 const DEFAULT_CONFIG = {
   upload: { parallel_parts: 4 },
   priorities: ["low", "normal", "high", "critical"],
@@ -78,6 +78,7 @@ function setupAdmin() {
   $("#queue-panel").hidden = false;
   $("#fleet-panel").hidden = false;
   const tick = async () => {
+    if (document.hidden) return; // a background tab does not spend the caller's rate limit
     try {
       await Promise.all([refreshQueue($("#queue-panel")), refreshFleet($("#fleet-panel"))]);
     } catch (exc) {
