@@ -248,6 +248,40 @@ def test_reload_mid_upload_then_resume(page: Page, dash: Dash) -> None:
     expect(job_row(page, pdf.name)).to_have_attribute("data-status", "completed", timeout=120_000)
 
 
+def test_pause_and_resume_send_only_the_missing_parts(page: Page, dash: Dash) -> None:
+    pdf = big_pdf(dash.out / "pause-me.pdf", "Pausable survey of estuary salinity", seed=3)
+    held: list[Route] = []
+
+    def hold_later_parts(route: Route) -> None:
+        if route.request.url.endswith("/parts/1"):
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/api/v1/documents/upload/*/parts/*", hold_later_parts)
+    open_dashboard(page, dash, dash.tokens.mint(f"dash-{uuid.uuid4().hex[:8]}"))
+    with page.expect_response(lambda r: r.url.endswith("/parts/1") and r.status == 200):
+        page.set_input_files("#file-input", str(pdf))
+    upload = page.locator("#uploads li", has_text=pdf.name)
+    upload.get_by_role("button", name="Pause").click()
+    expect(upload).to_have_attribute("data-state", "paused")
+    expect(upload).to_contain_text("paused at 5.2 MB")
+    page.unroute("**/api/v1/documents/upload/*/parts/*")
+    for route in held:
+        with contextlib.suppress(Exception):
+            route.abort()
+    resent: list[str] = []
+
+    def record(route: Route) -> None:
+        resent.append(route.request.url.rsplit("/", 1)[1])
+        route.continue_()
+
+    page.route("**/api/v1/documents/upload/*/parts/*", record)
+    upload.get_by_role("button", name="Resume").click()
+    expect(upload).to_have_attribute("data-state", "done")
+    assert sorted(resent) == ["2", "3"]  # the server's status said part 1 had arrived
+
+
 def test_cancel_a_running_job_from_the_page(page: Page, dash: Dash) -> None:
     user = f"dash-{uuid.uuid4().hex[:8]}"
     pages = [[" ".join(page_sentence(p, n) for n in range(40))] for p in range(1, 41)]
