@@ -27,7 +27,10 @@ export function takeFragment() {
   if (found.token) setToken(found.token);
   if (found.ws) sessionStorage.setItem("sluice.ws", found.ws);
   if (found.token || found.ws) {
-    history.replaceState(null, "", location.pathname + location.search);
+    params.delete("token");
+    params.delete("ws");
+    const rest = params.toString(); // keep "#job=..." links working
+    history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
   }
   return found;
 }

@@ -9,6 +9,7 @@ export class JobDetail {
   constructor(root) {
     this.root = root;
     this.jobId = null;
+    this.job = null;
     this.events = [];
   }
 
@@ -19,6 +20,7 @@ export class JobDetail {
     this.root.querySelector("#timeline").replaceChildren();
     this.root.querySelector("#timeline-note").textContent = "";
     const job = await api(`/api/v1/jobs/${jobId}`);
+    this.job = job;
     this.facts(job);
     await this.loadEvents(jobId);
     await this.loadChunks(job.document_id);
@@ -73,6 +75,11 @@ export class JobDetail {
       (event.error_code ? ` · ${event.error_code}: ${event.error_message || ""}` : "");
     this.root.querySelector("#timeline").append(el("li", { dataset: { seq: event.seq } }, text));
     this.durations();
+    if (this.job && event.seq > this.job.seq) {
+      Object.assign(this.job, { status: event.status, stage: event.stage, seq: event.seq,
+        overall_progress: event.overall_progress, error_code: event.error_code, error_message: event.error_message });
+      this.facts(this.job);
+    }
   }
 
   durations() {

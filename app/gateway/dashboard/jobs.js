@@ -50,18 +50,19 @@ export class JobsTable {
     return row ? row.job.seq : 0;
   }
 
-  /** A job this page just created: fetch it, show it first, follow it. */
+  /** A job this page just created: fetch it, show it first, and follow it from its first
+   * event (seq 0), so that stages already run by the time it is shown are replayed too. */
   async add(jobId) {
     const job = await api(`/api/v1/jobs/${jobId}`);
-    this.upsert(job, true);
-    this.feed.follow({ [jobId]: job.seq });
+    this.upsert(job, true, true);
+    this.feed.follow({ [jobId]: 0 });
   }
 
-  upsert(job, first = false) {
+  upsert(job, first = false, fromStart = false) {
     let row = this.rows.get(job.job_id);
     if (!row) {
       row = { job: { ...job }, trail: [], tr: el("tr", { dataset: { jobId: job.job_id } }) };
-      if (job.stage) row.trail.push(job.stage);
+      if (job.stage && !fromStart) row.trail.push(job.stage);
       this.rows.set(job.job_id, row);
       if (first) this.tbody.prepend(row.tr);
       else this.tbody.append(row.tr);

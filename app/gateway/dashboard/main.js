@@ -112,11 +112,24 @@ async function start() {
   jobs = new JobsTable({
     tbody: $("#jobs-table tbody"), statusLine: $("#jobs-status"), admin: me.admin, feed, names,
     onOpen: (jobId) => {
-      feed.follow({ [jobId]: jobs.seqOf(jobId) });
-      detail.open(jobId).catch((exc) => notice(`job ${jobId}: ${exc.message}`));
+      if (location.hash === `#job=${jobId}`) openFromHash();
+      else location.hash = `job=${jobId}`; // a job's page has a link: #job=<id>
     },
   });
-  $("#close-detail").addEventListener("click", () => detail.close());
+  const openFromHash = () => {
+    const jobId = new URLSearchParams(location.hash.slice(1)).get("job");
+    if (!jobId) {
+      detail.close();
+      return;
+    }
+    feed.follow({ [jobId]: jobs.seqOf(jobId) });
+    detail.open(jobId).catch((exc) => notice(`job ${jobId}: ${exc.message}`));
+  };
+  window.addEventListener("hashchange", openFromHash);
+  $("#close-detail").addEventListener("click", () => {
+    history.replaceState(null, "", location.pathname + location.search);
+    detail.close();
+  });
   $("#priority-filter").append(...config.priorities.map((p) => el("option", { value: p }, p)));
   $("#job-filters").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -128,6 +141,7 @@ async function start() {
   feed.connect();
   await jobs.load();
   if (me.admin) setupAdmin();
+  openFromHash();
 }
 
 function main() {
