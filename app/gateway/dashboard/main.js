@@ -35,8 +35,6 @@ async function loadConfig() {
 
 function setupUploads(config, jobs, names) {
   const list = $("#uploads");
-  const accepted = config.upload.accepted_types || [];
-  if (accepted.length) $("#file-input").accept = accepted.join(",");
   const priority = $("#priority-input");
   priority.replaceChildren(...config.priorities.map((p) => el("option", { value: p, selected: p === "normal" }, p)));
   const startFiles = (files) => {
