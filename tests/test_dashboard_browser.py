@@ -14,6 +14,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from app.core.auth import TokenService
 from app.core.settings import Settings
 from tests.fixtures_pipeline import ROOT, WorkerProcs, make_pdf, page_sentence
 from tests.fixtures_uploads import GatewayProcess, gateway_env
+from tests.fixtures_ws import WsProcess
 
 try:
     from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
@@ -49,10 +52,31 @@ STAGE_TRAIL = " \u203a ".join(["upload", "validate", "extract", "chunk", "embed"
 @dataclass
 class Dash:
     gateway: GatewayProcess
-    ws_url: str
+    ws: WsProcess
+    ws_env: dict[str, str]
     browser: Browser
     tokens: TokenService
     out: Path
+
+    @property
+    def ws_url(self) -> str:
+        return self.ws.url
+
+    def restart_ws(self) -> None:
+        """Start the WebSocket server again on the same port (the page's CSP allows only it)."""
+        self.ws.stop()
+        log = self.out / f"ws-restarted-{time.monotonic_ns()}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app", "ws"],
+                cwd=ROOT,
+                env=self.ws_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.ws = WsProcess(self.ws.port, proc, log)
+        _wait_http(f"{self.ws.http}/health", proc)
 
     def url(self, token: str) -> str:
         return f"{self.gateway.url}/#token={token}&ws={self.ws_url}"
@@ -89,6 +113,7 @@ def dash(
 ) -> Iterator[Dash]:
     out = tmp_path_factory.mktemp("dashboard")
     ws = ws_factory()
+    ws_env = {**settings_env, "WEBSOCKET_HOST": "127.0.0.1", "WEBSOCKET_PORT": str(ws.port)}
     env = gateway_env(settings_env, UPLOAD_CHUNK_SIZE_MB=str(CHUNK_MB), WEBSOCKET_PORT=str(ws.port))
     gateway = GatewayProcess(env, out / "gateway.log")
     workers = WorkerProcs(settings_env, out)
@@ -103,7 +128,13 @@ def dash(
         pw = stack.enter_context(sync_playwright())
         browser = pw.chromium.launch(executable_path=CHROMIUM)
         stack.callback(browser.close)
-        yield Dash(gateway, ws.url, browser, tokens, out)
+        dash = Dash(gateway, ws, ws_env, browser, tokens, out)
+
+        def stop_ws() -> None:  # the current one: a test may have restarted it
+            dash.ws.stop()
+
+        stack.callback(stop_ws)
+        yield dash
 
 
 @pytest.fixture
@@ -309,6 +340,33 @@ def test_pause_and_resume_send_only_the_missing_parts(page: Page, dash: Dash) ->
     upload.get_by_role("button", name="Resume").click()
     expect(upload).to_have_attribute("data-state", "done")
     assert sorted(resent) == ["2", "3"]  # the server's status said part 1 had arrived
+
+
+def test_events_missed_while_the_websocket_was_down_are_replayed(page: Page, dash: Dash) -> None:
+    user = f"dash-{uuid.uuid4().hex[:8]}"
+    pages = [[" ".join(page_sentence(p, n) for n in range(20))] for p in range(1, 9)]
+    with dash.http(user) as api:
+        r = api.post(
+            "/api/v1/documents/upload/simple",
+            files={"file": ("outage.pdf", make_pdf(pages), "application/pdf")},
+            data={"processing_options": '{"chunk_size": 16, "chunk_overlap": 0}'},
+        )
+        job_id = r.json()["job_id"]
+        open_dashboard(page, dash, dash.tokens.mint(user))
+        row = page.locator(f'#jobs-table tbody tr[data-job-id="{job_id}"]')
+        expect(row).to_have_attribute("data-status", "running")
+        dash.ws.stop()  # the page's WebSocket server goes away mid-job...
+        expect(page.locator("#live-state")).to_have_text("live updates: reconnecting")
+        deadline = time.monotonic() + 120
+        while api.get(f"/api/v1/jobs/{job_id}").json()["status"] != "completed":
+            assert time.monotonic() < deadline, "the job did not complete"
+            time.sleep(0.2)
+    expect(row).to_have_attribute("data-status", "running")  # nothing arrives meanwhile
+    dash.restart_ws()  # ...and comes back on the same address
+    expect(page.locator("#live-state")).to_have_text("live updates: live")
+    # The events of the outage are replayed from `since`, without reloading the page.
+    expect(row).to_have_attribute("data-status", "completed")
+    expect(row.locator(".stage .trail")).to_contain_text("embed \u203a index")
 
 
 def test_cancel_a_running_job_from_the_page(page: Page, dash: Dash) -> None:
