@@ -344,7 +344,7 @@ def test_pause_and_resume_send_only_the_missing_parts(page: Page, dash: Dash) ->
 
 def test_events_missed_while_the_websocket_was_down_are_replayed(page: Page, dash: Dash) -> None:
     user = f"dash-{uuid.uuid4().hex[:8]}"
-    pages = [[" ".join(page_sentence(p, n) for n in range(20))] for p in range(1, 9)]
+    pages = [[" ".join(page_sentence(p, n) for n in range(20))] for p in range(1, 13)]
     with dash.http(user) as api:
         r = api.post(
             "/api/v1/documents/upload/simple",
