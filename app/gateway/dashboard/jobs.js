@@ -5,7 +5,8 @@ import { ApiError, api } from "./api.js";
 import { STAGES, TERMINAL, el, pct, seconds, shortId } from "./util.js";
 
 export class JobsTable {
-  constructor({ tbody, statusLine, admin, feed, onOpen, names }) {
+  constructor({ tbody, statusLine, admin, userId, feed, onOpen, names }) {
+    this.userId = userId;
     this.tbody = tbody;
     this.statusLine = statusLine;
     this.admin = admin;
@@ -33,7 +34,9 @@ export class JobsTable {
     const seqs = {};
     for (const job of page.items) {
       this.upsert(job);
-      if (!TERMINAL.has(job.status)) seqs[job.job_id] = job.seq;
+      // The WebSocket server streams a job to its owner only: others' rows update on Refresh.
+      const own = !job.owner_id || job.owner_id === this.userId;
+      if (own && !TERMINAL.has(job.status)) seqs[job.job_id] = job.seq;
     }
     this.feed.follow(seqs);
     this.more = Boolean(page.next_cursor);
@@ -41,7 +44,9 @@ export class JobsTable {
   }
 
   count() {
-    this.statusLine.textContent = `${this.rows.size} job(s)${this.more ? " (newest first; older ones not shown)" : ""}`;
+    const older = this.more ? " (newest first; older ones not shown)" : "";
+    const others = this.admin ? "; other users' jobs update when refreshed" : "";
+    this.statusLine.textContent = `${this.rows.size} job(s)${older}${others}`;
   }
 
   /** The last seq shown for a job (0 when it is not in the table). */

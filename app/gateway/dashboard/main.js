@@ -110,7 +110,7 @@ async function start() {
     },
   });
   jobs = new JobsTable({
-    tbody: $("#jobs-table tbody"), statusLine: $("#jobs-status"), admin: me.admin, feed, names,
+    tbody: $("#jobs-table tbody"), statusLine: $("#jobs-status"), admin: me.admin, userId: me.user_id, feed, names,
     onOpen: (jobId) => {
       if (location.hash === `#job=${jobId}`) openFromHash();
       else location.hash = `job=${jobId}`; // a job's page has a link: #job=<id>
