@@ -35,6 +35,8 @@ async function loadConfig() {
 
 function setupUploads(config, jobs, names) {
   const list = $("#uploads");
+  const extensions = config.upload.accepted_extensions || []; // extensions, unlike MIME types, hide no file
+  if (extensions.length) $("#file-input").accept = extensions.join(",");
   const priority = $("#priority-input");
   priority.replaceChildren(...config.priorities.map((p) => el("option", { value: p, selected: p === "normal" }, p)));
   const startFiles = (files) => {
