@@ -166,8 +166,7 @@ def announce(
     tokens = TokenService(secret)
     token = tokens.mint("dev", ttl_seconds=TOKEN_TTL_SECONDS)
     admin_token = tokens.mint("dev", ttl_seconds=TOKEN_TTL_SECONDS, admin=True)
-    print(_banner(gateway, options, stack, data_dir, token), flush=True)
-    print(dashboard_line(gateway, admin_token), flush=True)
+    print(_banner(gateway, options, stack, data_dir, token, admin_token=admin_token), flush=True)
     log.info("dev_ready", gateway=gateway, dashboard=f"{gateway}/")
 
 
@@ -178,10 +177,21 @@ def dashboard_line(gateway: str, admin_token: str) -> str:
 
 
 def _banner(
-    gateway: str, options: DevOptions, stack: EmbeddedStack, data_dir: Path, token: str
+    gateway: str,
+    options: DevOptions,
+    stack: EmbeddedStack,
+    data_dir: Path,
+    token: str,
+    *,
+    admin_token: str,
 ) -> str:
+    """What ``sluice dev`` prints.  The dashboard link carries an admin token for the
+    dev user in the URL fragment (never sent to the server); the page keeps it in
+    the tab's sessionStorage and drops it from the address bar."""
     return f"""
 Sluice is running. Ctrl-C stops everything.
+
+{dashboard_line(gateway, admin_token)}
 
   gateway     {gateway}          API docs: {gateway}/docs
   websocket   ws://127.0.0.1:{options.ws_port}/api/v1/ws/progress

@@ -83,6 +83,7 @@ class Dev:
         }
         self.proc: subprocess.Popen[str] | None = None
         self.token = ""
+        self.dashboard = ""
         self.output: list[str] = []
 
     @property
@@ -120,6 +121,8 @@ class Dev:
         with self.proc.stdout as stream:
             for line in stream:
                 self.output.append(line)
+                if line.startswith("dashboard: "):
+                    self.dashboard = line.split()[-1]
                 if line.startswith("dev token"):
                     self.token = line.split()[-1]
                     token_seen.set()
@@ -184,6 +187,11 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             ).stdout
             alice = http.get("/api/v1/me", headers={"Authorization": f"Bearer {out.split()[-1]}"})
             assert alice.status_code == 200 and alice.json()["user_id"] == "alice"
+            # The dashboard link: the page, with an admin token for "dev" in the fragment.
+            page, _, admin = dev.dashboard.partition("#token=")
+            assert page == dev.gateway + "/" and http.get("/").status_code == 200
+            me = http.get("/api/v1/me", headers={"Authorization": f"Bearer {admin}"}).json()
+            assert me["user_id"] == "dev" and me["admin"] is True
         # A crashed child (here the worker, SIGKILLed) is started again; the rest
         # of the stack keeps serving meanwhile.
         worker = _worker_child(dev.proc.pid)

@@ -295,6 +295,26 @@ async def test_other_users_job_is_indistinguishable_from_unknown(
     assert snapshot is not None and snapshot.status == "queued"  # the cancel did nothing
 
 
+async def test_an_admin_token_follows_any_users_job_but_cancels_only_its_own(
+    ws_server: WsProcess, ws_deps: Deps, tokens: TokenService, user: str
+) -> None:
+    """The dashboard's fleet-wide table: an admin follows every user's jobs live (as
+    ``GET /api/v1/admin/jobs`` lists them); cancelling stays the owner's."""
+    foreign = await make_job(ws_deps.db, f"other-{uuid.uuid4().hex[:8]}")
+    async with ws_client(ws_server.url, tokens.mint(user, admin=True)) as c:
+        await c.expect("connected")
+        await subscribed(c, [foreign])
+        snapshot_frame = await c.expect("job_progress")
+        assert snapshot_frame["job_id"] == foreign and snapshot_frame["snapshot"] is True
+        await c.send({"type": "get_job_status", "job_id": foreign})
+        status = await c.expect("job_status_response")
+        assert status["job_id"] == foreign and status["data"]["status"] == "queued"
+        await c.send({"type": "cancel_job", "job_id": foreign})
+        assert (await c.expect("error"))["code"] == "job_not_found"
+    snapshot = await job_snapshot(ws_deps.db, foreign)
+    assert snapshot is not None and snapshot.status == "queued"
+
+
 async def test_unsubscribe_stops_delivery(
     ws_server: WsProcess, ws_deps: Deps, deps_token: str, user: str
 ) -> None:

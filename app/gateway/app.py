@@ -27,6 +27,7 @@ from app.gateway.middleware.ratelimit import RateLimitMiddleware
 from app.gateway.openapi import build_openapi, docs_routes, openapi_endpoint
 from app.gateway.routes import (
     admin,
+    dashboard,
     dashboard_config,
     documents,
     health,
@@ -83,6 +84,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         *tus.routes(),  # a protocol of its own (tus.io 1.0.0), outside the OpenAPI document
         Route("/openapi.json", openapi_endpoint(spec), methods=["GET"], include_in_schema=False),
         *docs_routes(),
+        *dashboard.routes(settings),  # the operations page, static files (not in OpenAPI)
     ]
     app = Starlette(
         routes=routes,

@@ -72,7 +72,7 @@ class Commands:
                 self._hub.unfollow(conn, job_ids)
                 conn.reply(Unsubscribed(job_ids=list(dict.fromkeys(job_ids)), id=command.id))
             case GetJobStatus(job_id=job_id):
-                snapshot = await self._hub.snapshots.one(job_id, conn.user_id)
+                snapshot = await self._hub.snapshots.one(job_id, conn.reader_scope)
                 if snapshot is None:
                     raise NotFound("job not found", code="job_not_found")
                 conn.reply(JobStatusResponse(job_id=job_id, data=snapshot, id=command.id))
@@ -87,7 +87,7 @@ class Commands:
 
         try:
             await self._hub.follow(
-                conn, conn.user_id, command.job_ids, command.since, on_ready=ready
+                conn, conn.reader_scope, command.job_ids, command.since, on_ready=ready
             )
         finally:
             conn.uncork()

@@ -87,6 +87,14 @@ class Connection:
         assert identity is not None
         return identity.user_id
 
+    @property
+    def reader_scope(self) -> str | None:
+        """Whose jobs this connection may follow and read: its user's, or any job
+        (``None``) for an admin token, as ``GET /api/v1/admin/jobs`` shows them."""
+        identity = self.session.identity
+        assert identity is not None
+        return None if identity.admin else identity.user_id
+
     def push(self, frame: bytes, *, catch_up: bool = False, wire: bytes | None = None) -> None:
         """Queue ``frame``; ``wire``, if given, is ``text_frame(frame)``, framed once for
         every subscriber of a live event."""

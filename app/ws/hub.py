@@ -133,7 +133,7 @@ class Hub:
     async def follow(
         self,
         peer: Peer,
-        owner_id: str,
+        owner_id: str | None,
         job_ids: list[str],
         since: Mapping[str, int] | None,
         *,
@@ -183,7 +183,7 @@ class Hub:
         return new
 
     async def _read_state(
-        self, peer: Peer, owner_id: str, new: list[str], since: Mapping[str, int]
+        self, peer: Peer, owner_id: str | None, new: list[str], since: Mapping[str, int]
     ) -> tuple[dict[str, ProgressEvent], dict[str, History]]:
         """Listen first, so that nothing published from here on is missed; then read
         the owner's snapshots (the ownership check) and the resumes' histories."""
