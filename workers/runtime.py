@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.exceptions
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from prometheus_client import CollectorRegistry
 
@@ -51,6 +52,7 @@ from app.core.storage import open_s3
 from workers.context import WorkerContext, WorkerMetrics
 from workers.parse import ParseChildren
 from workers.run import process_document
+from workers.wake import WakeListener
 
 log = get_logger("sluice.worker")
 
@@ -142,13 +144,107 @@ def worker_kwargs(ctx: WorkerContext, **overrides: Any) -> dict[str, Any]:
 
 
 class SluiceWorker(Worker):
-    """ARQ's :class:`~arq.worker.Worker`, safe to resume after a Redis error.
+    """ARQ's :class:`~arq.worker.Worker`, safe to resume after a Redis error,
+    woken on enqueue instead of polling.
 
     ARQ's ``start_jobs`` takes a job slot (semaphore + counter) before its
     Redis transaction and gives it back only on the errors it expects, so each
     connection error there would leak a slot until the worker stopped taking
     jobs.  Invariant kept here: a slot is held exactly while a job task exists.
+
+    With ``wake_redis_url`` (``WORKER_WAKE``), ARQ's fixed-interval poll loop is
+    replaced by :meth:`_wake_loop`: poll, then wait until a wake token arrives
+    (``workers/wake.py``), a job ends (a slot is free, or a retried job has a
+    new ready time), the earliest deferred job becomes ready, or the fallback
+    interval (``poll_delay``) passes, whichever comes first.  Each poll reads
+    the queue once (the ready jobs and the next ready time in one command), and
+    checks aborts only while jobs run; an idle worker thus sends Redis about
+    one command per fallback interval plus one ``BLPOP`` per
+    :data:`~workers.wake.BLOCK_SECONDS`.
     """
+
+    def __init__(self, *args: Any, wake_redis_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake_url = wake_redis_url
+        self._nudge = asyncio.Event()
+        self._armed = asyncio.Event()
+        self.next_ready_ms: int | None = None
+        """Earliest ready time (ARQ score) of a job not yet ready, seen by the last poll."""
+        self.wake_listener: WakeListener | None = None
+
+    def _has_room(self) -> bool:
+        return self.job_counter < self.max_jobs
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._nudge.set()  # a slot is free; a retried job may have a new ready time
+
+    async def main(self) -> None:
+        if self._wake_url is None or self.max_burst_jobs >= 0:
+            return await super().main()
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        self.wake_listener = WakeListener(
+            self._wake_url,
+            self.queue_name,
+            armed=self._armed,
+            nudge=self._nudge,
+            has_room=self._has_room,
+        )
+        listener = asyncio.create_task(self.wake_listener.run())
+        try:
+            await self._wake_loop()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _wake_loop(self) -> None:
+        while True:
+            self._nudge.clear()
+            await self._poll_iteration()
+            if self.burst and await self.pool.zcard(self.queue_name) == 0:
+                await asyncio.gather(*self.tasks.values())
+                return
+            timeout = self.poll_delay_s
+            if self._has_room():
+                if self.next_ready_ms is not None:
+                    until_ready = (self.next_ready_ms - timestamp_ms() + 1) / 1000
+                    timeout = max(0.0, min(timeout, until_ready))
+                self._armed.set()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._nudge.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self._armed.clear()
+
+    async def _poll_iteration(self) -> None:
+        if self._wake_url is None or self.max_burst_jobs >= 0:
+            return await super()._poll_iteration()
+        self.next_ready_ms = None
+        if self.allow_pick_jobs and self._has_room():
+            now = timestamp_ms()
+            entries = await self.pool.zrangebyscore(
+                self.queue_name,
+                min="-inf",
+                max="+inf",
+                start=self._queue_read_offset,
+                num=self.queue_read_limit,
+                withscores=True,
+            )
+            ready = [job_id for job_id, score in entries if score <= now]
+            future = [int(score) for _, score in entries if score > now]
+            self.next_ready_ms = future[0] if future else None
+            await self.start_jobs(ready)
+        if self.allow_abort_jobs and self.job_tasks:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # errors in run_job propagate, as in ARQ's loop
+        await self.heart_beat()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         for job_id in job_ids:
@@ -164,7 +260,10 @@ class SluiceWorker(Worker):
                 raise
 
 
-def build_worker(ctx: WorkerContext, **overrides: Any) -> Worker:
+def build_worker(ctx: WorkerContext, **overrides: Any) -> SluiceWorker:
+    """The worker for ``ctx``; woken on enqueue unless ``WORKER_WAKE`` is off."""
+    wake_url = ctx.settings.redis_url.reveal() if ctx.settings.worker_wake else None
+    overrides.setdefault("wake_redis_url", wake_url)
     return SluiceWorker(**worker_kwargs(ctx, **overrides))
 
 
