@@ -56,7 +56,9 @@ from workers.wake import WakeListener
 
 log = get_logger("sluice.worker")
 
-HEALTH_CHECK_SECONDS = 10
+HEALTH_CHECK_SECONDS = 30
+"""How often ARQ's health key (``sluice-worker --check``) is rewritten (two
+commands; kept rare for an idle worker's Redis budget, ``workers/wake.py``)."""
 ARQ_MAX_TRIES = 1000
 
 
