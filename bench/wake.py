@@ -291,9 +291,13 @@ async def per_mode(
     say: Any,
 ) -> None:
     results: dict[str, tuple[list[float], float, dict[str, int]]] = {}
+    per_job: dict[str, float] = {}
     for mode, extra in MODES.items():
         async with worker_process({**env, **extra}, tmp / f"worker-{mode}.log") as pid:
+            calls0 = await command_calls(redis)
             lat = await latency(settings, redis, args.latency_jobs)
+            calls1 = await command_calls(redis)
+            per_job[mode] = (sum(calls1.values()) - sum(calls0.values())) / args.latency_jobs
             cpu, sent = await idle_cost(pid, redis, args.idle_seconds)
         results[mode] = (lat, cpu, sent)
     say(f"## Idle worker: poll every 10 ms vs wake-ups ({args.latency_jobs} jobs)")
@@ -316,6 +320,10 @@ async def per_mode(
     for mode, (_, _, sent) in results.items():
         top = sorted(sent.items(), key=lambda kv: -kv[1])
         say(f"{mode} idle commands in {args.idle_seconds:.0f} s: {dict(top)}")
+    say(
+        "Redis commands per tiny job, the enqueue and this bench's subscription included: "
+        + ", ".join(f"{mode} {n:.0f}" for mode, n in per_job.items())
+    )
 
 
 async def noop(args: argparse.Namespace, settings: Settings, say: Any) -> None:

@@ -17,7 +17,9 @@ them:
   table, where lease recoveries count too;
 * aborts enabled, so cancelling a waiting job drops it from the queue;
 * :class:`SluiceWorker`: ARQ's worker with one leak closed, so that its poll
-  loop can be resumed after a Redis outage.
+  loop can be resumed after a Redis outage, and woken on enqueue
+  (``workers/wake.py``) rather than polling, ``WORKER_POLL_INTERVAL_MS`` being
+  the fallback poll (``WORKER_WAKE=false``: ARQ's own loop at that interval).
 
 Outages are waited out, never fatal: ARQ's poll loop runs under
 :func:`poll_supervised`, which resumes it (backoff with jitter) once Redis
