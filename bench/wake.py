@@ -19,7 +19,10 @@ alone on that Redis and measures:
    the wake listener, the fleet heartbeat, the epoch check, ARQ's health key;
    target <= 2/s), with the commands it sent.
 
-Then **no-op jobs/s**: the production worker class (``SluiceWorker``, the
+Then **pick-up latency** (``--pickup-jobs``): the production worker class
+in this process, idle, one no-op job at a time, from ``JobQueue.enqueue`` to
+the job function's start: the queue alone, without the pipeline's database
+work.  And **no-op jobs/s**: the production worker class (``SluiceWorker``, the
 production ARQ options) in this process, in each mode, alternating, best of
 ``--reps``; a producer enqueues ``--noop-jobs`` jobs through ``JobQueue`` at
 four priorities while the worker runs; the rate is from the first enqueue to
@@ -212,13 +215,11 @@ async def _noop(ctx: dict[str, Any], job_id: str) -> None:
         state["done"].set()
 
 
-async def noop_rate(settings: Settings, jobs: int, *, wake: bool) -> float:
-    redis = await connect_redis(settings.redis_url.reveal())
-    qname = f"bench:noop:{uuid.uuid4().hex[:6]}"
-    queue = JobQueue(redis, queue_name=qname)
-    prios = list(Priority)
-    done = asyncio.Event()
-    worker = SluiceWorker(  # the production options (workers/runtime.py)
+def noop_worker(
+    settings: Settings, redis: ArqRedis, qname: str, state: dict[str, Any], *, wake: bool
+) -> SluiceWorker:
+    """The production worker class and options (workers/runtime.py), a no-op job."""
+    return SluiceWorker(
         functions=[func(_noop, name=PROCESS_FUNCTION, keep_result=0, max_tries=1000)],
         queue_name=qname,
         redis_pool=redis,
@@ -227,12 +228,21 @@ async def noop_rate(settings: Settings, jobs: int, *, wake: bool) -> float:
         poll_delay=1.0 if wake else 0.01,
         queue_read_limit=100,
         max_tries=1000,
-        health_check_interval=10,
+        health_check_interval=30,
         allow_abort_jobs=True,
         handle_signals=False,
         wake_redis_url=settings.redis_url.reveal() if wake else None,
-        ctx={"state": {"left": jobs, "done": done}},
+        ctx={"state": state},
     )
+
+
+async def noop_rate(settings: Settings, jobs: int, *, wake: bool) -> float:
+    redis = await connect_redis(settings.redis_url.reveal())
+    qname = f"bench:noop:{uuid.uuid4().hex[:6]}"
+    queue = JobQueue(redis, queue_name=qname)
+    prios = list(Priority)
+    done = asyncio.Event()
+    worker = noop_worker(settings, redis, qname, {"left": jobs, "done": done}, wake=wake)
     task = asyncio.create_task(worker.async_run())
     try:
         await asyncio.sleep(0.5)  # idle first, as in production
@@ -245,6 +255,35 @@ async def noop_rate(settings: Settings, jobs: int, *, wake: bool) -> float:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await redis.aclose()
+
+
+async def pickup_latency(settings: Settings, jobs: int, *, wake: bool) -> list[float]:
+    """ms from ``JobQueue.enqueue`` to the job function's start, idle worker, no DB."""
+    redis = await connect_redis(settings.redis_url.reveal())
+    qname = f"bench:pickup:{uuid.uuid4().hex[:6]}"
+    queue = JobQueue(redis, queue_name=qname)
+    out: list[float] = []
+    task = None
+    try:
+        for i in range(jobs):
+            done = asyncio.Event()
+            state = {"left": 1, "done": done}
+            if task is None:
+                worker = noop_worker(settings, redis, qname, state, wake=wake)
+                task = asyncio.create_task(worker.async_run())
+                await asyncio.sleep(0.5)
+            worker.ctx["state"] = state
+            await asyncio.sleep(0.02)  # idle again
+            t0 = time.perf_counter()
+            await queue.enqueue(f"{qname}:{i}", Priority.NORMAL)
+            await asyncio.wait_for(done.wait(), 10)
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await redis.aclose()
+    return out
 
 
 # --- orchestration -------------------------------------------------------------------
@@ -333,6 +372,14 @@ async def noop(args: argparse.Namespace, settings: Settings, say: Any) -> None:
             rate = await noop_rate(settings, args.noop_jobs, wake=mode == "wake")
             best[mode] = max(best.get(mode, 0.0), rate)
     say("")
+    say(f"## Pick-up latency, production worker class in-process, no DB ({args.pickup_jobs} jobs)")
+    for mode in MODES:
+        lat = await pickup_latency(settings, args.pickup_jobs, wake=mode == "wake")
+        say(
+            f"{mode}: enqueue -> job function p50 {statistics.median(lat):.2f} ms, "
+            f"p99 {pct(lat, 0.99):.2f} ms, max {max(lat):.2f} ms"
+        )
+    say("")
     say(f"## No-op jobs/s, production worker class, max_jobs 10 (best of {args.reps})")
     say(
         f"poll {best['poll']:.0f}/s, wake {best['wake']:.0f}/s: "
@@ -346,6 +393,7 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--noop-jobs", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--pickup-jobs", type=int, default=200)
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args()
     load = os.getloadavg()

@@ -211,11 +211,18 @@ class JobQueue:
         Called after the job is in the sorted set, so a worker woken by the
         token finds it.  A job deferred into the future gets a token too: the
         worker that takes it learns the job's ready time and sleeps until then.
+        A Redis outage here is logged, not raised: the job is already queued,
+        and the workers' fallback poll finds it without the token.
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(self._wake_key, *([WAKE_TOKEN] * tokens))
-            pipe.ltrim(self._wake_key, 0, WAKE_LIST_MAX - 1)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(self._wake_key, *([WAKE_TOKEN] * tokens))
+                pipe.ltrim(self._wake_key, 0, WAKE_LIST_MAX - 1)
+                await pipe.execute()
+        except Exception as exc:
+            if not is_redis_outage(exc):
+                raise
+            log.warning("wake_up_lost", reason=type(exc).__name__)
 
     async def enqueue_or_defer(self, job_id: str, priority: Priority | str) -> bool:
         """Enqueue a job whose ``queued`` state is already committed; never raises for Redis.
