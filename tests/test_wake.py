@@ -77,7 +77,7 @@ async def _running(*workers: SluiceWorker) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(w.async_run()) for w in workers]
     try:
         deadline = time.monotonic() + 10
-        while not all(w._armed.is_set() for w in workers):  # every one idle, listening
+        while not all(w.waiting_for_work for w in workers):  # every one idle, listening
             assert time.monotonic() < deadline, "workers did not become idle"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # their BLPOPs are on the wire
@@ -152,7 +152,7 @@ async def test_a_deferred_job_starts_on_time_not_at_the_fallback(
         await _wait_for(log, 1, timeout=LONG_FALLBACK_S * 2)
     assert len(log) == 1
     started = log[0][2] - t0
-    assert 1.5 - 0.01 <= started < 1.5 + 0.15, started
+    assert 1.5 - 0.01 <= started < 1.5 + 0.3, started
 
 
 async def test_a_retried_job_starts_again_when_its_defer_ends(
@@ -166,7 +166,7 @@ async def test_a_retried_job_starts_again_when_its_defer_ends(
         await _wait_for(log, 2, timeout=LONG_FALLBACK_S * 2)
     assert [job for _, job, _ in log] == ["flaky", "flaky"]
     gap = log[1][2] - log[0][2]
-    assert 1.2 - 0.01 <= gap < 1.2 + 0.2, gap
+    assert 1.2 - 0.01 <= gap < 1.2 + 0.3, gap
 
 
 async def test_a_burst_is_shared_by_idle_workers(

@@ -176,6 +176,11 @@ class SluiceWorker(Worker):
         """Earliest ready time (ARQ score) of a job not yet ready, seen by the last poll."""
         self.wake_listener: WakeListener | None = None
 
+    @property
+    def waiting_for_work(self) -> bool:
+        """True while the worker waits for a wake-up with a free job slot."""
+        return self._armed.is_set()
+
     def _has_room(self) -> bool:
         return self.job_counter < self.max_jobs
 
