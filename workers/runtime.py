@@ -158,9 +158,10 @@ class SluiceWorker(Worker):
 
     With ``wake_redis_url`` (``WORKER_WAKE``), ARQ's fixed-interval poll loop is
     replaced by :meth:`_wake_loop`: poll, then wait until a wake token arrives
-    (``workers/wake.py``), a job ends (a slot is free, or a retried job has a
-    new ready time), the earliest deferred job becomes ready, or the fallback
-    interval (``poll_delay``) passes, whichever comes first.  Each poll reads
+    (``workers/wake.py``), a job ends while the worker was full or a job was
+    retried (a slot for a waiting job, or a new ready time), the earliest
+    deferred job becomes ready, or the fallback interval (``poll_delay``)
+    passes, whichever comes first.  Each poll reads
     the queue once (the ready jobs and the next ready time in one command), and
     checks aborts only while jobs run; an idle worker thus sends Redis about
     one command per fallback interval plus one ``BLPOP`` per
@@ -175,6 +176,7 @@ class SluiceWorker(Worker):
         self.next_ready_ms: int | None = None
         """Earliest ready time (ARQ score) of a job not yet ready, seen by the last poll."""
         self.wake_listener: WakeListener | None = None
+        self._retries_seen = 0
 
     @property
     def waiting_for_work(self) -> bool:
@@ -185,8 +187,13 @@ class SluiceWorker(Worker):
         return self.job_counter < self.max_jobs
 
     def _release_sem_dec_counter_on_complete(self) -> None:
+        was_full = not self._has_room()
         super()._release_sem_dec_counter_on_complete()
-        self._nudge.set()  # a slot is free; a retried job may have a new ready time
+        if was_full or self.jobs_retried != self._retries_seen:
+            # A job may be waiting for this slot (the last poll could take no more), or
+            # a retried job has a new ready time.  A worker that had room took every
+            # startable job at its last poll; later ones come with a wake-up.
+            self._nudge.set()
 
     async def main(self) -> None:
         if self._wake_url is None or self.max_burst_jobs >= 0:
@@ -233,6 +240,7 @@ class SluiceWorker(Worker):
         if self._wake_url is None or self.max_burst_jobs >= 0:
             return await super()._poll_iteration()
         self.next_ready_ms = None
+        self._retries_seen = self.jobs_retried
         if self.allow_pick_jobs and self._has_room():
             now = timestamp_ms()
             entries = await self.pool.zrangebyscore(
