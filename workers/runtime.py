@@ -189,10 +189,11 @@ class SluiceWorker(Worker):
     def _release_sem_dec_counter_on_complete(self) -> None:
         was_full = not self._has_room()
         super()._release_sem_dec_counter_on_complete()
-        if was_full or self.jobs_retried != self._retries_seen:
+        if was_full or self.burst or self.jobs_retried != self._retries_seen:
             # A job may be waiting for this slot (the last poll could take no more), or
-            # a retried job has a new ready time.  A worker that had room took every
-            # startable job at its last poll; later ones come with a wake-up.
+            # a retried job has a new ready time (a burst worker checks whether it is
+            # done).  A worker that had room took every startable job at its last
+            # poll; later ones come with a wake-up.
             self._nudge.set()
 
     async def main(self) -> None:
