@@ -10,6 +10,7 @@ where a test shows that something other than the fallback started the job.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 import uuid
@@ -188,6 +189,20 @@ async def test_a_burst_is_shared_by_idle_workers(
     assert by_worker == {"a": 2, "b": 2}
     # All four ran at once (both workers woken), not two now and two after the holds.
     assert max(t for _, _, t in log) - t0 < 0.4
+
+
+async def test_a_full_worker_takes_the_next_waiting_job_as_soon_as_a_slot_frees(
+    services: Services, settings: Settings, qname: str
+) -> None:
+    log: list[tuple[str, str, float]] = []
+    queue = JobQueue(services.redis, queue_name=qname)
+    async with _running(_worker(services, settings, qname, log, max_jobs=1, hold=0.2)):
+        for i in range(3):
+            assert await queue.enqueue(f"backlog-{i}", Priority.NORMAL)
+        await _wait_for(log, 3, timeout=LONG_FALLBACK_S * 3)
+    assert [job for _, job, _ in log] == [f"backlog-{i}" for i in range(3)]
+    gaps = [b[2] - a[2] for a, b in itertools.pairwise(log)]
+    assert all(0.2 - 0.01 <= gap < 0.2 + 0.3 for gap in gaps), gaps  # not the 5 s fallback
 
 
 async def test_an_idle_worker_sends_redis_about_one_command_per_fallback(
