@@ -280,7 +280,9 @@ async def noop_rate(settings: Settings, jobs: int, *, ours: bool) -> tuple[float
             "redis_pool": redis,
             "burst": True,
             "max_jobs": 10,
-            "poll_delay": settings.worker_poll_interval_ms / 1000,
+            # ARQ's own poll loop on both sides, at the 10 ms it ran before wake-ups
+            # (bench/wake.py compares the production worker's wake-ups with it).
+            "poll_delay": 0.01,
             "handle_signals": False,
         }
         if ours:  # the production settings (workers/runtime.py)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from arq.worker import Worker
 
@@ -40,17 +41,18 @@ log = get_logger("sluice.worker")
 RESYNC_EVERY_SECONDS = 60.0
 RESYNC_GRACE_SECONDS = 60
 """A waiting job changed this recently is left to the enqueue under way."""
-EPOCH_CHECK_SECONDS = 2.0
-"""How often each worker checks that Redis still holds the queue (one SET NX)."""
+EPOCH_CHECK_SECONDS = 5.0
+"""How often each worker checks that Redis still holds the queue (one SET NX; 0.2
+of the 2 commands/s an idle worker may send, see ``workers/wake.py``)."""
 
 
 async def maintenance_tick(ctx: WorkerContext, worker: Worker | None, *, resync: bool) -> None:
     """One round of the background duties every worker shares."""
     max_jobs = ctx.settings.max_concurrent_tasks
-    fleet_slots = await heartbeat(ctx, max_jobs)
+    fleet = await heartbeat(ctx, max_jobs)
     if worker is not None:
-        worker.queue_read_limit = read_limit_for(fleet_slots, max_jobs)
-    await lease.reap_expired(ctx)
+        worker.queue_read_limit = read_limit_for(fleet.slots, max_jobs)
+    await lease.reap_expired(ctx, alive=fleet.alive)
     if resync:
         await resync_queue(ctx)
 
@@ -138,21 +140,48 @@ async def resync_queue(
     return enqueued
 
 
-async def heartbeat(ctx: WorkerContext, max_jobs: int) -> int:
-    """Record this worker as alive; return the fleet's total job slots."""
+@dataclass(frozen=True)
+class FleetView:
+    """What one heartbeat saw of the fleet."""
+
+    slots: int
+    """Job slots of the live workers, this one included."""
+    alive: list[str]
+    """Workers (this one excluded) that sent a heartbeat within one lease."""
+
+
+async def heartbeat(ctx: WorkerContext, max_jobs: int) -> FleetView:
+    """Record this worker as alive; return the fleet as the registry shows it.
+
+    One round trip of five commands, not a transaction (an idle worker's Redis
+    budget, see ``workers/wake.py``): removing the dead by score is safe however
+    other workers' heartbeats interleave (a fresh heartbeat has a fresh score),
+    and a worker that heartbeats between the read and the removal loses only its
+    slot count until its next heartbeat.
+    """
     now_ms = int(ctx.clock() * 1000)
     stale = now_ms - int(ctx.lease_seconds * 2000)
-    async with ctx.redis.pipeline(transaction=True) as pipe:
+    live_since = now_ms - int(ctx.lease_seconds * 1000)
+    async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.zadd(WORKERS_KEY, {ctx.worker_id: now_ms})
         pipe.hset(WORKER_SLOTS_KEY, ctx.worker_id, str(max_jobs))
-        pipe.zrangebyscore(WORKERS_KEY, "-inf", stale)
+        pipe.zrange(WORKERS_KEY, 0, -1, withscores=True)
         pipe.zremrangebyscore(WORKERS_KEY, "-inf", stale)
         pipe.hgetall(WORKER_SLOTS_KEY)
-        _, _, dead, _, slots = await pipe.execute()
+        _, _, seen, _, slots = await pipe.execute()
+    beats = {_text(w): score for w, score in seen}
+    dead = [w for w, score in beats.items() if score <= stale]
     if dead:
         await ctx.redis.hdel(WORKER_SLOTS_KEY, *dead)  # type: ignore[misc]
-    alive = {k: v for k, v in slots.items() if k not in set(dead)}
-    return sum(int(v) for v in alive.values())
+    alive_slots = {_text(k): v for k, v in slots.items() if _text(k) not in set(dead)}
+    return FleetView(
+        slots=sum(int(v) for v in alive_slots.values()),
+        alive=[w for w, score in beats.items() if score >= live_since and w != ctx.worker_id],
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def leave(ctx: WorkerContext) -> None:

@@ -109,11 +109,13 @@ async def live_workers(ctx: WorkerContext) -> list[str]:
     return [w for w in ids if w != ctx.worker_id]
 
 
-async def reap_expired(ctx: WorkerContext) -> list[str]:
+async def reap_expired(ctx: WorkerContext, *, alive: list[str] | None = None) -> list[str]:
     """Recover running jobs whose lease lapsed and whose worker is gone; returns the
-    ids handled.  Needs Redis (the heartbeats): without it, nothing is reaped."""
+    ids handled.  Needs Redis (the heartbeats): without it, nothing is reaped.
+    ``alive``: :func:`live_workers` as the caller's heartbeat just read them."""
     handled: list[tuple[str, str]] = []
-    alive = await live_workers(ctx)
+    if alive is None:
+        alive = await live_workers(ctx)
     async with job_transaction(ctx.db, ctx.redis) as changes:
         rows = await changes.conn.fetch(
             """

@@ -5,8 +5,9 @@ configures logging and the process's metrics registry, opens the worker's
 collaborators (``workers/runtime.py``: pools, the embedding model, the ARQ
 worker) and runs, until SIGTERM/SIGINT:
 
-* ARQ's poll loop, supervised so that a Redis outage pauses it instead of
-  ending the process (:func:`~workers.runtime.poll_supervised`);
+* the poll loop (woken on enqueue, ``workers/wake.py``), supervised so that a
+  Redis outage pauses it instead of ending the process
+  (:func:`~workers.runtime.poll_supervised`);
 * the fleet's maintenance loop and queue-epoch watch (``workers/fleet.py``:
   heartbeat, lease reaper, queue resync);
 * ``/health`` and ``/metrics`` (``workers/health.py``).

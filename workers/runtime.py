@@ -17,7 +17,9 @@ them:
   table, where lease recoveries count too;
 * aborts enabled, so cancelling a waiting job drops it from the queue;
 * :class:`SluiceWorker`: ARQ's worker with one leak closed, so that its poll
-  loop can be resumed after a Redis outage.
+  loop can be resumed after a Redis outage, and woken on enqueue
+  (``workers/wake.py``) rather than polling, ``WORKER_POLL_INTERVAL_MS`` being
+  the fallback poll (``WORKER_WAKE=false``: ARQ's own loop at that interval).
 
 Outages are waited out, never fatal: ARQ's poll loop runs under
 :func:`poll_supervised`, which resumes it (backoff with jitter) once Redis
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.exceptions
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from prometheus_client import CollectorRegistry
 
@@ -51,10 +54,13 @@ from app.core.storage import open_s3
 from workers.context import WorkerContext, WorkerMetrics
 from workers.parse import ParseChildren
 from workers.run import process_document
+from workers.wake import WakeListener
 
 log = get_logger("sluice.worker")
 
-HEALTH_CHECK_SECONDS = 10
+HEALTH_CHECK_SECONDS = 30
+"""How often ARQ's health key (``sluice-worker --check``) is rewritten (two
+commands; kept rare for an idle worker's Redis budget, ``workers/wake.py``)."""
 ARQ_MAX_TRIES = 1000
 
 
@@ -142,13 +148,121 @@ def worker_kwargs(ctx: WorkerContext, **overrides: Any) -> dict[str, Any]:
 
 
 class SluiceWorker(Worker):
-    """ARQ's :class:`~arq.worker.Worker`, safe to resume after a Redis error.
+    """ARQ's :class:`~arq.worker.Worker`, safe to resume after a Redis error,
+    woken on enqueue instead of polling.
 
     ARQ's ``start_jobs`` takes a job slot (semaphore + counter) before its
     Redis transaction and gives it back only on the errors it expects, so each
     connection error there would leak a slot until the worker stopped taking
     jobs.  Invariant kept here: a slot is held exactly while a job task exists.
+
+    With ``wake_redis_url`` (``WORKER_WAKE``), ARQ's fixed-interval poll loop is
+    replaced by :meth:`_wake_loop`: poll, then wait until a wake token arrives
+    (``workers/wake.py``), a job ends while the worker was full or a job was
+    retried (a slot for a waiting job, or a new ready time), the earliest
+    deferred job becomes ready, or the fallback interval (``poll_delay``)
+    passes, whichever comes first.  Each poll reads
+    the queue once (the ready jobs and the next ready time in one command), and
+    checks aborts only while jobs run; an idle worker thus sends Redis about
+    one command per fallback interval plus one ``BLPOP`` per
+    :data:`~workers.wake.BLOCK_SECONDS`.
     """
+
+    def __init__(self, *args: Any, wake_redis_url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake_url = wake_redis_url
+        self._nudge = asyncio.Event()
+        self._armed = asyncio.Event()
+        self.next_ready_ms: int | None = None
+        """Earliest ready time (ARQ score) of a job not yet ready, seen by the last poll."""
+        self.wake_listener: WakeListener | None = None
+        self._retries_seen = 0
+
+    @property
+    def waiting_for_work(self) -> bool:
+        """True while the worker waits for a wake-up with a free job slot."""
+        return self._armed.is_set()
+
+    def _has_room(self) -> bool:
+        return self.job_counter < self.max_jobs
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        was_full = not self._has_room()
+        super()._release_sem_dec_counter_on_complete()
+        if was_full or self.burst or self.jobs_retried != self._retries_seen:
+            # A job may be waiting for this slot (the last poll could take no more), or
+            # a retried job has a new ready time (a burst worker checks whether it is
+            # done).  A worker that had room took every startable job at its last
+            # poll; later ones come with a wake-up.
+            self._nudge.set()
+
+    async def main(self) -> None:
+        if self._wake_url is None or self.max_burst_jobs >= 0:
+            return await super().main()
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        self.wake_listener = WakeListener(
+            self._wake_url,
+            self.queue_name,
+            armed=self._armed,
+            nudge=self._nudge,
+            has_room=self._has_room,
+        )
+        listener = asyncio.create_task(self.wake_listener.run())
+        try:
+            await self._wake_loop()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _wake_loop(self) -> None:
+        while True:
+            self._nudge.clear()
+            await self._poll_iteration()
+            if self.burst and await self.pool.zcard(self.queue_name) == 0:
+                await asyncio.gather(*self.tasks.values())
+                return
+            timeout = self.poll_delay_s
+            if self._has_room():
+                if self.next_ready_ms is not None:
+                    until_ready = (self.next_ready_ms - timestamp_ms() + 1) / 1000
+                    timeout = max(0.0, min(timeout, until_ready))
+                self._armed.set()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._nudge.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self._armed.clear()
+
+    async def _poll_iteration(self) -> None:
+        if self._wake_url is None or self.max_burst_jobs >= 0:
+            return await super()._poll_iteration()
+        self.next_ready_ms = None
+        self._retries_seen = self.jobs_retried
+        if self.allow_pick_jobs and self._has_room():
+            now = timestamp_ms()
+            entries = await self.pool.zrangebyscore(
+                self.queue_name,
+                min="-inf",
+                max="+inf",
+                start=self._queue_read_offset,
+                num=self.queue_read_limit,
+                withscores=True,
+            )
+            ready = [job_id for job_id, score in entries if score <= now]
+            future = [int(score) for _, score in entries if score > now]
+            self.next_ready_ms = future[0] if future else None
+            await self.start_jobs(ready)
+        if self.allow_abort_jobs and self.job_tasks:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # errors in run_job propagate, as in ARQ's loop
+        await self.heart_beat()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         for job_id in job_ids:
@@ -164,7 +278,10 @@ class SluiceWorker(Worker):
                 raise
 
 
-def build_worker(ctx: WorkerContext, **overrides: Any) -> Worker:
+def build_worker(ctx: WorkerContext, **overrides: Any) -> SluiceWorker:
+    """The worker for ``ctx``; woken on enqueue unless ``WORKER_WAKE`` is off."""
+    wake_url = ctx.settings.redis_url.reveal() if ctx.settings.worker_wake else None
+    overrides.setdefault("wake_redis_url", wake_url)
     return SluiceWorker(**worker_kwargs(ctx, **overrides))
 
 

@@ -38,6 +38,17 @@ ARQ traps this design works around (each pinned by ``tests/test_queue.py``):
   at once once the job's lease (``workers/lease.py``) has lapsed.
 * A kept result blocks its job id (ARQ #432): workers keep no results
   (``keep_result=0``), so a failed job can be enqueued again by ``/retry``.
+
+Wake-ups
+--------
+ARQ's workers find jobs by polling the sorted set.  Sluice's workers
+(``workers/wake.py``) block on a small per-queue *wake list* instead
+(:func:`wake_key`): every change that can make a job startable
+(:meth:`JobQueue.enqueue`, :meth:`~JobQueue.requeue_lost`, :meth:`~JobQueue.abort`)
+pushes one token per job after the job is in the sorted set, so a burst of N
+jobs wakes up to N idle workers.  The list is capped at :data:`WAKE_LIST_MAX`
+tokens.  A token is only a hint: a lost one (the push failed, the list was
+flushed) costs at most the workers' slow fallback poll, never a job.
 """
 
 from __future__ import annotations
@@ -111,6 +122,17 @@ QUEUE_EPOCH_KEY = "sluice:queue:epoch"
 missing: if it vanishes, Redis lost the queue and workers resync it from the
 jobs table at once (``workers/fleet.py``, ``claim_new_epoch``)."""
 
+WAKE_LIST_MAX = 1024
+"""Most wake tokens a queue's wake list holds (a burst larger than the fleet
+needs no more; the excess would only cause empty polls later)."""
+WAKE_TOKEN = b"1"
+
+
+def wake_key(queue_name: str) -> str:
+    """The wake list of ``queue_name`` (one token per job made startable)."""
+    return f"{queue_name}:wake"
+
+
 JOB_EXPIRES = timedelta(days=7)
 """How long ARQ keeps a job that has not finished (queued, deferred or retried)."""
 
@@ -175,6 +197,7 @@ class JobQueue:
         self._queue_name = queue_name
         self._clock = clock
         self._last_score: dict[Priority, int] = {}
+        self._wake_key = wake_key(queue_name)
 
     def _next_score(self, priority: Priority, delay_ms: int) -> int:
         score = priority_score(priority, int(self._clock() * 1000) + delay_ms)
@@ -196,7 +219,28 @@ class JobQueue:
             _defer_until=datetime.fromtimestamp(score / 1000, UTC),
             _expires=JOB_EXPIRES,
         )
+        if job is not None:
+            await self.wake()
         return job is not None
+
+    async def wake(self, tokens: int = 1) -> None:
+        """Push ``tokens`` wake tokens (one per job made startable), capped.
+
+        Called after the job is in the sorted set, so a worker woken by the
+        token finds it.  A job deferred into the future gets a token too: the
+        worker that takes it learns the job's ready time and sleeps until then.
+        A Redis outage here is logged, not raised: the job is already queued,
+        and the workers' fallback poll finds it without the token.
+        """
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(self._wake_key, *([WAKE_TOKEN] * tokens))
+                pipe.ltrim(self._wake_key, 0, WAKE_LIST_MAX - 1)
+                await pipe.execute()
+        except Exception as exc:
+            if not is_redis_outage(exc):
+                raise
+            log.warning("wake_up_lost", reason=type(exc).__name__)
 
     async def enqueue_or_defer(self, job_id: str, priority: Priority | str) -> bool:
         """Enqueue a job whose ``queued`` state is already committed; never raises for Redis.
@@ -251,6 +295,7 @@ class JobQueue:
                 pipe.zadd(self._queue_name, {job_id: 1}, xx=True)
             pipe.zadd(abort_jobs_ss, {job_id: now_ms})
             await pipe.execute()
+        await self.wake()  # a worker drops it now rather than at its next poll
 
     async def requeue_lost(self, job_id: str, priority: Priority | str) -> bool:
         """Make a job whose worker died runnable again now.
@@ -267,6 +312,7 @@ class JobQueue:
             pipe.zscore(self._queue_name, job_id)
             _, exists, score = await pipe.execute()
         if exists and score is not None:
+            await self.wake()
             return True
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(job_key_prefix + job_id)

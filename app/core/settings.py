@@ -71,9 +71,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Interface of the worker's ``/health`` and ``/metrics`` endpoint: loopback by
     default (and under ``sluice dev``); ``0.0.0.0`` in containers where Prometheus
     and the kubelet's probes reach the pod from outside."""
-    worker_poll_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 10
-    """How often an idle worker polls the queue: the floor of enqueue-to-start latency.
-    10 ms costs an idle worker ~11% of a core; raise it for large, mostly idle fleets."""
+    worker_wake: bool = True
+    """Idle workers block on the queue's wake list (``workers/wake.py``) and start a
+    job within a few ms of its enqueue; ``WORKER_POLL_INTERVAL_MS`` is then only the
+    fallback poll.  Off: ARQ's own loop polls every ``WORKER_POLL_INTERVAL_MS``."""
+    worker_poll_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
+    """With ``WORKER_WAKE`` on, the fallback poll of an idle worker: the longest a job
+    waits when its wake-up was lost (correctness never depends on a wake-up).  With it
+    off, ARQ's poll interval: the floor of enqueue-to-start latency (10 ms costs an
+    idle worker ~11% of a core and 100 Redis round trips a second)."""
     job_lease_seconds: Annotated[int, msgspec.Meta(ge=3, le=600)] = 30
     """A running job's lease: renewed every third of it; once it lapses (worker
     killed, host lost) any worker re-queues the job, whatever the job timeout."""
