@@ -49,7 +49,7 @@ export async function refreshQueue(root) {
 export async function refreshFleet(root) {
   const [fleet, stats] = await Promise.all([api("/api/v1/admin/fleet"), api("/api/v1/ws/stats")]);
   const workers = fleet.workers.map((w) => el("tr", {},
-    el("th", { scope: "row" }, w.worker_id), el("td", {}, String(w.slots)),
+    el("th", { scope: "row" }, w.worker_id), el("td", {}, `${w.running.length}/${w.slots}`),
     el("td", {}, `${seconds(w.heartbeat_age_seconds)} ago`),
     el("td", {}, w.running.length ? w.running.map((r) =>
       `${shortId(r.job_id)} (${r.owner_id}, ${r.stage || "starting"}, ${r.priority}, lease ${r.lease_expires_at || "–"})`).join("; ") : "idle")));
