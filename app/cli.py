@@ -114,6 +114,7 @@ def cmd_dev(args: argparse.Namespace, environ: Environ) -> int:
         redis_port=args.redis_port,
         s3_port=args.s3_port,
         worker_metrics_port=args.worker_metrics_port,
+        embedder_port=args.embedder_port,
     )
     return run_dev(options, environ)
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, needs_settings=settings)
         return p
 
-    p = add("dev", cmd_dev, "run the embedded stack, gateway, worker and WebSocket server")
+    p = add("dev", cmd_dev, "run the embedded stack, gateway, worker, WebSocket server and embedder")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--ws-port", type=int, default=8765)
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-port", type=int, default=16379)
     p.add_argument("--s3-port", type=int, default=19000)
     p.add_argument("--worker-metrics-port", type=int, default=9100)
+    p.add_argument("--embedder-port", type=int, default=8090)
 
     p = add("token", cmd_token, "mint a bearer token for a user")
     p.add_argument("--user", required=True)
