@@ -153,6 +153,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     first 256 tokens anyway."""
     embedder_max_body_kb: PositiveInt = 8192
     """Largest request body of the embedder (413 ``request_too_large``)."""
+    embedder_threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 1
+    """Torch intra-op threads of the embedder's model (0: torch's default, one per
+    core).  1 keeps a batch of short queries at tens of ms even on a busy host, where
+    several OpenMP threads spin against each other and take ~20x longer."""
     search_embedding_url: str = "http://127.0.0.1:8090/v1"
     """Base URL of the OpenAI-compatible endpoint the gateway embeds search queries
     with (``sluice embedder``); the gateway never loads the model itself."""

@@ -202,10 +202,19 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+def _set_threads(threads: int) -> None:
+    """Torch's intra-op pool size, process-wide (``EMBEDDER_THREADS``; 0 leaves it)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 async def _load(state: EmbedderState) -> None:
     settings = state.settings
     try:
         model = await LocalEmbedder.load_async(batch_size=settings.embedder_max_batch_size)
+        await asyncio.to_thread(_set_threads, settings.embedder_threads)
         state.tokenizer = await asyncio.to_thread(load_tokenizer)
         await model.embed(["warm up"])  # the first encode pays for lazy initialisation
     except Exception as exc:  # the process stays up, unready, and says why
