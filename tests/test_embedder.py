@@ -15,6 +15,7 @@ import textwrap
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
@@ -23,6 +24,9 @@ from app.core.settings import Settings
 from app.gateway.services import Services
 from devstack.embedder import ROOT, EmbedderProcess
 from devstack.process import free_port
+from tests.fixtures_pipeline import TOPIC_PAGES, MakeJob, make_pdf
+from workers.run import JobRun, Outcome
+from workers.runtime import open_worker_context
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -239,3 +243,31 @@ def test_the_gateway_serves_a_search_without_importing_torch(
     # A guard, not the target (bench/search.py measures a real gateway's RSS):
     # torch alone would add several hundred MiB.
     assert report["maxrss_kb"] < 250 * 1024, report
+
+
+async def test_a_worker_can_embed_through_the_service(
+    migrated: Settings,
+    search_embedder: EmbedderProcess,
+    make_job: MakeJob,
+    client: httpx.AsyncClient,
+    auth_headers: dict[str, str],
+) -> None:
+    """``EMBEDDING_PROVIDER=openai`` + ``EMBEDDING_API_URL`` = the embedder: a worker
+    indexes without a model of its own, and the gateway finds what it indexed."""
+    settings = msgspec.structs.replace(
+        migrated, embedding_provider="openai", embedding_api_url=search_embedder.api_url
+    )
+    async with open_worker_context(settings) as ctx:
+        assert isinstance(ctx.embedder, OpenAIEmbedder)
+        job = await make_job(
+            make_pdf([TOPIC_PAGES[0], TOPIC_PAGES[3]]),
+            options={"chunk_size": 32, "chunk_overlap": 0},
+        )
+        assert await JobRun(ctx, job.job_id).run() == Outcome.COMPLETED
+    r = await client.post(
+        "/api/v1/search",
+        headers=auth_headers,
+        json={"query": "baking bread with wild yeast", "top_k": 1},
+    )
+    assert r.status_code == 200, r.text
+    assert "Sourdough" in r.json()["results"][0]["text"]
