@@ -79,6 +79,11 @@ EXACT_SQL = """
 """
 
 
+def say(message: str) -> None:
+    """Progress on stderr (the figures go to stdout at the end)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 # --- real text ---------------------------------------------------------------------------
 
 
@@ -456,15 +461,20 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         with EmbedderProcess(tmp / "embedder.log", env) as embedder:
             client = OpenAIEmbedder(embedder.api_url, model=settings.embedding_model, timeout_s=600)
             texts, queries = real_texts(args.real, args.queries)
+            say(f"embedding {len(texts)} real chunks and {len(queries)} queries")
             t = time.perf_counter()
             real = await embed_all(client, texts)
             embed_s = time.perf_counter() - t
             qvecs = [vector_literal(v) for v in await embed_all(client, queries)]
             await client.aclose()
             vectors, source = bulk_vectors(real, args.chunks)
+            say(f"loading {len(vectors)} chunks (COPY), then building the HNSW index")
             load = await load_table(dsn, vectors, source, texts)
+            say("recall@10 against exact scans")
             recall = await recall_sweep(dsn, qvecs, sweep)
+            say("bare SQL baseline")
             bare = await bare_sql(dsn, qvecs, args.ef, args.clients, args.requests)
+            say("searching through the gateway")
             gw_env = {**env, "SEARCH_EMBEDDING_URL": embedder.api_url}
             gateway, port = start_gateway(gw_env, tmp / "gateway.log")
             try:
