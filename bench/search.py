@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import numpy as np
 
@@ -204,49 +205,48 @@ def _copy_rows(
 async def load_table(
     dsn: str, vectors: np.ndarray, source: np.ndarray, texts: list[str]
 ) -> dict[str, float]:
-    pool = await create_pool(dsn, max_size=2)
     docs = [uuid.uuid4() for _ in range((len(vectors) + PER_DOC - 1) // PER_DOC)]
+    # No command timeout: the index build takes minutes on a busy machine.
+    conn = await asyncpg.connect(dsn, command_timeout=None)
     try:
-        async with pool.acquire() as conn:
-            await conn.executemany(
-                "INSERT INTO documents (id, owner_id, filename, content_type, document_type,"
-                " size_bytes, object_key, status) VALUES ($1, $2, $3, 'text/plain', 'txt', 1,"
-                " $4, 'indexed')",
-                [(d, USER, f"doc-{n}.txt", f"bench/{d}") for n, d in enumerate(docs)],
-            )
-            await conn.execute("DROP INDEX IF EXISTS chunks_embedding_hnsw")
-            t = time.perf_counter()
-            await conn.copy_to_table(
-                "chunks",
-                source=_copy_rows(vectors, source, texts, docs),
-                columns=[
-                    "document_id",
-                    "seq",
-                    "owner_id",
-                    "text",
-                    "token_count",
-                    "page_start",
-                    "page_end",
-                    "char_start",
-                    "char_end",
-                    "sha256",
-                    "embedding",
-                ],
-                format="binary",
-            )
-            copy_s = time.perf_counter() - t
-            t = time.perf_counter()
-            await conn.execute("SET maintenance_work_mem = '1GB'")
-            await conn.execute("SET max_parallel_maintenance_workers = 2")
-            # The migration's definition (0001_init.sql), built once the rows are in.
-            await conn.execute(
-                "CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw "
-                "(embedding vector_cosine_ops)"
-            )
-            index_s = time.perf_counter() - t
-            await conn.execute("VACUUM ANALYZE chunks")
+        await conn.executemany(
+            "INSERT INTO documents (id, owner_id, filename, content_type, document_type,"
+            " size_bytes, object_key, status) VALUES ($1, $2, $3, 'text/plain', 'txt', 1,"
+            " $4, 'indexed')",
+            [(d, USER, f"doc-{n}.txt", f"bench/{d}") for n, d in enumerate(docs)],
+        )
+        await conn.execute("DROP INDEX IF EXISTS chunks_embedding_hnsw")
+        t = time.perf_counter()
+        await conn.copy_to_table(
+            "chunks",
+            source=_copy_rows(vectors, source, texts, docs),
+            columns=[
+                "document_id",
+                "seq",
+                "owner_id",
+                "text",
+                "token_count",
+                "page_start",
+                "page_end",
+                "char_start",
+                "char_end",
+                "sha256",
+                "embedding",
+            ],
+            format="binary",
+        )
+        copy_s = time.perf_counter() - t
+        t = time.perf_counter()
+        await conn.execute("SET maintenance_work_mem = '1GB'")
+        await conn.execute("SET max_parallel_maintenance_workers = 2")
+        # The migration's definition (0001_init.sql), built once the rows are in.
+        await conn.execute(
+            "CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw (embedding vector_cosine_ops)"
+        )
+        index_s = time.perf_counter() - t
+        await conn.execute("VACUUM ANALYZE chunks")
     finally:
-        await pool.close()
+        await conn.close()
     return {"copy_s": copy_s, "index_s": index_s}
 
 
