@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, needs_settings=settings)
         return p
 
-    p = add("dev", cmd_dev, "run the embedded stack, gateway, worker, WebSocket server and embedder")
+    p = add("dev", cmd_dev, "run the embedded stack and every Sluice process")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--ws-port", type=int, default=8765)
