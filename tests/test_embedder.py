@@ -18,9 +18,12 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from app.core.embedding import OpenAIEmbedder
 from app.core.settings import Settings
+from app.embedder.batcher import MicroBatcher, Overloaded
+from app.embedder.metrics import EmbedderMetrics
 from app.gateway.services import Services
 from devstack.embedder import ROOT, EmbedderProcess
 from devstack.process import free_port
@@ -271,3 +274,41 @@ async def test_a_worker_can_embed_through_the_service(
     )
     assert r.status_code == 200, r.text
     assert "Sourdough" in r.json()["results"][0]["text"]
+
+
+async def test_the_queue_is_bounded_and_one_encode_runs_at_a_time() -> None:
+    """The batcher itself, with a slow encoder passed in: past ``max_queue`` waiting
+    texts a request is refused at once; encodes never overlap; each caller gets its rows."""
+    running = 0
+    overlapped = False
+    gate = asyncio.Event()
+    sizes: list[int] = []
+
+    async def encode(texts: list[str]) -> Any:
+        nonlocal running, overlapped
+        running += 1
+        overlapped |= running > 1
+        sizes.append(len(texts))
+        await gate.wait()
+        running -= 1
+        return np.asarray([[float(t)] * 3 for t in texts], dtype=np.float32)
+
+    batcher = MicroBatcher(
+        encode, EmbedderMetrics(CollectorRegistry()), max_batch_size=4, max_wait_ms=1, max_queue=4
+    )
+    batcher.start()
+    try:
+        first = asyncio.create_task(batcher.embed(["1"]))
+        while not sizes:  # the first encode has started and is held at the gate
+            await asyncio.sleep(0.001)
+        waiting = [asyncio.create_task(batcher.embed([str(n), str(n + 10)])) for n in (2, 3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await batcher.embed(["5"])  # 4 texts already wait
+        gate.set()
+        rows = await asyncio.gather(first, *waiting)
+    finally:
+        await batcher.aclose()
+    assert not overlapped
+    assert sizes == [1, 4]  # the two waiting requests went into one encode
+    assert [r[:, 0].tolist() for r in rows] == [[1.0], [2.0, 12.0], [3.0, 13.0]]
