@@ -9,9 +9,11 @@ Everything runs on an embedded stack, a real ``sluice embedder`` and a real
 The table: ``--real`` real chunks -- docstrings of the Python standard
 library's ``.py`` files (read with ``ast``, nothing imported), paragraphs
 joined to 200-600 characters -- embedded by the embedder; the rest of the
-``--chunks`` rows are perturbed mixtures of two real vectors,
-``normalize(a*v_i + (1-a)*v_j + N(0, 0.03^2))`` with ``a ~ U(0.5, 1)``, carrying
-``v_i``'s text.  All rows belong to one user, 1,000 chunks per document, and
+``--chunks`` rows are perturbed interpolations between a real vector and one of
+its 10 nearest real neighbours, ``normalize(a*v_i + (1-a)*v_j + N(0, 0.01^2))``
+with ``a ~ U(0.5, 1)``, carrying ``v_i``'s text (random mixtures or isotropic
+noise would make every copy equidistant from a query, which no real corpus is).
+All rows belong to one user, 1,000 chunks per document, and
 are loaded with one binary COPY; the HNSW index (the migration's own
 definition) is built after the load.  Queries are the summary lines of
 docstrings from the *other* half of the standard library's files.
@@ -67,8 +69,9 @@ USER = "bench-search-user"
 DIM = 384
 PER_DOC = 1000
 TOP_K = 10
-NOISE = 0.03
-"""Per-dimension noise of the perturbed copies (|noise| ~ 0.6, cosine to the mix ~ 0.86)."""
+NOISE = 0.01
+"""Per-dimension noise of the perturbed copies (|noise| ~ 0.2)."""
+NEIGHBOURS = 10
 HNSW_SQL = """
     SELECT c.document_id::text AS document_id, c.seq AS chunk_seq, c.text, c.page_start,
            c.page_end, c.char_start, c.char_end, 1 - (c.embedding <=> $1::text::vector) AS score
@@ -146,14 +149,20 @@ async def embed_all(embedder: OpenAIEmbedder, texts: list[str]) -> np.ndarray:
 
 
 def bulk_vectors(real: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """``total`` rows: the real vectors, then perturbed mixtures of two of them.
-    Returns the vectors and, per row, which real text it carries."""
+    """``total`` rows: the real vectors, then interpolations between a real vector
+    and one of its ``NEIGHBOURS`` nearest real ones, plus a little noise, so the
+    bulk stays on the real vectors' manifold.  Returns the vectors and, per row,
+    which real text it carries."""
     rng = np.random.default_rng(11)
     extra = total - len(real)
+    sims = real @ real.T
+    np.fill_diagonal(sims, -2)
+    nearest = np.argsort(-sims, axis=1)[:, :NEIGHBOURS]
     i = rng.integers(0, len(real), extra)
-    j = rng.integers(0, len(real), extra)
+    j = nearest[i, rng.integers(0, NEIGHBOURS, extra)]
     a = rng.uniform(0.5, 1.0, (extra, 1)).astype(np.float32)
-    mixed = a * real[i] + (1 - a) * real[j] + rng.normal(0, NOISE, (extra, DIM)).astype(np.float32)
+    noise = rng.normal(0, NOISE, (extra, DIM)).astype(np.float32)
+    mixed = a * real[i] + (1 - a) * real[j] + noise
     mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
     vectors = np.concatenate([real, mixed]).astype(np.float32)
     source = np.concatenate([np.arange(len(real)), i])
