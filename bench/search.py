@@ -72,13 +72,15 @@ TOP_K = 10
 NOISE = 0.01
 """Per-dimension noise of the perturbed copies (|noise| ~ 0.2)."""
 NEIGHBOURS = 10
+EPSILON = 1e-3
 HNSW_SQL = """
     SELECT c.document_id::text AS document_id, c.seq AS chunk_seq, c.text, c.page_start,
            c.page_end, c.char_start, c.char_end, 1 - (c.embedding <=> $1::text::vector) AS score
     FROM chunks c WHERE c.owner_id = $2 ORDER BY c.embedding <=> $1::text::vector LIMIT $3
 """
 EXACT_SQL = """
-    SELECT c.document_id::text AS document_id, c.seq AS chunk_seq FROM chunks c
+    SELECT c.document_id::text AS document_id, c.seq AS chunk_seq,
+           1 - (c.embedding <=> $1::text::vector) AS score FROM chunks c
     WHERE c.owner_id = $2 ORDER BY (c.embedding <=> $1::text::vector) + 0 LIMIT $3
 """
 
@@ -284,25 +286,28 @@ async def closed_loop(
     return latencies, time.perf_counter() - t0
 
 
-async def recall_sweep(dsn: str, qvecs: list[str], sweep: list[int]) -> dict[int, float]:
+async def recall_sweep(
+    dsn: str, qvecs: list[str], sweep: list[int]
+) -> dict[int, tuple[float, float]]:
+    """Per ef_search: (recall@10 by id, recall@10 by distance).  By distance is
+    ann-benchmarks' definition: a hit counts when it is no farther than the exact
+    10th neighbour + ``EPSILON``; it does not punish swapping near-ties."""
     pool = await create_pool(dsn, max_size=2)
     try:
-        exact = [
-            {
-                (r["document_id"], r["chunk_seq"])
-                for r in await pool.fetch(EXACT_SQL, q, USER, TOP_K)
-            }
-            for q in qvecs
-        ]
-        out: dict[int, float] = {}
+        exact = [await pool.fetch(EXACT_SQL, q, USER, TOP_K) for q in qvecs]
+        out: dict[int, tuple[float, float]] = {}
         for ef in sweep:
-            hits = 0
+            by_id = by_distance = 0
             for q, truth in zip(qvecs, exact, strict=True):
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
                     rows = await conn.fetch(HNSW_SQL, q, USER, TOP_K)
-                hits += len(truth & {(r["document_id"], r["chunk_seq"]) for r in rows})
-            out[ef] = hits / (TOP_K * len(qvecs))
+                ids = {(r["document_id"], r["chunk_seq"]) for r in truth}
+                by_id += len(ids & {(r["document_id"], r["chunk_seq"]) for r in rows})
+                floor = min(float(r["score"]) for r in truth) - EPSILON
+                by_distance += sum(1 for r in rows if float(r["score"]) >= floor)
+            total = TOP_K * len(qvecs)
+            out[ef] = (by_id / total, by_distance / total)
         return out
     finally:
         await pool.close()
@@ -499,7 +504,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "real_chunks": args.real,
         "embed_real_s": round(embed_s, 1),
         **{k: round(v, 1) for k, v in load.items()},
-        "recall_at_10": {str(k): round(v, 4) for k, v in recall.items()},
+        "recall_at_10": {str(k): round(v[0], 4) for k, v in recall.items()},
+        "recall_at_10_by_distance": {str(k): round(v[1], 4) for k, v in recall.items()},
         "bare_sql": {k: round(v, 2) for k, v in bare.items()},
         "gateway": {k: round(v, 2) for k, v in search.items()},
         "gateway_rss_mib": {"ready": rss_idle, "after": rss_after},
@@ -509,15 +515,18 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     gw, bare = r["gateway"], r["bare_sql"]
-    recall = r["recall_at_10"][str(args.ef)]
+    recall = r["recall_at_10_by_distance"][str(args.ef)]
     rss = r["gateway_rss_mib"]["after"]["VmHWM"]
     lines = [
         f"search over {r['chunks']:,} chunks ({r['real_chunks']:,} real), "
         f"{args.clients} clients, ef_search {args.ef}, load {r['load_average'][0]:.2f}",
         f"  table: real chunks embedded in {r['embed_real_s']} s, COPY {r['copy_s']} s, "
         f"HNSW build {r['index_s']} s",
-        "  recall@10 vs exact: "
-        + ", ".join(f"ef {k}: {v:.3f}" for k, v in r["recall_at_10"].items()),
+        "  recall@10 vs exact, by id / by distance (eps 1e-3): "
+        + ", ".join(
+            f"ef {k}: {v:.3f} / {r['recall_at_10_by_distance'][k]:.3f}"
+            for k, v in r["recall_at_10"].items()
+        ),
         f"  bare SQL (baseline):  p50 {bare['p50']:.1f} ms  p99 {bare['p99']:.1f} ms  "
         f"{bare['per_s']:.0f}/s",
         f"  through the gateway:  p50 {gw['p50']:.1f} ms  p99 {gw['p99']:.1f} ms  "
@@ -528,7 +537,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"  gateway RSS peak {rss:.0f} MiB (ready: {r['gateway_rss_mib']['ready']['VmRSS']:.0f})",
         f"  targets: p50 <= 50 ms {'ok' if gw['p50'] <= 50 else 'MISSED'}, "
         f"p99 <= 150 ms {'ok' if gw['p99'] <= 150 else 'MISSED'}, "
-        f"recall >= 0.95 {'ok' if recall >= 0.95 else 'MISSED'}, "
+        f"recall (by distance) >= 0.95 {'ok' if recall >= 0.95 else 'MISSED'}, "
         f"RSS < 150 MiB {'ok' if rss < 150 else 'MISSED'}",
     ]
     return "\n".join(lines)
