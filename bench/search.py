@@ -12,7 +12,9 @@ joined to 200-600 characters -- embedded by the embedder; the rest of the
 ``--chunks`` rows are perturbed interpolations between a real vector and one of
 its 10 nearest real neighbours, ``normalize(a*v_i + (1-a)*v_j + N(0, 0.01^2))``
 with ``a ~ U(0.5, 1)``, carrying ``v_i``'s text (random mixtures or isotropic
-noise would make every copy equidistant from a query, which no real corpus is).
+noise would make every copy equidistant from a query, which no real corpus is);
+``--bulk mixture`` makes them Dirichlet mixtures of three random real vectors
+instead (no clusters of near-copies).
 All rows belong to one user, 1,000 chunks per document, and
 are loaded with one binary COPY; the HNSW index (the migration's own
 definition) is built after the load.  Queries are the summary lines of
@@ -150,13 +152,25 @@ async def embed_all(embedder: OpenAIEmbedder, texts: list[str]) -> np.ndarray:
     return np.concatenate(await asyncio.gather(*(one(b) for b in batches)))
 
 
-def bulk_vectors(real: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+def bulk_vectors(
+    real: np.ndarray, total: int, bulk: str = "neighbours"
+) -> tuple[np.ndarray, np.ndarray]:
     """``total`` rows: the real vectors, then interpolations between a real vector
     and one of its ``NEIGHBOURS`` nearest real ones, plus a little noise, so the
     bulk stays on the real vectors' manifold.  Returns the vectors and, per row,
     which real text it carries."""
     rng = np.random.default_rng(11)
     extra = total - len(real)
+    if bulk == "mixture":
+        # Dirichlet mixtures of three random real vectors: spread over the real
+        # vectors' hull, no clusters of near-copies.
+        picks = rng.integers(0, len(real), (extra, 3))
+        weights = rng.dirichlet((1.0, 1.0, 1.0), extra).astype(np.float32)
+        mixed = np.einsum("nk,nkd->nd", weights, real[picks])
+        mixed += rng.normal(0, NOISE, (extra, DIM)).astype(np.float32)
+        mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
+        source = np.concatenate([np.arange(len(real)), picks[:, 0]])
+        return np.concatenate([real, mixed]).astype(np.float32), source
     sims = real @ real.T
     np.fill_diagonal(sims, -2)
     nearest = np.argsort(-sims, axis=1)[:, :NEIGHBOURS]
@@ -481,7 +495,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             embed_s = time.perf_counter() - t
             qvecs = [vector_literal(v) for v in await embed_all(client, queries)]
             await client.aclose()
-            vectors, source = bulk_vectors(real, args.chunks)
+            vectors, source = bulk_vectors(real, args.chunks, args.bulk)
             say(f"loading {len(vectors)} chunks (COPY), then building the HNSW index")
             load = await load_table(dsn, vectors, source, texts)
             say("recall@10 against exact scans")
@@ -501,6 +515,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 stop(gateway)
     return {
         "chunks": args.chunks,
+        "bulk": args.bulk,
         "real_chunks": args.real,
         "embed_real_s": round(embed_s, 1),
         **{k: round(v, 1) for k, v in load.items()},
@@ -518,7 +533,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
     recall = r["recall_at_10_by_distance"][str(args.ef)]
     rss = r["gateway_rss_mib"]["after"]["VmHWM"]
     lines = [
-        f"search over {r['chunks']:,} chunks ({r['real_chunks']:,} real), "
+        f"search over {r['chunks']:,} chunks ({r['real_chunks']:,} real, bulk {r['bulk']}), "
         f"{args.clients} clients, ef_search {args.ef}, load {r['load_average'][0]:.2f}",
         f"  table: real chunks embedded in {r['embed_real_s']} s, COPY {r['copy_s']} s, "
         f"HNSW build {r['index_s']} s",
@@ -552,6 +567,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--ef", type=int, default=100)
     parser.add_argument("--sweep", default="40,100,200,400")
+    parser.add_argument(
+        "--bulk",
+        choices=["neighbours", "mixture"],
+        default="neighbours",
+        help="how the rows beyond --real are made (see the module docstring)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sluice-bench-search-") as tmp:
