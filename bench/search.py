@@ -1,7 +1,8 @@
 """Benchmark search through a thin gateway and the warm embedding service.
 
     python bench/search.py [--chunks 100000] [--real 3000] [--queries 200]
-                           [--clients 20] [--requests 2000] [--ef 100] [--sweep 40,100,200]
+                           [--clients 20] [--requests 2000] [--ef 200] [--sweep 40,100,200,400]
+                           [--bulk neighbours|mixture]
 
 Everything runs on an embedded stack, a real ``sluice embedder`` and a real
 ``sluice gateway`` (uvicorn) started here and stopped at the end.
@@ -565,7 +566,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--ef", type=int, default=100)
+    parser.add_argument("--ef", type=int, default=200)
     parser.add_argument("--sweep", default="40,100,200,400")
     parser.add_argument(
         "--bulk",

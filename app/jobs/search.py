@@ -29,7 +29,7 @@ from app.core.errors import (
 )
 from app.jobs.schemas import SearchHit, SearchRequest, SearchResponse
 
-DEFAULT_EF_SEARCH = 100
+DEFAULT_EF_SEARCH = 200
 """HNSW ``ef_search`` when the caller does not choose (``SEARCH_EF_SEARCH``)."""
 
 
