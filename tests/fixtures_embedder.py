@@ -19,7 +19,7 @@ from devstack.embedder import EmbedderProcess
 
 EMBEDDER_LIMITS = {
     "EMBEDDER_MAX_INPUTS": "8",
-    "EMBEDDER_MAX_INPUT_CHARS": "2000",
+    "EMBEDDER_MAX_INPUT_CHARS": "5000",  # above the search query limit (4,000)
     "EMBEDDER_MAX_BODY_KB": "64",
     "EMBEDDER_MAX_BATCH_SIZE": "64",
     "EMBEDDER_MAX_WAIT_MS": "5",

@@ -2,7 +2,7 @@
 limits, and the gateway searching through it without ever importing torch.
 
 The embedder is a real subprocess (``embedder_service``, limits from
-``EMBEDDER_LIMITS``: 8 inputs, 2,000 characters, 64 KiB bodies).
+``EMBEDDER_LIMITS``: 8 inputs, 5,000 characters, 64 KiB bodies).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ async def test_concurrent_requests_are_coalesced_into_fewer_encode_calls(
         ({"model": MODEL, "input": ""}, 400, "empty_input"),
         ({"model": MODEL, "input": ["a", ""]}, 400, "empty_input"),
         ({"model": MODEL, "input": ["a"] * 9}, 400, "too_many_inputs"),
-        ({"model": MODEL, "input": "y" * 2001}, 400, "input_too_long"),
+        ({"model": MODEL, "input": "y" * 5001}, 400, "input_too_long"),
         ({"model": "text-embedding-3-large", "input": "x"}, 404, "model_not_found"),
         ({"model": MODEL, "input": "z" * 70_000}, 413, "request_too_large"),
     ],

@@ -150,7 +150,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Texts one ``POST /v1/embeddings`` may carry (400 ``too_many_inputs`` past it)."""
     embedder_max_input_chars: PositiveInt = 20_000
     """Characters one text may have (400 ``input_too_long``); the model reads its
-    first 256 tokens anyway."""
+    first 256 tokens anyway.  Keep it above the search query limit (4,000), or long
+    queries fail with 503 ``embedding_unavailable``."""
     embedder_max_body_kb: PositiveInt = 8192
     """Largest request body of the embedder (413 ``request_too_large``)."""
     embedder_threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 1
