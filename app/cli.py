@@ -5,12 +5,13 @@
     sluice migrate                  apply database migrations
     sluice gateway [--host --port]  the HTTP gateway (Procfile ``web``)
     sluice ws                       the WebSocket progress server (Procfile ``ws``)
+    sluice embedder [--host --port] the warm embedding service (Procfile ``embedder``)
     sluice upload FILE              resumable upload client
     sluice bench NAME               run a benchmark from bench/
 
 This module only parses: ``main()`` builds the :class:`~app.core.settings.Settings`
 from the environment for the commands that serve (``migrate``, ``gateway``,
-``ws``) and calls a function that lives with its component.  Components are
+``ws``, ``embedder``) and calls a function that lives with its component.  Components are
 imported when their command runs, so ``sluice upload`` never loads the servers.
 The worker has its own entry point, ``sluice-worker`` (``python -m workers``).
 """
@@ -52,6 +53,12 @@ def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from app.gateway.serve import run
+
+    return run(settings, host=args.host, port=args.port)
+
+
+def cmd_embedder(args: argparse.Namespace, settings: Settings) -> int:
+    from app.embedder.serve import run
 
     return run(settings, host=args.host, port=args.port)
 
@@ -107,6 +114,7 @@ def cmd_dev(args: argparse.Namespace, environ: Environ) -> int:
         redis_port=args.redis_port,
         s3_port=args.s3_port,
         worker_metrics_port=args.worker_metrics_port,
+        embedder_port=args.embedder_port,
     )
     return run_dev(options, environ)
 
@@ -131,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, needs_settings=settings)
         return p
 
-    p = add("dev", cmd_dev, "run the embedded stack, gateway, worker and WebSocket server")
+    p = add("dev", cmd_dev, "run the embedded stack and every Sluice process")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--ws-port", type=int, default=8765)
@@ -139,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-port", type=int, default=16379)
     p.add_argument("--s3-port", type=int, default=19000)
     p.add_argument("--worker-metrics-port", type=int, default=9100)
+    p.add_argument("--embedder-port", type=int, default=8090)
 
     p = add("token", cmd_token, "mint a bearer token for a user")
     p.add_argument("--user", required=True)
@@ -153,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
 
     add("ws", cmd_ws, "run the WebSocket progress server", settings=True)
+
+    p = add("embedder", cmd_embedder, "run the warm embedding service", settings=True)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
 
     p = add("upload", cmd_upload, "upload a file (resumable), optionally following its job")
     p.add_argument("file", type=Path)

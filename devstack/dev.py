@@ -3,7 +3,8 @@
 Starts the embedded PostgreSQL (+pgvector), Redis and S3 servers with their
 data under ``data_dir`` (Postgres and Redis persist across restarts; the S3
 server keeps objects in memory), applies migrations, creates the bucket, then
-runs the gateway, one worker and the WebSocket server as child processes
+runs the gateway, one worker, the WebSocket server and the embedding service
+(``sluice embedder``, which the gateway embeds search queries with) as child processes
 (:class:`~devstack.supervise.Children`: a crashed one is started again, a crash
 loop stops everything with a non-zero exit).  Prints the URLs and a dev token
 once the gateway is ready, and the dashboard's link with an admin dev token in
@@ -46,6 +47,7 @@ CHILDREN = {
     "gateway": [sys.executable, "-m", "app", "gateway"],
     "worker": [sys.executable, "-m", "workers"],
     "ws": [sys.executable, "-m", "app", "ws"],
+    "embedder": [sys.executable, "-m", "app", "embedder"],
 }
 
 
@@ -61,6 +63,7 @@ class DevOptions:
     redis_port: int
     s3_port: int
     worker_metrics_port: int
+    embedder_port: int = 8090
 
 
 class _Stop(Exception):
@@ -86,6 +89,9 @@ def dev_environ(
         "WEBSOCKET_PORT": str(options.ws_port),
         "WORKER_METRICS_HOST": "127.0.0.1",
         "WORKER_METRICS_PORT": str(options.worker_metrics_port),
+        "EMBEDDER_HOST": "127.0.0.1",
+        "EMBEDDER_PORT": str(options.embedder_port),
+        "SEARCH_EMBEDDING_URL": f"http://127.0.0.1:{options.embedder_port}/v1",
         "HF_HUB_OFFLINE": "1",
     }
 
@@ -195,6 +201,7 @@ Sluice is running. Ctrl-C stops everything.
 
   gateway     {gateway}          API docs: {gateway}/docs
   websocket   ws://127.0.0.1:{options.ws_port}/api/v1/ws/progress
+  embedder    http://127.0.0.1:{options.embedder_port}/v1/embeddings   (search queries)
   postgres    {stack.postgres.dsn}
   redis       {stack.redis.url}
   s3          {stack.s3.endpoint}   (in memory: objects vanish on restart)

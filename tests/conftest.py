@@ -32,7 +32,12 @@ from app.gateway.services import Services, open_services
 from devstack.stack import EmbeddedStack
 
 # Fixture modules, registered once for the whole suite.
-pytest_plugins = ["tests.fixtures_uploads", "tests.fixtures_pipeline", "tests.fixtures_ws"]
+pytest_plugins = [
+    "tests.fixtures_uploads",
+    "tests.fixtures_pipeline",
+    "tests.fixtures_ws",
+    "tests.fixtures_embedder",
+]
 
 JWT_SECRET = "test-secret-" + "x" * 24
 

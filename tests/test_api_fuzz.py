@@ -43,6 +43,7 @@ from app.core.settings import Settings
 from app.gateway.app import api_routes
 from app.gateway.openapi import build_openapi
 from app.gateway.routing import ApiLink, ApiRoute
+from devstack.embedder import EmbedderProcess
 from tests.conftest import JWT_SECRET
 from tests.fixtures_uploads import GatewayProcess, gateway_env
 
@@ -132,9 +133,17 @@ def _config(token: str, examples: int, steps: int) -> schemathesis.Config:
 
 @pytest.fixture(scope="module")
 def fuzz_gateway(
-    settings_env: dict[str, str], migrated: Settings, tmp_path_factory: pytest.TempPathFactory
+    settings_env: dict[str, str],
+    migrated: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+    embedder_service: EmbedderProcess,
 ) -> Iterator[GatewayProcess]:
-    env = gateway_env(settings_env, RATE_LIMIT_UPLOADS_PER_MINUTE="1000000")
+    # Searches embed their query through a real `sluice embedder`.
+    env = gateway_env(
+        settings_env,
+        RATE_LIMIT_UPLOADS_PER_MINUTE="1000000",
+        SEARCH_EMBEDDING_URL=embedder_service.api_url,
+    )
     gw = GatewayProcess(env, tmp_path_factory.mktemp("fuzz") / "gateway.log")
     try:
         gw.start()

@@ -22,10 +22,19 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "app/core": ("app.jobs", "app.uploads", "app.gateway", "app.ws", "app.client", "workers", *TOP),
     "app/jobs": ("app.uploads", "app.gateway", "app.ws", "app.client", "workers", *TOP),
     "app/uploads": ("app.gateway", "app.ws", "app.client", "workers", *TOP),
-    "app/gateway": ("app.ws", "app.client", "workers", *TOP),
-    "app/ws": ("app.gateway", "app.uploads", "app.client", "workers", *TOP),
+    "app/gateway": ("app.ws", "app.client", "app.embedder", "workers", *TOP),
+    "app/ws": ("app.gateway", "app.uploads", "app.client", "app.embedder", "workers", *TOP),
+    "app/embedder": (
+        "app.jobs",
+        "app.uploads",
+        "app.gateway",
+        "app.ws",
+        "app.client",
+        "workers",
+        *TOP,
+    ),
     "app/client": ("app.gateway", "app.ws", "app.jobs", "workers", *TOP),
-    "workers": ("app.gateway", "app.ws", "app.client", *TOP),
+    "workers": ("app.gateway", "app.ws", "app.client", "app.embedder", *TOP),
     "devstack": ("app.cli",),
 }
 

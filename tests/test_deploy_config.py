@@ -59,18 +59,21 @@ COMPOSE_COMMANDS = {
     "gateway": ("sluice", "gateway"),
     "worker": ("sluice-worker",),
     "ws": ("sluice", "ws"),
+    "embedder": ("sluice", "embedder"),
     "migrate": ("sluice", "migrate"),
 }
 PROCFILE_COMMANDS = {
     "web": ("sluice", "gateway"),
     "worker": ("sluice-worker",),
     "ws": ("sluice", "ws"),
+    "embedder": ("sluice", "embedder"),
     "release": ("sluice", "migrate"),
 }
 K8S_COMMANDS = {  # (kind, name) -> argv prefix
     ("Deployment", "sluice-gateway"): ("sluice", "gateway"),
     ("Deployment", "sluice-worker"): ("sluice-worker",),
     ("Deployment", "sluice-ws"): ("sluice", "ws"),
+    ("Deployment", "sluice-embedder"): ("sluice", "embedder"),
     ("Job", "sluice-migrate"): ("sluice", "migrate"),
 }
 # Deployment -> (container port, liveness path, readiness path)
@@ -78,19 +81,21 @@ K8S_PROBES = {
     "sluice-gateway": (8000, "/health", "/health/ready"),
     "sluice-worker": (9100, "/health", "/health"),
     "sluice-ws": (8765, "/health", "/health"),
+    # ready only once the model is loaded: no query reaches a cold embedder
+    "sluice-embedder": (8090, "/health", "/health/ready"),
 }
 HEALTH_PATHS = frozenset({"/health", "/health/ready"})
 
-COMPOSE_APP_SERVICES = ("gateway", "worker", "ws", "migrate")
-COMPOSE_LONG_RUNNING = ("gateway", "worker", "ws")
-COMPOSE_PORTS = {"gateway": 8000, "worker": 9100, "ws": 8765}
+COMPOSE_APP_SERVICES = ("gateway", "worker", "ws", "embedder", "migrate")
+COMPOSE_LONG_RUNNING = ("gateway", "worker", "ws", "embedder")
+COMPOSE_PORTS = {"gateway": 8000, "worker": 9100, "ws": 8765, "embedder": 8090}
 COMPOSE_IMAGES = {  # service -> image without tag, required tag (or None)
     "minio": ("minio/minio", None),
     "createbucket": ("minio/mc", None),
     "redis": ("redis", "7"),
     "postgres": ("pgvector/pgvector", "pg16"),
 }
-COMPOSE_HEALTHCHECKED = ("gateway", "worker", "ws", "minio", "redis", "postgres")
+COMPOSE_HEALTHCHECKED = ("gateway", "worker", "ws", "embedder", "minio", "redis", "postgres")
 COMPOSE_VOLUME_SERVICES = ("minio", "redis", "postgres")
 
 # Stands in for `${VAR:?message}` / `${VAR}` when building Settings from compose.
@@ -871,3 +876,20 @@ def test_worker_metrics_listen_on_loopback_unless_scraped_from_outside(tmp_path:
         args, {"WORKER_METRICS_HOST": "0.0.0.0"}, EmbeddedStack.in_dir(tmp_path), "s" * 32
     )
     assert Settings.from_environ(env).worker_metrics_host == "127.0.0.1"
+
+
+# --- the embedding service: the gateway finds it everywhere --------------------------
+
+
+def test_the_gateway_is_pointed_at_the_embedder_service() -> None:
+    """compose and k8s point SEARCH_EMBEDDING_URL at the embedder's service and port;
+    both probe its readiness (model loaded) on /health/ready."""
+    assert _compose_env("gateway")["SEARCH_EMBEDDING_URL"] == "http://embedder:8090/v1"
+    check = " ".join(map(str, _service("embedder")["healthcheck"]["test"]))
+    assert "127.0.0.1:8090/health/ready" in check
+    config, _ = _k8s_settings_sources()
+    services = _k8s_objects("Service", K8S_BASE)
+    assert "sluice-embedder" in services
+    port = services["sluice-embedder"][1]["spec"]["ports"][0]["port"]
+    assert config["SEARCH_EMBEDDING_URL"] == f"http://sluice-embedder:{port}/v1"
+    assert config["EMBEDDER_PORT"] == str(port)

@@ -79,6 +79,7 @@ class Dev:
                 "redis-port",
                 "s3-port",
                 "worker-metrics-port",
+                "embedder-port",
             )
         }
         self.proc: subprocess.Popen[str] | None = None
@@ -159,8 +160,8 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         dev.start()
         assert dev.proc is not None
         children = _children(dev.proc.pid)
-        # postgres, redis, s3 + gateway, worker, WebSocket server
-        assert len(children) == 6, children
+        # postgres, redis, s3 + gateway, worker, WebSocket server, embedder
+        assert len(children) == 7, children
         with httpx.Client(base_url=dev.gateway, timeout=10) as http:
             assert http.get("/health/ready").status_code == 200
             assert http.get("/api/v1/me").status_code == 401
@@ -215,7 +216,7 @@ def test_dev_stack_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert dev.proc.poll() is None
         assert "child_crashed" in "".join(dev.output)
         children = _children(dev.proc.pid)
-        assert len(children) == 6, children
+        assert len(children) == 7, children
 
         pg = f"postgresql://postgres@127.0.0.1:{dev.ports['postgres-port']}/sluice"
         rd = f"redis://127.0.0.1:{dev.ports['redis-port']}/0"

@@ -62,6 +62,7 @@ async def chunk_rows(services: Services, doc_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+@pytest.mark.usefixtures("search_embedder")
 async def test_pdf_runs_all_stages_and_search_finds_page_three_first(
     services: Services,
     worker_ctx: WorkerContext,

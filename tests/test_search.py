@@ -1,4 +1,5 @@
-"""``POST /api/v1/search`` over indexed chunks, scoped to the caller."""
+"""``POST /api/v1/search`` over indexed chunks, scoped to the caller; queries are
+embedded by a real ``sluice embedder`` subprocess (``search_embedder``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ async def _index(
     return job.document_id
 
 
+@pytest.mark.usefixtures("search_embedder")
 async def test_search_ranks_the_caller_chunks_only(
     worker_ctx: WorkerContext,
     make_job: MakeJob,
@@ -59,6 +61,7 @@ async def test_search_ranks_the_caller_chunks_only(
     assert {h["document_id"] for h in other.json()["results"]} == {theirs}
 
 
+@pytest.mark.usefixtures("search_embedder")
 async def test_search_within_chosen_documents(
     services: Services,
     worker_ctx: WorkerContext,
@@ -86,6 +89,7 @@ async def test_search_within_chosen_documents(
     assert [h["document_id"] for h in r.json()["results"]] == [volcano]
 
 
+@pytest.mark.usefixtures("search_embedder")
 async def test_search_with_nothing_indexed_is_empty(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:

@@ -142,6 +142,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     refused_body_drain_seconds: Annotated[int, msgspec.Meta(ge=0)] = 30
     """At most this long is spent draining a refused request's body."""
 
+    # --- embedding service (``sluice embedder``) and search ---------------------------
+    embedder_host: str = "127.0.0.1"
+    embedder_port: Port = 8090
+    embedder_max_batch_size: PositiveInt = 64
+    """Texts one ``encode`` call takes at most: concurrent requests are coalesced up to it."""
+    embedder_max_wait_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    """How long the first request of a batch waits for others to join it."""
+    embedder_max_queue: PositiveInt = 2048
+    """Texts waiting for the model at most; past it a request is refused with 503
+    ``overloaded`` (and ``Retry-After``) instead of queueing without bound."""
+    embedder_max_inputs: PositiveInt = 256
+    """Texts one ``POST /v1/embeddings`` may carry (400 ``too_many_inputs`` past it)."""
+    embedder_max_input_chars: PositiveInt = 20_000
+    """Characters one text may have (400 ``input_too_long``); the model reads its
+    first 256 tokens anyway.  Keep it above the search query limit (4,000), or long
+    queries fail with 503 ``embedding_unavailable``."""
+    embedder_max_body_kb: PositiveInt = 8192
+    """Largest request body of the embedder (413 ``request_too_large``)."""
+    embedder_threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 1
+    """Torch intra-op threads of the embedder's model (0: torch's default, one per
+    core).  1 keeps a batch of short queries at tens of ms even on a busy host, where
+    several OpenMP threads spin against each other and take ~20x longer."""
+    search_embedding_url: str = "http://127.0.0.1:8090/v1"
+    """Base URL of the OpenAI-compatible endpoint the gateway embeds search queries
+    with (``sluice embedder``); the gateway never loads the model itself."""
+    search_ef_search: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 200
+    """HNSW ``ef_search`` set per search transaction (raised to ``2 * top_k`` when
+    that is larger): the recall/latency dial of the ANN search."""
+
     # --- WebSocket server ---------------------------------------------------------------
     websocket_host: str = "localhost"
     websocket_port: Port = 8765

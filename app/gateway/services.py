@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from app.core.auth import TokenService
 from app.core.db import create_pool
+from app.core.embedding import Embedder, OpenAIEmbedder
 from app.core.queue import JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import S3Client, open_s3
@@ -35,6 +36,9 @@ class Services:
     """Signs presigned URLs with the endpoint clients can reach."""
     tokens: TokenService
     queue: JobQueue
+    query_embedder: Embedder
+    """Embeds search queries over HTTP (``SEARCH_EMBEDDING_URL``, ``sluice embedder``):
+    the gateway never loads the model, so it never imports torch."""
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     """The gateway's Prometheus series (built once; apps sharing these services share them)."""
     clock: Callable[[], float] = time.time
@@ -53,6 +57,8 @@ async def open_services(
         stack.push_async_callback(redis.aclose)
         s3 = await stack.enter_async_context(open_s3(settings))
         s3_public = await stack.enter_async_context(open_s3(settings, public=True))
+        query_embedder = query_embedder_of(settings)
+        stack.push_async_callback(query_embedder.aclose)
         yield Services(
             settings=settings,
             db=db,
@@ -61,8 +67,17 @@ async def open_services(
             s3_public=s3_public,
             tokens=TokenService(settings.jwt_secret.reveal()),
             queue=JobQueue(redis),
+            query_embedder=query_embedder,
             metrics=metrics if metrics is not None else GatewayMetrics(),
         )
+
+
+def query_embedder_of(settings: Settings) -> Embedder:
+    """The search-query embedder: the embedding service at ``SEARCH_EMBEDDING_URL``
+    (no connection is made until the first search)."""
+    return OpenAIEmbedder(
+        settings.search_embedding_url, model=settings.embedding_model, timeout_s=10.0
+    )
 
 
 def services(request: Request) -> Services:

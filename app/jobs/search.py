@@ -1,7 +1,8 @@
 """Semantic search: the caller's best chunks for a query.
 
-The query is embedded with the same provider the workers use and matched by
-cosine distance against the caller's chunks only.  The HNSW index serves the
+The query is embedded by the embedder the caller passes (the gateway's is an
+HTTP client of ``sluice embedder``, the same model the workers use) and matched
+by cosine distance against the caller's chunks only.  The HNSW index serves the
 common case; because pgvector filters after the index scan (no iterative
 scans before 0.8), a caller whose chunks are a small share of the table can
 get fewer than ``top_k`` hits from it, so the search then falls back to an
@@ -14,34 +15,22 @@ type codecs a pooled connection happens to have registered.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 import asyncpg
 
-from app.core.embedding import Embedder, create_embedder, vector_literal
-from app.core.errors import ServiceUnavailable, TransientError, ValidationFailed
-from app.core.settings import Settings
+from app.core.embedding import Embedder, vector_literal
+from app.core.errors import (
+    PermanentError,
+    ServiceUnavailable,
+    TransientError,
+    ValidationFailed,
+)
 from app.jobs.schemas import SearchHit, SearchRequest, SearchResponse
 
-HNSW_EF_SEARCH = 200
-
-
-class EmbedderHolder:
-    """A process's query embedder, created on first use (one per process)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._embedder: Embedder | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> Embedder:
-        if self._embedder is None:
-            async with self._lock:
-                if self._embedder is None:
-                    self._embedder = await create_embedder(self._settings)
-        return self._embedder
+DEFAULT_EF_SEARCH = 200
+"""HNSW ``ef_search`` when the caller does not choose (``SEARCH_EF_SEARCH``)."""
 
 
 def _document_ids(request: SearchRequest) -> list[uuid.UUID] | None:
@@ -56,23 +45,31 @@ def _document_ids(request: SearchRequest) -> list[uuid.UUID] | None:
 
 
 async def search(
-    db: asyncpg.Pool, embedders: EmbedderHolder, owner_id: str, request: SearchRequest
+    db: asyncpg.Pool,
+    embedder: Embedder,
+    owner_id: str,
+    request: SearchRequest,
+    *,
+    ef_search: int = DEFAULT_EF_SEARCH,
 ) -> SearchResponse:
     """The caller's ``top_k`` chunks nearest to ``request.query``, best first.
 
     422 for malformed ``document_ids`` or a blank query (checked before the
-    embedder loads); 503 ``embedding_unavailable`` when the provider fails.
+    embedder is asked); 503 ``embedding_unavailable`` when the embedder fails.
+    The HNSW search runs with ``hnsw.ef_search = max(ef_search, 2 * top_k)``,
+    set for its transaction only.
     """
     started = time.perf_counter()
     doc_ids = _document_ids(request)
     if not request.query.strip():
         raise ValidationFailed("query must not be blank", details={"field": "query"})
-    embedder = await embedders.get()
     try:
         vectors = await embedder.embed([request.query])
-    except TransientError as exc:
+    except (TransientError, PermanentError) as exc:
         raise ServiceUnavailable(exc.message, code="embedding_unavailable") from exc
-    rows = await _nearest(db, vector_literal(vectors[0]), owner_id, request.top_k, doc_ids)
+    ef = max(ef_search, request.top_k * 2)
+    vec = vector_literal(vectors[0])
+    rows = await _nearest(db, vec, owner_id, request.top_k, doc_ids, ef_search=ef)
     names: dict[str, str] = {}
     if rows:
         found = await db.fetch(
@@ -101,11 +98,17 @@ _SELECT = """
 
 
 async def _nearest(
-    db: asyncpg.Pool, vec: str, owner: str, top_k: int, doc_ids: list[uuid.UUID] | None
+    db: asyncpg.Pool,
+    vec: str,
+    owner: str,
+    top_k: int,
+    doc_ids: list[uuid.UUID] | None,
+    *,
+    ef_search: int,
 ) -> list[asyncpg.Record]:
     if doc_ids is None:
         async with db.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, top_k * 2)}")
+            await conn.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
             rows = await conn.fetch(
                 f"{_SELECT} FROM chunks c WHERE c.owner_id = $2 "
                 "ORDER BY c.embedding <=> $1::text::vector LIMIT $3",

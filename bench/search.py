@@ -1,0 +1,588 @@
+"""Benchmark search through a thin gateway and the warm embedding service.
+
+    python bench/search.py [--chunks 100000] [--real 3000] [--queries 200]
+                           [--clients 20] [--requests 2000] [--ef 200] [--sweep 40,100,200,400]
+                           [--bulk neighbours|mixture]
+
+Everything runs on an embedded stack, a real ``sluice embedder`` and a real
+``sluice gateway`` (uvicorn) started here and stopped at the end.
+
+The table: ``--real`` real chunks -- docstrings of the Python standard
+library's ``.py`` files (read with ``ast``, nothing imported), paragraphs
+joined to 200-600 characters -- embedded by the embedder; the rest of the
+``--chunks`` rows are perturbed interpolations between a real vector and one of
+its 10 nearest real neighbours, ``normalize(a*v_i + (1-a)*v_j + N(0, 0.01^2))``
+with ``a ~ U(0.5, 1)``, carrying ``v_i``'s text (random mixtures or isotropic
+noise would make every copy equidistant from a query, which no real corpus is);
+``--bulk mixture`` makes them Dirichlet mixtures of three random real vectors
+instead (no clusters of near-copies).
+All rows belong to one user, 1,000 chunks per document, and
+are loaded with one binary COPY; the HNSW index (the migration's own
+definition) is built after the load.  Queries are the summary lines of
+docstrings from the *other* half of the standard library's files.
+
+Measured in the same run:
+
+1. recall@10 of the HNSW search at each ``--sweep`` ef_search against an exact
+   scan (same SQL shape as the gateway's, same query vectors);
+2. the bare SQL baseline: ``--clients`` asyncpg tasks running the gateway's
+   HNSW query with precomputed vectors;
+3. search through the gateway (``POST /api/v1/search``, top_k 10) by
+   ``--clients`` closed-loop keep-alive clients: p50/p99/max, searches/s, the
+   gateway's RSS, and how many queries the embedder coalesced per encode call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.core.auth import TokenService  # noqa: E402
+from app.core.db import create_pool, migrate_dsn  # noqa: E402
+from app.core.embedding import OpenAIEmbedder, vector_literal  # noqa: E402
+from app.core.settings import Settings  # noqa: E402
+from app.core.storage import ensure_bucket, open_s3  # noqa: E402
+from devstack.embedder import EmbedderProcess  # noqa: E402
+from devstack.process import free_port  # noqa: E402
+from devstack.stack import EmbeddedStack  # noqa: E402
+
+JWT_SECRET = "bench-secret-" + "x" * 32
+USER = "bench-search-user"
+DIM = 384
+PER_DOC = 1000
+TOP_K = 10
+NOISE = 0.01
+"""Per-dimension noise of the perturbed copies (|noise| ~ 0.2)."""
+NEIGHBOURS = 10
+EPSILON = 1e-3
+HNSW_SQL = """
+    SELECT c.document_id::text AS document_id, c.seq AS chunk_seq, c.text, c.page_start,
+           c.page_end, c.char_start, c.char_end, 1 - (c.embedding <=> $1::text::vector) AS score
+    FROM chunks c WHERE c.owner_id = $2 ORDER BY c.embedding <=> $1::text::vector LIMIT $3
+"""
+EXACT_SQL = """
+    SELECT c.document_id::text AS document_id, c.seq AS chunk_seq,
+           1 - (c.embedding <=> $1::text::vector) AS score FROM chunks c
+    WHERE c.owner_id = $2 ORDER BY (c.embedding <=> $1::text::vector) + 0 LIMIT $3
+"""
+
+
+def say(message: str) -> None:
+    """Progress on stderr (the figures go to stdout at the end)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- real text ---------------------------------------------------------------------------
+
+
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc:
+                found.append(doc)
+    return found
+
+
+def real_texts(n_chunks: int, n_queries: int) -> tuple[list[str], list[str]]:
+    """Chunks from half the stdlib's files, query lines from the other half."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    files = [f for f in files if "test" not in f.parts and "site-packages" not in f.parts]
+    chunks: list[str] = []
+    queries: list[str] = []
+    seen: set[str] = set()
+    for i, path in enumerate(files):
+        for doc in _docstrings(path):
+            if i % 2 == 0:
+                buf = ""
+                for raw in re.split(r"\n\s*\n", doc):
+                    buf = f"{buf} {' '.join(raw.split())}".strip()
+                    if len(buf) >= 200:
+                        text = buf[:600]
+                        if text not in seen:
+                            seen.add(text)
+                            chunks.append(text)
+                        buf = ""
+            else:
+                line = " ".join(doc.strip().splitlines()[0].split())
+                if 30 <= len(line) <= 200 and line not in seen:
+                    seen.add(line)
+                    queries.append(line)
+    if len(chunks) < n_chunks or len(queries) < n_queries:
+        raise SystemExit(f"only {len(chunks)} chunks / {len(queries)} queries of real text")
+    rng = np.random.default_rng(7)
+    pick = rng.choice(len(chunks), n_chunks, replace=False)
+    qpick = rng.choice(len(queries), n_queries, replace=False)
+    return [chunks[i] for i in pick], [queries[i] for i in qpick]
+
+
+async def embed_all(embedder: OpenAIEmbedder, texts: list[str]) -> np.ndarray:
+    batches = [texts[i : i + 64] for i in range(0, len(texts), 64)]
+    sem = asyncio.Semaphore(2)
+
+    async def one(batch: list[str]) -> np.ndarray:
+        async with sem:
+            return await embedder.embed(batch)
+
+    return np.concatenate(await asyncio.gather(*(one(b) for b in batches)))
+
+
+def bulk_vectors(
+    real: np.ndarray, total: int, bulk: str = "neighbours"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``total`` rows: the real vectors, then interpolations between a real vector
+    and one of its ``NEIGHBOURS`` nearest real ones, plus a little noise, so the
+    bulk stays on the real vectors' manifold.  Returns the vectors and, per row,
+    which real text it carries."""
+    rng = np.random.default_rng(11)
+    extra = total - len(real)
+    if bulk == "mixture":
+        # Dirichlet mixtures of three random real vectors: spread over the real
+        # vectors' hull, no clusters of near-copies.
+        picks = rng.integers(0, len(real), (extra, 3))
+        weights = rng.dirichlet((1.0, 1.0, 1.0), extra).astype(np.float32)
+        mixed = np.einsum("nk,nkd->nd", weights, real[picks])
+        mixed += rng.normal(0, NOISE, (extra, DIM)).astype(np.float32)
+        mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
+        source = np.concatenate([np.arange(len(real)), picks[:, 0]])
+        return np.concatenate([real, mixed]).astype(np.float32), source
+    sims = real @ real.T
+    np.fill_diagonal(sims, -2)
+    nearest = np.argsort(-sims, axis=1)[:, :NEIGHBOURS]
+    i = rng.integers(0, len(real), extra)
+    j = nearest[i, rng.integers(0, NEIGHBOURS, extra)]
+    a = rng.uniform(0.5, 1.0, (extra, 1)).astype(np.float32)
+    noise = rng.normal(0, NOISE, (extra, DIM)).astype(np.float32)
+    mixed = a * real[i] + (1 - a) * real[j] + noise
+    mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
+    vectors = np.concatenate([real, mixed]).astype(np.float32)
+    source = np.concatenate([np.arange(len(real)), i])
+    return vectors, source
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _field(data: bytes) -> bytes:
+    return struct.pack(">i", len(data)) + data
+
+
+def _copy_rows(
+    vectors: np.ndarray, source: np.ndarray, texts: list[str], docs: list[uuid.UUID]
+) -> AsyncIterator[bytes]:
+    encoded = [t.encode() for t in texts]
+    shas = [uuid.uuid5(uuid.NAMESPACE_OID, t).hex.encode() for t in texts]
+    owner = USER.encode()
+
+    async def gen() -> AsyncIterator[bytes]:
+        yield b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+        block: list[bytes] = []
+        for row in range(len(vectors)):
+            text = encoded[source[row]]
+            vec = struct.pack(">HH", DIM, 0) + vectors[row].astype(">f4").tobytes()
+            block.append(
+                struct.pack(">h", 11)
+                + _field(docs[row // PER_DOC].bytes)
+                + _field(struct.pack(">i", row % PER_DOC))
+                + _field(owner)
+                + _field(text)
+                + _field(struct.pack(">i", len(text) // 4))
+                + _field(struct.pack(">i", 1))
+                + _field(struct.pack(">i", 1))
+                + _field(struct.pack(">i", 0))
+                + _field(struct.pack(">i", len(text)))
+                + _field(shas[source[row]])
+                + _field(vec)
+            )
+            if len(block) == 5000:
+                yield b"".join(block)
+                block = []
+        yield b"".join(block) + struct.pack(">h", -1)
+
+    return gen()
+
+
+async def load_table(
+    dsn: str, vectors: np.ndarray, source: np.ndarray, texts: list[str]
+) -> dict[str, float]:
+    docs = [uuid.uuid4() for _ in range((len(vectors) + PER_DOC - 1) // PER_DOC)]
+    # No command timeout: the index build takes minutes on a busy machine.
+    conn = await asyncpg.connect(dsn, command_timeout=None)
+    try:
+        await conn.executemany(
+            "INSERT INTO documents (id, owner_id, filename, content_type, document_type,"
+            " size_bytes, object_key, status) VALUES ($1, $2, $3, 'text/plain', 'txt', 1,"
+            " $4, 'indexed')",
+            [(d, USER, f"doc-{n}.txt", f"bench/{d}") for n, d in enumerate(docs)],
+        )
+        await conn.execute("DROP INDEX IF EXISTS chunks_embedding_hnsw")
+        t = time.perf_counter()
+        await conn.copy_to_table(
+            "chunks",
+            source=_copy_rows(vectors, source, texts, docs),
+            columns=[
+                "document_id",
+                "seq",
+                "owner_id",
+                "text",
+                "token_count",
+                "page_start",
+                "page_end",
+                "char_start",
+                "char_end",
+                "sha256",
+                "embedding",
+            ],
+            format="binary",
+        )
+        copy_s = time.perf_counter() - t
+        t = time.perf_counter()
+        await conn.execute("SET maintenance_work_mem = '1GB'")
+        await conn.execute("SET max_parallel_maintenance_workers = 2")
+        # The migration's definition (0001_init.sql), built once the rows are in.
+        await conn.execute(
+            "CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw (embedding vector_cosine_ops)"
+        )
+        index_s = time.perf_counter() - t
+        await conn.execute("VACUUM ANALYZE chunks")
+    finally:
+        await conn.close()
+    return {"copy_s": copy_s, "index_s": index_s}
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+async def closed_loop(
+    clients: int, total: int, one: Callable[[int], Awaitable[None]]
+) -> tuple[list[float], float]:
+    """``clients`` tasks issuing ``total`` calls back to back; latencies (ms) and wall (s)."""
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    async def client() -> None:
+        for n in counter:
+            t = time.perf_counter()
+            await one(n)
+            latencies.append((time.perf_counter() - t) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, time.perf_counter() - t0
+
+
+async def recall_sweep(
+    dsn: str, qvecs: list[str], sweep: list[int]
+) -> dict[int, tuple[float, float]]:
+    """Per ef_search: (recall@10 by id, recall@10 by distance).  By distance is
+    ann-benchmarks' definition: a hit counts when it is no farther than the exact
+    10th neighbour + ``EPSILON``; it does not punish swapping near-ties."""
+    pool = await create_pool(dsn, max_size=2)
+    try:
+        exact = [await pool.fetch(EXACT_SQL, q, USER, TOP_K) for q in qvecs]
+        out: dict[int, tuple[float, float]] = {}
+        for ef in sweep:
+            by_id = by_distance = 0
+            for q, truth in zip(qvecs, exact, strict=True):
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+                    rows = await conn.fetch(HNSW_SQL, q, USER, TOP_K)
+                ids = {(r["document_id"], r["chunk_seq"]) for r in truth}
+                by_id += len(ids & {(r["document_id"], r["chunk_seq"]) for r in rows})
+                floor = min(float(r["score"]) for r in truth) - EPSILON
+                by_distance += sum(1 for r in rows if float(r["score"]) >= floor)
+            total = TOP_K * len(qvecs)
+            out[ef] = (by_id / total, by_distance / total)
+        return out
+    finally:
+        await pool.close()
+
+
+async def bare_sql(dsn: str, qvecs: list[str], ef: int, clients: int, total: int) -> dict[str, Any]:
+    pool = await create_pool(dsn, max_size=clients)
+    try:
+
+        async def one(n: int) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+                await conn.fetch(HNSW_SQL, qvecs[n % len(qvecs)], USER, TOP_K)
+
+        await closed_loop(clients, min(total, 200), one)  # warm the index into memory
+        lat, wall = await closed_loop(clients, total, one)
+    finally:
+        await pool.close()
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "per_s": total / wall}
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection, as lean as a client can be."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.head = (
+            "POST /api/v1/search HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token}\r\n"
+        ).encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def search(self, query: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        body = json.dumps({"query": query, "top_k": TOP_K}).encode()
+        self.writer.write(self.head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def embedder_counts(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for name in ("sluice_embedder_encode_calls_total", "sluice_embedder_texts_total"):
+        out[name] = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + " ")
+        )
+    return out
+
+
+async def through_gateway(
+    port: int, queries: list[str], clients: int, total: int, embedder_url: str
+) -> dict[str, Any]:
+    token = TokenService(JWT_SECRET).mint(USER)
+    conns = [Conn(port, token) for _ in range(clients)]
+    free = list(conns)
+    bad: list[int] = []
+    short: list[int] = []
+
+    async def one(n: int) -> None:
+        conn = free.pop()
+        try:
+            status, body = await conn.search(queries[n % len(queries)])
+        finally:
+            free.append(conn)
+        if status != 200:
+            bad.append(status)
+        elif len(json.loads(body)["results"]) != TOP_K:
+            short.append(n)
+
+    await closed_loop(clients, min(total, 200), one)  # warm-up
+    before = embedder_counts(embedder_url)
+    lat, wall = await closed_loop(clients, total, one)
+    after = embedder_counts(embedder_url)
+    for c in conns:
+        c.close()
+    calls = (
+        after["sluice_embedder_encode_calls_total"] - before["sluice_embedder_encode_calls_total"]
+    )
+    texts = after["sluice_embedder_texts_total"] - before["sluice_embedder_texts_total"]
+    return {
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+        "max": max(lat),
+        "per_s": total / wall,
+        "errors": len(bad),
+        "short": len(short),
+        "queries_per_encode": texts / calls if calls else float("nan"),
+    }
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def start_gateway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "gateway", "--port", str(port)],
+            env={**env, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("gateway not ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    sweep = sorted({*map(int, args.sweep.split(",")), args.ef})
+    with EmbeddedStack.in_dir(tmp / "stack", durable=False) as stack:
+        env = {
+            **os.environ,
+            **stack.environ(bucket="sluice-bench"),
+            "JWT_SECRET": JWT_SECRET,
+            "LOG_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+            "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000",
+            "SEARCH_EF_SEARCH": str(args.ef),
+            "DATABASE_POOL_SIZE": str(max(10, args.clients)),
+        }
+        settings = Settings.from_environ(env)
+        dsn = settings.database_url.reveal()
+        await migrate_dsn(dsn)
+        async with open_s3(settings) as s3:
+            await ensure_bucket(s3, settings.minio_bucket_name)
+        with EmbedderProcess(tmp / "embedder.log", env) as embedder:
+            client = OpenAIEmbedder(embedder.api_url, model=settings.embedding_model, timeout_s=600)
+            texts, queries = real_texts(args.real, args.queries)
+            say(f"embedding {len(texts)} real chunks and {len(queries)} queries")
+            t = time.perf_counter()
+            real = await embed_all(client, texts)
+            embed_s = time.perf_counter() - t
+            qvecs = [vector_literal(v) for v in await embed_all(client, queries)]
+            await client.aclose()
+            vectors, source = bulk_vectors(real, args.chunks, args.bulk)
+            say(f"loading {len(vectors)} chunks (COPY), then building the HNSW index")
+            load = await load_table(dsn, vectors, source, texts)
+            say("recall@10 against exact scans")
+            recall = await recall_sweep(dsn, qvecs, sweep)
+            say("bare SQL baseline")
+            bare = await bare_sql(dsn, qvecs, args.ef, args.clients, args.requests)
+            say("searching through the gateway")
+            gw_env = {**env, "SEARCH_EMBEDDING_URL": embedder.api_url}
+            gateway, port = start_gateway(gw_env, tmp / "gateway.log")
+            try:
+                rss_idle = rss_mib(gateway.pid)
+                search = await through_gateway(
+                    port, queries, args.clients, args.requests, embedder.url
+                )
+                rss_after = rss_mib(gateway.pid)
+            finally:
+                stop(gateway)
+    return {
+        "chunks": args.chunks,
+        "bulk": args.bulk,
+        "real_chunks": args.real,
+        "embed_real_s": round(embed_s, 1),
+        **{k: round(v, 1) for k, v in load.items()},
+        "recall_at_10": {str(k): round(v[0], 4) for k, v in recall.items()},
+        "recall_at_10_by_distance": {str(k): round(v[1], 4) for k, v in recall.items()},
+        "bare_sql": {k: round(v, 2) for k, v in bare.items()},
+        "gateway": {k: round(v, 2) for k, v in search.items()},
+        "gateway_rss_mib": {"ready": rss_idle, "after": rss_after},
+        "load_average": os.getloadavg(),
+    }
+
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> str:
+    gw, bare = r["gateway"], r["bare_sql"]
+    recall = r["recall_at_10_by_distance"][str(args.ef)]
+    rss = r["gateway_rss_mib"]["after"]["VmHWM"]
+    lines = [
+        f"search over {r['chunks']:,} chunks ({r['real_chunks']:,} real, bulk {r['bulk']}), "
+        f"{args.clients} clients, ef_search {args.ef}, load {r['load_average'][0]:.2f}",
+        f"  table: real chunks embedded in {r['embed_real_s']} s, COPY {r['copy_s']} s, "
+        f"HNSW build {r['index_s']} s",
+        "  recall@10 vs exact, by id / by distance (eps 1e-3): "
+        + ", ".join(
+            f"ef {k}: {v:.3f} / {r['recall_at_10_by_distance'][k]:.3f}"
+            for k, v in r["recall_at_10"].items()
+        ),
+        f"  bare SQL (baseline):  p50 {bare['p50']:.1f} ms  p99 {bare['p99']:.1f} ms  "
+        f"{bare['per_s']:.0f}/s",
+        f"  through the gateway:  p50 {gw['p50']:.1f} ms  p99 {gw['p99']:.1f} ms  "
+        f"max {gw['max']:.1f} ms  {gw['per_s']:.0f}/s  errors {gw['errors']}  "
+        f"short {gw['short']}",
+        f"    = {gw['p50'] / bare['p50']:.1f}x / {gw['p99'] / bare['p99']:.1f}x the bare SQL "
+        f"p50/p99; {gw['queries_per_encode']:.1f} queries per encode call",
+        f"  gateway RSS peak {rss:.0f} MiB (ready: {r['gateway_rss_mib']['ready']['VmRSS']:.0f})",
+        f"  targets: p50 <= 50 ms {'ok' if gw['p50'] <= 50 else 'MISSED'}, "
+        f"p99 <= 150 ms {'ok' if gw['p99'] <= 150 else 'MISSED'}, "
+        f"recall (by distance) >= 0.95 {'ok' if recall >= 0.95 else 'MISSED'}, "
+        f"RSS < 150 MiB {'ok' if rss < 150 else 'MISSED'}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--real", type=int, default=3000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--ef", type=int, default=200)
+    parser.add_argument("--sweep", default="40,100,200,400")
+    parser.add_argument(
+        "--bulk",
+        choices=["neighbours", "mixture"],
+        default="neighbours",
+        help="how the rows beyond --real are made (see the module docstring)",
+    )
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-search-") as tmp:
+        result = asyncio.run(run(args, Path(tmp)))
+    print(report(result, args))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
