@@ -9,7 +9,8 @@ a retry or a resumed attempt skips what is stored:
 
 * :func:`validate` downloads and checks the file; a document whose sha256 this
   user already has indexed (with the same processing options) completes at
-  once as deduplicated, pointing at it;
+  once as deduplicated, pointing at it, and one that an identical document's
+  job is processing right now waits for it (``workers/dedup.py``);
 * :func:`parse` extracts and chunks in a limited child process
   (``workers/parse.py``); validate, extract and chunk are one checkpoint, the
   chunk plan with the extraction's warnings;
@@ -29,11 +30,12 @@ import time
 from app.core.embedding import Vectors
 from app.core.errors import PermanentError
 from app.core.settings import Settings
-from app.jobs.model import ProgressEvent, Stage
+from app.jobs.model import ProgressEvent, RunOutcome, Stage
 from app.jobs.transitions import JobChanges
 from workers.attempt import Attempt, Conn, Outcome
 from workers.checkpoints import checkpointed, load_batches, save_batch
-from workers.endings import complete, transition
+from workers.dedup import claim_content
+from workers.endings import DuplicateRunning, complete, transition
 from workers.parse import Parsed, ParseJob, ParseReporter, parse_in_child
 from workers.progress import StageProgress, stage_start
 from workers.stages.budget import ExtractLimits
@@ -69,9 +71,11 @@ async def run_stages(attempt: Attempt) -> Outcome:
 async def _validate_and_parse(attempt: Attempt) -> Parsed | None:
     """Validate, then extract and chunk; None once a duplicate completed the job."""
     validated = await validate(attempt)
-    original = await find_duplicate(attempt, validated.sha256)
-    if original is not None:
-        await finish_deduplicated(attempt, original)
+    claim = await claim_content(attempt, validated.sha256)
+    if claim.running_job is not None:
+        raise DuplicateRunning(claim.running_job)
+    if claim.original is not None:
+        await finish_deduplicated(attempt, claim.original)
         return None
     await attempt.check()
     parsed = await parse(attempt)
@@ -90,8 +94,8 @@ async def _validate_and_parse(attempt: Attempt) -> Parsed | None:
 
 
 async def validate(attempt: Attempt) -> Validated:
-    """Download the document to the attempt's file and validate it; its sha256
-    and page count go on the document row."""
+    """Download the document to the attempt's file and validate it; its page
+    count goes on the document row (its sha256 with the claim, ``workers/dedup.py``)."""
     ctx, doc = attempt.ctx, attempt.document
     validated = await attempt.timed(
         Stage.VALIDATE,
@@ -106,30 +110,11 @@ async def validate(attempt: Attempt) -> Validated:
         ),
     )
     await ctx.db.execute(
-        "UPDATE documents SET sha256 = $2, page_count = $3, updated_at = now() WHERE id = $1::uuid",
+        "UPDATE documents SET page_count = $2, updated_at = now() WHERE id = $1::uuid",
         doc.id,
-        validated.sha256,
         validated.page_count,
     )
     return validated
-
-
-async def find_duplicate(attempt: Attempt, sha256: str) -> str | None:
-    """The id of this user's indexed document with these bytes and options, if any."""
-    doc = attempt.document
-    found = await attempt.ctx.db.fetchval(
-        """
-        SELECT COALESCE(deduplicated_of, id)::text FROM documents
-        WHERE owner_id = $1 AND sha256 = $2 AND status = 'indexed' AND id <> $3::uuid
-          AND processing_options = $4::jsonb
-        ORDER BY created_at LIMIT 1
-        """,
-        doc.owner_id,
-        sha256,
-        doc.id,
-        doc.processing_options,
-    )
-    return str(found) if found is not None else None
 
 
 async def finish_deduplicated(attempt: Attempt, original: str) -> None:
@@ -152,6 +137,7 @@ async def finish_deduplicated(attempt: Attempt, original: str) -> None:
             result={"deduplicated": True, "document_id": original, "worker": attempt.ctx.worker_id},
             message=f"deduplicated: identical to document {original}",
             details={"deduplicated_of": original},
+            outcome=RunOutcome.DEDUPLICATED,
         )
 
     await transition(attempt, commit)
