@@ -8,11 +8,12 @@ started together with ``asyncio.gather`` so that both validate before either ind
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from app.gateway.services import Services
 from app.jobs.model import JobStatus, RunOutcome
-from app.jobs.transitions import change_job, start_run
+from app.jobs.transitions import change_job, job_snapshot, start_run
 from tests.fixtures_pipeline import MadeJob, MakeJob, make_pdf, page_sentence, wait_for_status
 from workers import lease
 from workers.context import WorkerContext
@@ -145,3 +146,29 @@ async def test_the_ledger_records_each_execution_with_its_worker_and_attempt(
         }
     ]
     assert rows[0]["lease_token"].startswith(f"{worker_ctx.worker_id}:")
+
+
+async def test_a_run_resumed_past_its_claim_does_not_index_a_second_copy(
+    services: Services, worker_ctx: WorkerContext, make_job: MakeJob
+) -> None:
+    """B claims and gets as far as embedding, then its worker stops (the job is handed
+    back, its checkpoints kept); A, identical, is indexed meanwhile.  B's next run
+    resumes after validate (so after the claim) and must end as A's duplicate."""
+    data = make_pdf(_pages(30))
+    options = {"chunk_size": 24, "chunk_overlap": 4}
+    b, a = await make_job(data, options=options), await make_job(data, options=options)
+    run_b = asyncio.create_task(JobRun(worker_ctx, b.job_id).run())
+    deadline = asyncio.get_running_loop().time() + 60
+    while (snap := await job_snapshot(services.db, b.job_id)) is None or snap.stage != "embed":
+        assert asyncio.get_running_loop().time() < deadline, snap
+        await asyncio.sleep(0.02)
+    run_b.cancel()  # what a worker's shutdown does to a running job
+    with contextlib.suppress(asyncio.CancelledError):
+        await run_b
+    assert (await wait_for_status(services.db, b.job_id, {"queued"})).status == "queued"
+
+    assert await _attempt(worker_ctx, a.job_id) == Outcome.COMPLETED
+    assert await _attempt(worker_ctx, b.job_id) == Outcome.DEDUPLICATED
+    assert (await _doc(services, b))["dup"] == a.document_id
+    assert (await _doc(services, b))["chunks"] == 0
+    assert await _runs(services, b) == [RunOutcome.REQUEUED, RunOutcome.DEDUPLICATED]

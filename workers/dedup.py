@@ -22,13 +22,18 @@ was cancelled or handed back; or its worker died, and the reaper makes the job
 ``retrying`` once its lease lapses (``workers/lease.py``), so a dead first job
 blocks the second for at most about one ``JOB_LEASE_SECONDS``.  A worker that is
 alive but cut off from Postgres keeps its claim, as it keeps its lease.
+
+The index step checks once more, in its final transaction and under the same
+lock (:func:`indexed_twin`): a job resumed from its checkpoints skips validate
+and so the claim, and must not index a second copy of content indexed meanwhile.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.attempt import Attempt
+from workers.attempt import Attempt, Conn
+from workers.stages.common import DocumentInfo
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,14 @@ async def claim_content(attempt: Attempt, sha256: str) -> Claim:
             sha256,
         )
     return Claim(original=None if original is None else str(original))
+
+
+async def indexed_twin(conn: Conn, doc: DocumentInfo) -> str | None:
+    """Inside the index step's transaction: lock the document's content (until that
+    transaction ends) and return an identical document indexed in the meantime, if any."""
+    sha256 = await conn.fetchval("SELECT sha256 FROM documents WHERE id = $1::uuid", doc.id)
+    if sha256 is None:
+        return None
+    await conn.execute(_LOCK, doc.owner_id, sha256, doc.processing_options)
+    found = await conn.fetchval(_INDEXED, doc.owner_id, sha256, doc.id, doc.processing_options)
+    return None if found is None else str(found)

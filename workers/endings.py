@@ -66,8 +66,10 @@ class DuplicateRunning(Exception):
         self.job_id = job_id
 
 
-DUPLICATE_WAIT_SECONDS = 0.5
-"""How long a job waits before looking again at the identical document being processed."""
+DUPLICATE_WAIT_SECONDS = (0.25, 4.0)
+"""First and longest wait before a job looks again at the identical document being
+processed (doubling with each wait, so that many copies waiting on one original
+do not keep the fleet busy looking)."""
 
 
 async def close_run(
@@ -265,16 +267,24 @@ async def release_for_shutdown(attempt: Attempt) -> None:
 async def defer_for_duplicate(attempt: Attempt, running: DuplicateRunning) -> Outcome:
     """An identical document (same owner, sha256 and options) is being processed by
     job ``running.job_id``: hand the job back without spending an attempt and look
-    again in :data:`DUPLICATE_WAIT_SECONDS` (then it ends deduplicated, or runs if
+    again after :data:`DUPLICATE_WAIT_SECONDS` (then it ends deduplicated, or runs if
     the other one failed).  Raises :class:`RetryLater`; :attr:`Outcome.LEASE_LOST`
     if the job is no longer ours."""
 
+    waits = 0
+
     async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
+        nonlocal waits
+        waits = await conn.fetchval(
+            "SELECT count(*) FROM job_runs WHERE job_id = $1::uuid AND outcome = 'deferred'",
+            attempt.job_id,
+        )
         message = f"waiting for job {running.job_id}, which is processing an identical document"
         return await _hand_back(conn, changes, attempt, message, RunOutcome.DEFERRED)
 
     if await transition(attempt, commit) is None:
         return Outcome.LEASE_LOST
+    first, longest = DUPLICATE_WAIT_SECONDS
+    delay = min(first * 2**waits, longest)
     log.info("job_deferred_for_duplicate", job_id=attempt.job_id, running=running.job_id)
-    defer_ms = JobQueue.retry_defer_ms(attempt.priority, DUPLICATE_WAIT_SECONDS)
-    raise RetryLater(defer_ms, Outcome.DEFERRED)
+    raise RetryLater(JobQueue.retry_defer_ms(attempt.priority, delay), Outcome.DEFERRED)

@@ -34,7 +34,7 @@ from app.jobs.model import ProgressEvent, RunOutcome, Stage
 from app.jobs.transitions import JobChanges
 from workers.attempt import Attempt, Conn, Outcome
 from workers.checkpoints import checkpointed, load_batches, save_batch
-from workers.dedup import claim_content
+from workers.dedup import claim_content, indexed_twin
 from workers.endings import DuplicateRunning, complete, transition
 from workers.parse import Parsed, ParseJob, ParseReporter, parse_in_child
 from workers.progress import StageProgress, stage_start
@@ -119,28 +119,34 @@ async def validate(attempt: Attempt) -> Validated:
 
 async def finish_deduplicated(attempt: Attempt, original: str) -> None:
     """Complete the job as a duplicate of document ``original`` (its own chunks go)."""
-    doc = attempt.document
 
     async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
         await attempt.verify(conn, lock=True)
-        await conn.execute("DELETE FROM chunks WHERE document_id = $1::uuid", doc.id)
-        await conn.execute(
-            "UPDATE documents SET status = 'indexed', deduplicated_of = $2::uuid, "
-            "updated_at = now() WHERE id = $1::uuid",
-            doc.id,
-            original,
-        )
-        return await complete(
-            conn,
-            changes,
-            attempt,
-            result={"deduplicated": True, "document_id": original, "worker": attempt.ctx.worker_id},
-            message=f"deduplicated: identical to document {original}",
-            details={"deduplicated_of": original},
-            outcome=RunOutcome.DEDUPLICATED,
-        )
+        return await _complete_as_duplicate(conn, changes, attempt, original)
 
     await transition(attempt, commit)
+
+
+async def _complete_as_duplicate(
+    conn: Conn, changes: JobChanges, attempt: Attempt, original: str
+) -> ProgressEvent | None:
+    doc = attempt.document
+    await conn.execute("DELETE FROM chunks WHERE document_id = $1::uuid", doc.id)
+    await conn.execute(
+        "UPDATE documents SET status = 'indexed', deduplicated_of = $2::uuid, "
+        "updated_at = now() WHERE id = $1::uuid",
+        doc.id,
+        original,
+    )
+    return await complete(
+        conn,
+        changes,
+        attempt,
+        result={"deduplicated": True, "document_id": original, "worker": attempt.ctx.worker_id},
+        message=f"deduplicated: identical to document {original}",
+        details={"deduplicated_of": original},
+        outcome=RunOutcome.DEDUPLICATED,
+    )
 
 
 # -- extract and chunk -------------------------------------------------------------------
@@ -255,8 +261,14 @@ async def index(attempt: Attempt, chunks: list[Chunk], vectors: Vectors) -> Outc
     started = time.perf_counter()
     doc = attempt.document
 
+    twin: str | None = None
+
     async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
+        nonlocal twin
         await attempt.verify(conn, lock=True)
+        twin = await indexed_twin(conn, doc)
+        if twin is not None:  # indexed meanwhile (this run resumed past its claim)
+            return await _complete_as_duplicate(conn, changes, attempt, twin)
         written = await write_chunks(conn, doc.id, doc.owner_id, chunks, vectors)
         # Written with the rest of the run's timings by the release below; a
         # transaction run again after an outage keeps the first measurement.
@@ -280,6 +292,8 @@ async def index(attempt: Attempt, chunks: list[Chunk], vectors: Vectors) -> Outc
         )
 
     await transition(attempt, commit)
+    if twin is not None:
+        return Outcome.DEDUPLICATED
     attempt.ctx.metrics.stage_seconds.labels(str(Stage.INDEX)).observe(
         attempt.timings[str(Stage.INDEX)][0]
     )
