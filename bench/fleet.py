@@ -37,9 +37,10 @@ def run_once(args: argparse.Namespace, kills: int, workdir: Path) -> dict[str, A
         "SLUICE_FLEET_KILLS": str(kills),
         "SLUICE_FLEET_EMBEDDER": args.embedder,
         "SLUICE_FLEET_REPORT": str(report),
+        "SLUICE_FLEET_TIMEOUT_S": "3600",
     }
     cmd = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=3600",
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         f"--basetemp={workdir / f'pt-{kills}'}", "-m", "fleet", "tests/test_fleet.py",
     ]  # fmt: skip
     code = subprocess.call(cmd, cwd=ROOT, env=env)

@@ -63,7 +63,9 @@ from workers.stages.chunk import chunk_pages
 from workers.stages.common import NullReporter
 from workers.stages.extract import extract_document
 
-pytestmark = [pytest.mark.fleet, pytest.mark.slow, pytest.mark.timeout(420)]
+TIMEOUT_S = int(os.environ.get("SLUICE_FLEET_TIMEOUT_S", "420"))
+"""The whole test's bound (the soak raises it)."""
+pytestmark = [pytest.mark.fleet, pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S)]
 
 WORKERS = 6
 USERS = 4
@@ -109,6 +111,8 @@ class Uploaded:
     upload: Upload
     job_id: str
     document_id: str
+    ready: float
+    """When the gateway had answered (wall clock): the job was on the queue by then."""
 
 
 class GatewayProcs:
@@ -303,7 +307,7 @@ async def _upload_all(
             )
             assert r.status_code == 201, (r.status_code, r.text)
             body = r.json()
-            done.append(Uploaded(up, body["job_id"], body["document_id"]))
+            done.append(Uploaded(up, body["job_id"], body["document_id"], time.time()))
             for sub in subs[up.owner]:
                 sub.pending.append(body["job_id"])
 
@@ -365,7 +369,15 @@ async def _kill_running_workers(
 
 async def _wait_all_terminal(services: Services, job_ids: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
+    next_report = time.monotonic() + 15
     while True:
+        if time.monotonic() > next_report:  # shown with -s: where a slow run stands
+            next_report += 15
+            counts = await services.db.fetch(
+                "SELECT status, count(*) AS n FROM jobs WHERE id = ANY($1::uuid[]) GROUP BY 1",
+                job_ids,
+            )
+            print(f"fleet: {dict((r['status'], r['n']) for r in counts)}", flush=True)
         left = await services.db.fetchval(
             "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) "
             "AND status NOT IN ('completed', 'failed', 'cancelled')",
@@ -448,21 +460,21 @@ async def _check_chunks(services: Services, done: list[Uploaded], tmp: Path) -> 
             assert by_doc[u.document_id]["dup"] == holders[key][0], u.upload.filename
 
 
-async def _check_priorities(services: Services, job_ids: list[str]) -> int:
+async def _check_priorities(services: Services, done: list[Uploaded]) -> int:
     """Pairs (h, l) with h of higher priority ready before l started (by more than the
-    slack) yet started after it: must be none.  Returns how many pairs were compared."""
+    slack) yet started after it: must be none.  A job is ready once its upload has
+    answered (the gateway enqueued it before); it started with its first run in the
+    ledger.  Returns how many pairs were compared."""
     rows = await services.db.fetch(
-        "SELECT j.priority,"
-        "  extract(epoch FROM coalesce(j.queued_at, j.created_at))::float8 AS ready,"
-        "  extract(epoch FROM min(r.started_at))::float8 AS started "
-        "FROM jobs j JOIN job_runs r ON r.job_id = j.id "
-        "WHERE j.id = ANY($1::uuid[]) GROUP BY j.id",
-        job_ids,
+        "SELECT job_id::text AS id, extract(epoch FROM min(started_at))::float8 AS started "
+        "FROM job_runs WHERE job_id = ANY($1::uuid[]) GROUP BY job_id",
+        [u.job_id for u in done],
     )
+    started_at = {r["id"]: r["started"] for r in rows}
     rank = {p: i for i, p in enumerate(Priority)}
     levels: dict[int, list[tuple[float, float]]] = {}
-    for r in rows:
-        levels.setdefault(rank[r["priority"]], []).append((r["ready"], r["started"]))
+    for u in done:
+        levels.setdefault(rank[u.upload.priority], []).append((u.ready, started_at[u.job_id]))
     compared, inversions = 0, []
     for level, jobs in levels.items():
         jobs.sort()
@@ -556,14 +568,14 @@ async def _run_fleet(
             killer.cancel()
         job_ids = [u.job_id for u in done]
         uploaded_s = time.monotonic() - began
-        await _wait_all_terminal(services, job_ids, timeout=240)
+        await _wait_all_terminal(services, job_ids, timeout=TIMEOUT_S - 60 - uploaded_s)
         finished_s = time.monotonic() - began
         await _wait_delivered(subs)
 
         assert len(killed) == KILLS and all(workers[w][0].poll() is not None for w in killed)
         await _check_ledger(services, job_ids)
         await _check_chunks(services, done, tmp_path)
-        compared = await _check_priorities(services, job_ids)
+        compared = await _check_priorities(services, done)
         _check_subscribers(subs, done)
 
     lost = await services.db.fetchval(
