@@ -77,8 +77,9 @@ KILLS = int(os.environ.get("SLUICE_FLEET_KILLS", "2"))
 NOTES_PER_USER = 10
 """Distinct tiny notes per user; the other tiny uploads repeat them."""
 UPLOAD_CONCURRENCY = 12
-PRIORITY_SLACK_S = 1.0
-"""How stale a worker's read of the queue may be (poll, read, start) on a loaded machine."""
+PRIORITY_SLACK_S = float(os.environ.get("SLUICE_FLEET_PRIORITY_SLACK_S", "1.0"))
+"""How stale a worker's read of the queue, and late its first write, may be on a quiet
+machine; scaled by the machine's oversubscription (1-minute load / cores) when loaded."""
 REAL_OPTIONS = {"chunk_size": 48, "chunk_overlap": 8}
 EMBEDDER = os.environ.get("SLUICE_FLEET_EMBEDDER", "local")
 """``local``: each worker loads MiniLM in-process (the production default, and this
@@ -460,7 +461,7 @@ async def _check_chunks(services: Services, done: list[Uploaded], tmp: Path) -> 
             assert by_doc[u.document_id]["dup"] == holders[key][0], u.upload.filename
 
 
-async def _check_priorities(services: Services, done: list[Uploaded]) -> int:
+async def _check_priorities(services: Services, done: list[Uploaded], slack: float) -> int:
     """Pairs (h, l) with h of higher priority ready before l started (by more than the
     slack) yet started after it: must be none.  A job is ready once its upload has
     answered (the gateway enqueued it before); it started with its first run in the
@@ -486,11 +487,14 @@ async def _check_priorities(services: Services, done: list[Uploaded]) -> int:
             if lower >= level:
                 continue
             for _, started in others:
-                i = bisect.bisect_left(readies, started - PRIORITY_SLACK_S)
+                i = bisect.bisect_left(readies, started - slack)
                 compared += i
                 if i and latest_start[i - 1] > started:
-                    inversions.append((lower, level, started))
-    assert not inversions, f"{len(inversions)} lower-priority starts jumped the queue"
+                    inversions.append((lower, level, round(latest_start[i - 1] - started, 3)))
+    assert not inversions, (
+        f"{len(inversions)} lower-priority starts jumped the queue "
+        f"(lower level, higher level, seconds the higher one started later): {inversions[:10]}"
+    )
     return compared
 
 
@@ -575,8 +579,9 @@ async def _run_fleet(
         assert len(killed) == KILLS and all(workers[w][0].poll() is not None for w in killed)
         await _check_ledger(services, job_ids)
         await _check_chunks(services, done, tmp_path)
-        compared = await _check_priorities(services, done)
         _check_subscribers(subs, done)
+        slack = PRIORITY_SLACK_S * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+        compared = await _check_priorities(services, done, slack)
 
     lost = await services.db.fetchval(
         "SELECT count(*) FROM job_runs WHERE job_id = ANY($1::uuid[]) AND outcome = 'lost'",
@@ -591,6 +596,7 @@ async def _run_fleet(
         "uploaded_s": round(uploaded_s, 2),
         "terminal_s": round(finished_s, 2),
         "priority_pairs": compared,
+        "priority_slack_s": round(slack, 2),
         "load_before": round(load_before[0], 2),
         "load_after": round(os.getloadavg()[0], 2),
     }
@@ -599,6 +605,7 @@ async def _run_fleet(
     print(
         f"\nfleet: {len(job_ids)} jobs, {WORKERS} workers ({KILLS} SIGKILLed, {lost} runs lost), "
         f"ready {ready_s:.1f} s, uploaded {uploaded_s:.1f} s, all terminal {finished_s:.1f} s, "
-        f"total {time.monotonic() - began:.1f} s; priority pairs compared {compared}; "
+        f"total {time.monotonic() - began:.1f} s; priority pairs compared {compared} "
+        f"(slack {slack:.1f} s); "
         f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
     )
