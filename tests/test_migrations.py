@@ -18,7 +18,7 @@ from app.core.db import Migration, load_migrations, migrate
 from app.core.errors import ConfigError
 from app.core.queue import Priority
 from app.gateway.services import Services
-from app.jobs.model import DocumentStatus, JobStatus, Stage
+from app.jobs.model import DocumentStatus, JobStatus, RunOutcome, Stage
 from devstack.stack import EmbeddedStack
 
 
@@ -104,7 +104,7 @@ async def test_every_state_enum_matches_its_check_constraint(services: Services)
     rows = await services.db.fetch(
         "SELECT conrelid::regclass::text AS tbl, pg_get_constraintdef(oid) AS def "
         "FROM pg_constraint "
-        "WHERE contype = 'c' AND conrelid::regclass::text IN ('jobs', 'documents')"
+        "WHERE contype = 'c' AND conrelid::regclass::text IN ('jobs', 'documents', 'job_runs')"
     )
     allowed: dict[tuple[str, str], set[str]] = {}
     for row in rows:
@@ -116,6 +116,7 @@ async def test_every_state_enum_matches_its_check_constraint(services: Services)
         ("jobs", "stage"): Stage,
         ("jobs", "priority"): Priority,
         ("documents", "status"): DocumentStatus,
+        ("job_runs", "outcome"): RunOutcome,
     }
     for key, enum in enums.items():
         assert allowed.get(key) == {str(member) for member in enum}, (key, allowed.get(key))

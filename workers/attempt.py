@@ -63,6 +63,8 @@ class Outcome(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     RETRYING = "retrying"
+    DEFERRED = "deferred"
+    """Handed back unspent: an identical document is being processed (``workers/dedup.py``)."""
     SKIPPED = "skipped"
     LEASE_LOST = "lease_lost"
     REQUEUED = "requeued"
@@ -91,6 +93,8 @@ class Attempt:
         """The lease owner written in the job row: the fence of every write."""
         self.number = 0
         """The job's attempt count, this one included."""
+        self.run_id: int | None = None
+        """This execution's row in the ``job_runs`` ledger (once the lease is taken)."""
         self.priority = "normal"
         self.doc: DocumentInfo | None = None
         self.lease_lost = False

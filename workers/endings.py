@@ -15,7 +15,13 @@ worker took over, changes nothing twice.
 * :func:`retry_or_fail` -- ``retrying`` with exponential backoff (ARQ retries
   it after :class:`RetryLater`'s delay, the priority offset re-applied), or
   ``failed`` once ``TASK_RETRY_MAX_ATTEMPTS`` are spent;
-* :func:`release_for_shutdown` -- ``queued`` again without spending an attempt.
+* :func:`release_for_shutdown` -- ``queued`` again without spending an attempt;
+* :func:`defer_for_duplicate` -- ``queued`` again without spending an attempt,
+  retried shortly: an identical document is being processed (``workers/dedup.py``).
+
+Each ending also closes the attempt's run in the execution ledger
+(:func:`~app.jobs.transitions.end_run`) in the same transaction, with the
+outcome it wrote, or ``lost`` if the job was no longer this attempt's.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from app.core.errors import SluiceError, TransientError
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage
 from app.core.queue import JobQueue
-from app.jobs.model import DocumentStatus, JobStatus, ProgressEvent, Stage
-from app.jobs.transitions import JobChanges
+from app.jobs.model import DocumentStatus, JobStatus, ProgressEvent, RunOutcome, Stage
+from app.jobs.transitions import JobChanges, end_run
 from workers import lease
 from workers.attempt import WAITING_OR_RUNNING, Attempt, Conn, Outcome, append_timings
 from workers.lease import STILL_RUNNING
@@ -43,11 +49,35 @@ Commit = Callable[[Conn, JobChanges], Awaitable[ProgressEvent | None]]
 
 
 class RetryLater(Exception):
-    """Internal: the attempt ended with a transient error; retry after ``defer_ms``."""
+    """Internal: the attempt ended with a transient error (or waits for a duplicate,
+    ``outcome`` DEFERRED); ARQ runs the job again after ``defer_ms``."""
 
-    def __init__(self, defer_ms: int) -> None:
+    def __init__(self, defer_ms: int, outcome: Outcome = Outcome.RETRYING) -> None:
         super().__init__(defer_ms)
         self.defer_ms = defer_ms
+        self.outcome = outcome
+
+
+class DuplicateRunning(Exception):
+    """Internal: a job of the same owner, sha256 and options is running; wait for it."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+DUPLICATE_WAIT_SECONDS = (0.25, 4.0)
+"""First and longest wait before a job looks again at the identical document being
+processed (doubling with each wait, so that many copies waiting on one original
+do not keep the fleet busy looking)."""
+
+
+async def close_run(
+    conn: Conn, attempt: Attempt, outcome: RunOutcome, event: ProgressEvent | None
+) -> None:
+    """Close the attempt's ledger run: ``outcome`` if its state change was written
+    (``event``), else ``lost`` (the job was no longer this attempt's)."""
+    await end_run(conn, attempt.run_id, outcome if event is not None else RunOutcome.LOST)
 
 
 async def transition(
@@ -108,10 +138,12 @@ async def complete(
     result: dict[str, Any],
     message: str,
     details: dict[str, Any] | None = None,
+    outcome: RunOutcome = RunOutcome.COMPLETED,
 ) -> ProgressEvent | None:
-    """Inside the final (fenced) transaction: release the run, record ``completed``."""
+    """Inside the final (fenced) transaction: release the run, record ``completed``
+    (closing the ledger run with ``outcome``)."""
     await release(conn, attempt, warnings=attempt.warnings, result=result)
-    return await changes.record(
+    event = await changes.record(
         attempt.job_id,
         status=JobStatus.COMPLETED,
         stage=Stage.INDEX,
@@ -121,6 +153,8 @@ async def complete(
         details={**result, **(details or {})},
         only_if_status=STILL_RUNNING,
     )
+    await close_run(conn, attempt, outcome, event)
+    return event
 
 
 async def finish_cancelled(attempt: Attempt, message: str) -> Outcome:
@@ -134,6 +168,7 @@ async def finish_cancelled(attempt: Attempt, message: str) -> Outcome:
         )
         if event is not None and attempt.doc is not None:
             await lease.settle_document(conn, uuid.UUID(attempt.doc.id), DocumentStatus.CANCELLED)
+        await close_run(conn, attempt, RunOutcome.CANCELLED, event)
         return event
 
     await transition(attempt, commit)
@@ -154,6 +189,7 @@ async def finish_failed(attempt: Attempt, exc: SluiceError) -> Outcome:
         )
         if event is not None and attempt.doc is not None:
             await lease.settle_document(conn, uuid.UUID(attempt.doc.id), DocumentStatus.FAILED)
+        await close_run(conn, attempt, RunOutcome.FAILED, event)
         return event
 
     log.info("job_failed", job_id=attempt.job_id, code=exc.code, error=exc.message)
@@ -179,13 +215,15 @@ async def retry_or_fail(attempt: Attempt, exc: TransientError) -> Outcome:
             attempt.job_id,
             attempt.timings,
         )
-        return await changes.record(
+        event = await changes.record(
             attempt.job_id,
             status=JobStatus.RETRYING,
             message=f"{exc.message}; retry {attempt.number + 1} of {max_attempts} in {delay:.1f} s",
             details={"error_code": exc.code, "retry_in_seconds": round(delay, 2)},
             only_if_status=STILL_RUNNING,
         )
+        await close_run(conn, attempt, RunOutcome.RETRYING, event)
+        return event
 
     if await transition(attempt, commit) is None:
         return Outcome.LEASE_LOST
@@ -193,27 +231,60 @@ async def retry_or_fail(attempt: Attempt, exc: TransientError) -> Outcome:
     raise RetryLater(JobQueue.retry_defer_ms(attempt.priority, delay))
 
 
+async def _hand_back(
+    conn: Conn, changes: JobChanges, attempt: Attempt, message: str, outcome: RunOutcome
+) -> ProgressEvent | None:
+    """Free the lease and make the job ``queued`` again, the attempt not counted."""
+    released = await conn.fetchval(
+        "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
+        "attempts = greatest(attempts - 1, 0) "
+        "WHERE id = $1::uuid AND lease_owner = $2 AND status = 'running' RETURNING true",
+        attempt.job_id,
+        attempt.token,
+    )
+    event = None
+    if released:
+        event = await changes.record(
+            attempt.job_id, status=JobStatus.QUEUED, message=message, only_if_status=STILL_RUNNING
+        )
+    await close_run(conn, attempt, outcome, event)
+    return event
+
+
 async def release_for_shutdown(attempt: Attempt) -> None:
     """The worker is stopping: hand the job back without spending an attempt."""
 
     async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
-        released = await conn.fetchval(
-            "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, "
-            "attempts = greatest(attempts - 1, 0) "
-            "WHERE id = $1::uuid AND lease_owner = $2 AND status = 'running' RETURNING true",
-            attempt.job_id,
-            attempt.token,
-        )
-        if not released:
-            return None
-        return await changes.record(
-            attempt.job_id,
-            status=JobStatus.QUEUED,
-            message="worker shutting down; job requeued",
-            only_if_status=STILL_RUNNING,
-        )
+        message = "worker shutting down; job requeued"
+        return await _hand_back(conn, changes, attempt, message, RunOutcome.REQUEUED)
 
     try:
         await transition(attempt, commit, ride=False)  # never hold up a shutdown
     except Exception:
         log.warning("release_failed", job_id=attempt.job_id, exc_info=True)
+
+
+async def defer_for_duplicate(attempt: Attempt, running: DuplicateRunning) -> Outcome:
+    """An identical document (same owner, sha256 and options) is being processed by
+    job ``running.job_id``: hand the job back without spending an attempt and look
+    again after :data:`DUPLICATE_WAIT_SECONDS` (then it ends deduplicated, or runs if
+    the other one failed).  Raises :class:`RetryLater`; :attr:`Outcome.LEASE_LOST`
+    if the job is no longer ours."""
+
+    waits = 0
+
+    async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
+        nonlocal waits
+        waits = await conn.fetchval(
+            "SELECT count(*) FROM job_runs WHERE job_id = $1::uuid AND outcome = 'deferred'",
+            attempt.job_id,
+        )
+        message = f"waiting for job {running.job_id}, which is processing an identical document"
+        return await _hand_back(conn, changes, attempt, message, RunOutcome.DEFERRED)
+
+    if await transition(attempt, commit) is None:
+        return Outcome.LEASE_LOST
+    first, longest = DUPLICATE_WAIT_SECONDS
+    delay = min(first * 2**waits, longest)
+    log.info("job_deferred_for_duplicate", job_id=attempt.job_id, running=running.job_id)
+    raise RetryLater(JobQueue.retry_defer_ms(attempt.priority, delay), Outcome.DEFERRED)

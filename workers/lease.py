@@ -9,6 +9,7 @@ length.  If the worker dies (SIGKILL, OOM, lost host), the lease lapses within
   attempts are used up: a document that kills workers is not retried forever,
   or ``cancelled`` if that was asked for), in one transaction with clearing
   the lease, so exactly one reaper wins;
+* closes the dead worker's run in the execution ledger as ``lost``;
 * releases ARQ's in-progress key for it (:meth:`JobQueue.requeue_lost`), which
   would otherwise block the job for the whole job timeout (ARQ #343).
 
@@ -36,7 +37,7 @@ from app.core.db import Queryable
 from app.core.logging import get_logger
 from app.core.queue import WORKERS_KEY
 from app.jobs.model import DocumentStatus, JobStatus
-from app.jobs.transitions import JobChanges, job_transaction
+from app.jobs.transitions import JobChanges, close_open_runs, job_transaction
 from workers.context import WorkerContext
 
 log = get_logger("sluice.worker.lease")
@@ -178,6 +179,7 @@ async def _reap(changes: JobChanges, row: asyncpg.Record, max_attempts: int) -> 
         )
     if event is None:
         return False
+    await close_open_runs(changes.conn, job_id)  # the dead worker's run, in the ledger
     if event.terminal:
         await changes.conn.execute("DELETE FROM job_checkpoints WHERE job_id = $1::uuid", job_id)
     return True

@@ -15,7 +15,9 @@
    renews its lease and runs the steps again from their checkpoints
    (``workers/checkpoints.py``); a final state that could not be written is
    written once the database is back;
-4. ends (``workers/endings.py``): completed by the index step; ``cancelled``
+4. ends (``workers/endings.py``): completed by the index step (or as a
+   duplicate; while an identical document is being processed, handed back
+   unspent to look again shortly: ``workers/dedup.py``); ``cancelled``
    once a cancel was seen (its partial outputs removed); on
    :class:`~app.core.errors.TransientError` (or a bug) retried with exponential
    backoff (ARQ ``Retry``, the priority offset re-applied) up to
@@ -23,7 +25,9 @@
    failed at once; on shutdown handed back to the queue without spending an
    attempt.
 
-Every job state change goes through :mod:`app.jobs.transitions`.  The
+Every job state change goes through :mod:`app.jobs.transitions`, and so does
+the execution ledger: a run is opened once the lease is taken and closed with
+the ending's transaction (``job_runs``).  The
 invariants of progress and timings are stated in ``workers/attempt.py``.
 """
 
@@ -39,13 +43,15 @@ from arq import Retry
 from app.core.errors import CancelRequested, PermanentError, TransientError
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage, is_storage_outage
-from app.jobs.model import JobStatus, Stage
-from app.jobs.transitions import change_job
+from app.jobs.model import JobStatus, RunOutcome, Stage
+from app.jobs.transitions import change_job, end_run, start_run
 from workers import lease
 from workers.attempt import WAITING_OR_RUNNING, Attempt, Outcome
 from workers.context import WorkerContext
 from workers.endings import (
+    DuplicateRunning,
     RetryLater,
+    defer_for_duplicate,
     finish_cancelled,
     finish_failed,
     release_for_shutdown,
@@ -79,7 +85,10 @@ class JobRun:
             early = await self._start()
             if early is not None:
                 return early
-            return await self._run_started()
+            outcome = await self._run_started()
+            if outcome is Outcome.LEASE_LOST:  # unless its new owner closed it already
+                await end_run(self.ctx.db, self.attempt.run_id, RunOutcome.LOST)
+            return outcome
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
@@ -92,6 +101,13 @@ class JobRun:
             return Outcome.SKIPPED
         attempt.take(row)
         structlog.contextvars.bind_contextvars(job_id=self.job_id, attempt=attempt.number)
+        attempt.run_id = await start_run(
+            ctx.db,
+            self.job_id,
+            attempt=attempt.number,
+            worker_id=ctx.worker_id,
+            lease_token=attempt.token,
+        )
         if row["cancel_requested"]:
             return await finish_cancelled(attempt, "cancelled before processing started")
         max_attempts = ctx.settings.task_retry_max_attempts
@@ -106,7 +122,10 @@ class JobRun:
             message=f"started (attempt {attempt.number} of {max_attempts})",
             only_if_status=WAITING_OR_RUNNING,
         )
-        return None if started is not None else Outcome.SKIPPED
+        if started is None:
+            await end_run(ctx.db, attempt.run_id, RunOutcome.SKIPPED)
+            return Outcome.SKIPPED
+        return None
 
     async def _run_started(self) -> Outcome:
         ctx = self.ctx
@@ -155,6 +174,8 @@ class JobRun:
             return Outcome.LEASE_LOST
         if isinstance(exc, CancelRequested):
             return await finish_cancelled(self.attempt, "cancelled")
+        if isinstance(exc, DuplicateRunning):
+            return await defer_for_duplicate(self.attempt, exc)
         if isinstance(exc, PermanentError):
             return await finish_failed(self.attempt, exc)
         if isinstance(exc, TransientError):
@@ -223,7 +244,7 @@ async def process_document(ctx: dict[str, Any], job_id: str) -> str:
     try:
         outcome = await JobRun(wctx, job_id).run()
     except RetryLater as retry:
-        wctx.metrics.jobs.labels(Outcome.RETRYING).inc()
+        wctx.metrics.jobs.labels(retry.outcome).inc()
         raise Retry(defer=retry.defer_ms / 1000) from None
     except Exception as exc:
         if not is_database_outage(exc):

@@ -9,7 +9,8 @@ a retry or a resumed attempt skips what is stored:
 
 * :func:`validate` downloads and checks the file; a document whose sha256 this
   user already has indexed (with the same processing options) completes at
-  once as deduplicated, pointing at it;
+  once as deduplicated, pointing at it, and one that an identical document's
+  job is processing right now waits for it (``workers/dedup.py``);
 * :func:`parse` extracts and chunks in a limited child process
   (``workers/parse.py``); validate, extract and chunk are one checkpoint, the
   chunk plan with the extraction's warnings;
@@ -29,11 +30,12 @@ import time
 from app.core.embedding import Vectors
 from app.core.errors import PermanentError
 from app.core.settings import Settings
-from app.jobs.model import ProgressEvent, Stage
+from app.jobs.model import ProgressEvent, RunOutcome, Stage
 from app.jobs.transitions import JobChanges
 from workers.attempt import Attempt, Conn, Outcome
 from workers.checkpoints import checkpointed, load_batches, save_batch
-from workers.endings import complete, transition
+from workers.dedup import claim_content, indexed_twin
+from workers.endings import DuplicateRunning, complete, transition
 from workers.parse import Parsed, ParseJob, ParseReporter, parse_in_child
 from workers.progress import StageProgress, stage_start
 from workers.stages.budget import ExtractLimits
@@ -69,9 +71,11 @@ async def run_stages(attempt: Attempt) -> Outcome:
 async def _validate_and_parse(attempt: Attempt) -> Parsed | None:
     """Validate, then extract and chunk; None once a duplicate completed the job."""
     validated = await validate(attempt)
-    original = await find_duplicate(attempt, validated.sha256)
-    if original is not None:
-        await finish_deduplicated(attempt, original)
+    claim = await claim_content(attempt, validated.sha256)
+    if claim.running_job is not None:
+        raise DuplicateRunning(claim.running_job)
+    if claim.original is not None:
+        await finish_deduplicated(attempt, claim.original)
         return None
     await attempt.check()
     parsed = await parse(attempt)
@@ -90,8 +94,8 @@ async def _validate_and_parse(attempt: Attempt) -> Parsed | None:
 
 
 async def validate(attempt: Attempt) -> Validated:
-    """Download the document to the attempt's file and validate it; its sha256
-    and page count go on the document row."""
+    """Download the document to the attempt's file and validate it; its page
+    count goes on the document row (its sha256 with the claim, ``workers/dedup.py``)."""
     ctx, doc = attempt.ctx, attempt.document
     validated = await attempt.timed(
         Stage.VALIDATE,
@@ -106,55 +110,43 @@ async def validate(attempt: Attempt) -> Validated:
         ),
     )
     await ctx.db.execute(
-        "UPDATE documents SET sha256 = $2, page_count = $3, updated_at = now() WHERE id = $1::uuid",
+        "UPDATE documents SET page_count = $2, updated_at = now() WHERE id = $1::uuid",
         doc.id,
-        validated.sha256,
         validated.page_count,
     )
     return validated
 
 
-async def find_duplicate(attempt: Attempt, sha256: str) -> str | None:
-    """The id of this user's indexed document with these bytes and options, if any."""
-    doc = attempt.document
-    found = await attempt.ctx.db.fetchval(
-        """
-        SELECT COALESCE(deduplicated_of, id)::text FROM documents
-        WHERE owner_id = $1 AND sha256 = $2 AND status = 'indexed' AND id <> $3::uuid
-          AND processing_options = $4::jsonb
-        ORDER BY created_at LIMIT 1
-        """,
-        doc.owner_id,
-        sha256,
-        doc.id,
-        doc.processing_options,
-    )
-    return str(found) if found is not None else None
-
-
 async def finish_deduplicated(attempt: Attempt, original: str) -> None:
     """Complete the job as a duplicate of document ``original`` (its own chunks go)."""
-    doc = attempt.document
 
     async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
         await attempt.verify(conn, lock=True)
-        await conn.execute("DELETE FROM chunks WHERE document_id = $1::uuid", doc.id)
-        await conn.execute(
-            "UPDATE documents SET status = 'indexed', deduplicated_of = $2::uuid, "
-            "updated_at = now() WHERE id = $1::uuid",
-            doc.id,
-            original,
-        )
-        return await complete(
-            conn,
-            changes,
-            attempt,
-            result={"deduplicated": True, "document_id": original, "worker": attempt.ctx.worker_id},
-            message=f"deduplicated: identical to document {original}",
-            details={"deduplicated_of": original},
-        )
+        return await _complete_as_duplicate(conn, changes, attempt, original)
 
     await transition(attempt, commit)
+
+
+async def _complete_as_duplicate(
+    conn: Conn, changes: JobChanges, attempt: Attempt, original: str
+) -> ProgressEvent | None:
+    doc = attempt.document
+    await conn.execute("DELETE FROM chunks WHERE document_id = $1::uuid", doc.id)
+    await conn.execute(
+        "UPDATE documents SET status = 'indexed', deduplicated_of = $2::uuid, "
+        "updated_at = now() WHERE id = $1::uuid",
+        doc.id,
+        original,
+    )
+    return await complete(
+        conn,
+        changes,
+        attempt,
+        result={"deduplicated": True, "document_id": original, "worker": attempt.ctx.worker_id},
+        message=f"deduplicated: identical to document {original}",
+        details={"deduplicated_of": original},
+        outcome=RunOutcome.DEDUPLICATED,
+    )
 
 
 # -- extract and chunk -------------------------------------------------------------------
@@ -269,8 +261,14 @@ async def index(attempt: Attempt, chunks: list[Chunk], vectors: Vectors) -> Outc
     started = time.perf_counter()
     doc = attempt.document
 
+    twin: str | None = None
+
     async def commit(conn: Conn, changes: JobChanges) -> ProgressEvent | None:
+        nonlocal twin
         await attempt.verify(conn, lock=True)
+        twin = await indexed_twin(conn, doc)
+        if twin is not None:  # indexed meanwhile (this run resumed past its claim)
+            return await _complete_as_duplicate(conn, changes, attempt, twin)
         written = await write_chunks(conn, doc.id, doc.owner_id, chunks, vectors)
         # Written with the rest of the run's timings by the release below; a
         # transaction run again after an outage keeps the first measurement.
@@ -294,6 +292,8 @@ async def index(attempt: Attempt, chunks: list[Chunk], vectors: Vectors) -> Outc
         )
 
     await transition(attempt, commit)
+    if twin is not None:
+        return Outcome.DEDUPLICATED
     attempt.ctx.metrics.stage_seconds.labels(str(Stage.INDEX)).observe(
         attempt.timings[str(Stage.INDEX)][0]
     )

@@ -42,6 +42,33 @@ RETRYABLE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
 """``/retry`` queues a job in one of these again, under the same id."""
 
 
+class RunOutcome(StrEnum):
+    """How one execution of a job ended, as the ``job_runs`` ledger records it
+    (``migrations/0005_job_runs.sql``).
+
+    ``completed``, ``deduplicated``, ``failed`` and ``cancelled`` end the job;
+    ``retrying`` and ``deferred`` (an identical document is being processed:
+    wait for it, no attempt spent) and ``requeued`` (the worker stopped) hand
+    it back to the queue; ``skipped``: the job was no longer runnable once its
+    lease was taken; ``lost``: the worker died or lost the lease mid-run.
+    """
+
+    COMPLETED = "completed"
+    DEDUPLICATED = "deduplicated"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRYING = "retrying"
+    REQUEUED = "requeued"
+    DEFERRED = "deferred"
+    SKIPPED = "skipped"
+    LOST = "lost"
+
+    @property
+    def final(self) -> bool:
+        """True for the outcomes that end the job (each job has at most one)."""
+        return self in FINAL_RUN_OUTCOMES
+
+
 class Stage(StrEnum):
     UPLOAD = "upload"
     VALIDATE = "validate"
@@ -49,6 +76,12 @@ class Stage(StrEnum):
     CHUNK = "chunk"
     EMBED = "embed"
     INDEX = "index"
+
+
+FINAL_RUN_OUTCOMES = frozenset(
+    {RunOutcome.COMPLETED, RunOutcome.DEDUPLICATED, RunOutcome.FAILED, RunOutcome.CANCELLED}
+)
+"""The ledger outcomes that leave the job in a terminal status."""
 
 
 class DocumentStatus(StrEnum):

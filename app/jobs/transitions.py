@@ -14,6 +14,13 @@ state, so sequence numbers only grow and agree with the table.  A failed
 publish is logged, never raised: the table stays the truth, and resuming
 subscribers fall back to its snapshot.
 
+The execution ledger (``job_runs``) is written here as well: a worker opens a
+run when it takes a job's lease (:func:`start_run`, one insert) and closes it
+inside the transaction of the state the run ended in (:func:`end_run`, one
+update), so "exactly once" can be counted from executions rather than trusted
+from a status.  A run whose worker died is closed ``lost`` by whoever ends the
+lease: the reaper (:func:`close_open_runs`) or the next :func:`start_run`.
+
 Reading a job's state as an event lives here too (:func:`job_snapshot`,
 :func:`job_snapshots`; :func:`event_from_row` over :data:`JOB_EVENT_COLUMNS`),
 so the columns an event is made of are spelled once.
@@ -32,7 +39,7 @@ from app.core.db import Queryable
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage
 from app.jobs.events import publish_event
-from app.jobs.model import TERMINAL_STATUSES, JobStatus, ProgressEvent, Stage
+from app.jobs.model import TERMINAL_STATUSES, JobStatus, ProgressEvent, RunOutcome, Stage
 
 log = get_logger(__name__)
 
@@ -217,3 +224,54 @@ async def change_job(
     if event is not None:
         await publish_events(redis, [event])
     return event
+
+
+# -- the execution ledger ------------------------------------------------------------------
+
+
+async def start_run(
+    db: Queryable, job_id: str, *, attempt: int, worker_id: str, lease_token: str
+) -> int:
+    """Record that ``lease_token`` (of ``worker_id``) starts executing the job; the run's id.
+
+    Call right after taking the job's lease.  A run of the job still open is
+    closed ``lost`` in the same statement: taking the lease means its worker
+    no longer holds it.
+    """
+    run_id = await db.fetchval(
+        """
+        WITH lost AS (
+            UPDATE job_runs SET ended_at = clock_timestamp(), outcome = 'lost'
+            WHERE job_id = $1::uuid AND ended_at IS NULL
+        )
+        INSERT INTO job_runs (job_id, attempt, worker_id, lease_token)
+        VALUES ($1::uuid, $2, $3, $4) RETURNING id
+        """,
+        job_id,
+        attempt,
+        worker_id,
+        lease_token,
+    )
+    return int(run_id)
+
+
+async def end_run(db: Queryable, run_id: int | None, outcome: RunOutcome) -> None:
+    """Close run ``run_id`` with ``outcome`` (in the transaction of the state it ended
+    in); a run already closed (``lost``: someone took the lease over) keeps its outcome."""
+    if run_id is None:
+        return
+    await db.execute(
+        "UPDATE job_runs SET ended_at = clock_timestamp(), outcome = $2 "
+        "WHERE id = $1 AND ended_at IS NULL",
+        run_id,
+        str(outcome),
+    )
+
+
+async def close_open_runs(db: Queryable, job_id: str) -> None:
+    """Close the job's open runs as ``lost`` (its lease was just taken from a dead worker)."""
+    await db.execute(
+        "UPDATE job_runs SET ended_at = clock_timestamp(), outcome = 'lost' "
+        "WHERE job_id = $1::uuid AND ended_at IS NULL",
+        job_id,
+    )
