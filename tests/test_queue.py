@@ -22,6 +22,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.worker import Worker, func
 from redis.exceptions import ResponseError
 
+from app.core.promotion import promote_key, rank_key
 from app.core.queue import (
     HOUR_MS,
     JOB_EXPIRES,
@@ -166,17 +167,25 @@ async def test_abort_drops_a_waiting_job_unrun(
     assert not await queue.is_queued("drop")
 
 
-async def test_retry_defer_keeps_the_priority(
+async def test_a_retry_waits_its_backoff_and_records_its_rank(
     services: Services, queue: JobQueue, qname: str
 ) -> None:
+    """A retried critical job is scored at its ready time (so even a plain ARQ
+    worker, which never promotes, waits out the backoff) and its priority's rank
+    is recorded for the poll that finds it due."""
     await queue.enqueue("crit", Priority.CRITICAL)
-    defer_ms = JobQueue.retry_defer_ms(Priority.CRITICAL, 5)
-    worker = _worker(services.redis, qname, max_burst_jobs=1, ctx={"retry_defer": defer_ms / 1000})
+    defer_s = await queue.schedule_retry("crit", Priority.CRITICAL, 5)
+    assert defer_s == 5
+    worker = _worker(services.redis, qname, max_burst_jobs=1, ctx={"retry_defer": defer_s})
     await worker.async_run()
+    now_ms = time.time() * 1000
     score = await services.redis.zscore(qname, "crit")
     assert score is not None
-    expected = time.time() * 1000 + 5000 - 4 * HOUR_MS
-    assert abs(score - expected) < 2000
+    assert abs(score - (now_ms + 5000)) < 2000  # not before its backoff
+    ready = await services.redis.zscore(promote_key(qname), "crit")
+    assert ready is not None and abs(ready - (now_ms + 5000)) < 2000
+    rank = await services.redis.hget(rank_key(qname), "crit")
+    assert rank is not None and int(rank) == int(ready) - 4 * HOUR_MS
 
 
 # --- ARQ behaviours the design relies on or works around ------------------------------

@@ -13,7 +13,8 @@ worker took over, changes nothing twice.
 * :func:`finish_cancelled`, :func:`finish_failed` -- final; the document keeps
   ``indexed`` if it still has chunks of an earlier job;
 * :func:`retry_or_fail` -- ``retrying`` with exponential backoff (ARQ retries
-  it after :class:`RetryLater`'s delay, the priority offset re-applied), or
+  it after :class:`RetryLater`'s delay; once due, a worker's poll restores its
+  priority rank, ``app/core/promotion.py``), or
   ``failed`` once ``TASK_RETRY_MAX_ATTEMPTS`` are spent;
 * :func:`release_for_shutdown` -- ``queued`` again without spending an attempt;
 * :func:`defer_for_duplicate` -- ``queued`` again without spending an attempt,
@@ -34,7 +35,6 @@ from typing import Any
 from app.core.errors import SluiceError, TransientError
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage
-from app.core.queue import JobQueue
 from app.jobs.model import DocumentStatus, JobStatus, ProgressEvent, RunOutcome, Stage
 from app.jobs.transitions import JobChanges, end_run
 from workers import lease
@@ -228,7 +228,8 @@ async def retry_or_fail(attempt: Attempt, exc: TransientError) -> Outcome:
     if await transition(attempt, commit) is None:
         return Outcome.LEASE_LOST
     log.info("job_retrying", job_id=attempt.job_id, code=exc.code, delay_s=round(delay, 2))
-    raise RetryLater(JobQueue.retry_defer_ms(attempt.priority, delay))
+    defer_s = await ctx.queue.schedule_retry(attempt.job_id, attempt.priority, delay)
+    raise RetryLater(int(defer_s * 1000))
 
 
 async def _hand_back(
@@ -287,4 +288,5 @@ async def defer_for_duplicate(attempt: Attempt, running: DuplicateRunning) -> Ou
     first, longest = DUPLICATE_WAIT_SECONDS
     delay = min(first * 2**waits, longest)
     log.info("job_deferred_for_duplicate", job_id=attempt.job_id, running=running.job_id)
-    raise RetryLater(JobQueue.retry_defer_ms(attempt.priority, delay), Outcome.DEFERRED)
+    defer_s = await attempt.ctx.queue.schedule_retry(attempt.job_id, attempt.priority, delay)
+    raise RetryLater(int(defer_s * 1000), Outcome.DEFERRED)

@@ -19,7 +19,9 @@ them:
 * :class:`SluiceWorker`: ARQ's worker with one leak closed, so that its poll
   loop can be resumed after a Redis outage, and woken on enqueue
   (``workers/wake.py``) rather than polling, ``WORKER_POLL_INTERVAL_MS`` being
-  the fallback poll (``WORKER_WAKE=false``: ARQ's own loop at that interval).
+  the fallback poll (``WORKER_WAKE=false``: ARQ's own loop at that interval);
+  every poll promotes the due retried jobs to their priority's rank first
+  (``app/core/promotion.py``).
 
 Outages are waited out, never fatal: ARQ's poll loop runs under
 :func:`poll_supervised`, which resumes it (backoff with jitter) once Redis
@@ -48,6 +50,7 @@ from prometheus_client import CollectorRegistry
 from app.core.db import create_pool
 from app.core.embedding import Embedder, create_embedder, model_dir
 from app.core.logging import get_logger
+from app.core.promotion import QueuePoller
 from app.core.queue import PROCESS_FUNCTION, QUEUE_NAME, JobQueue, connect_redis, read_limit_for
 from app.core.settings import Settings
 from app.core.storage import open_s3
@@ -166,6 +169,11 @@ class SluiceWorker(Worker):
     checks aborts only while jobs run; an idle worker thus sends Redis about
     one command per fallback interval plus one ``BLPOP`` per
     :data:`~workers.wake.BLOCK_SECONDS`.
+
+    Every poll (ARQ's loop too, ``WORKER_WAKE=false``) promotes the due
+    retried jobs before it picks (``app/core/promotion.py``): a retry waits
+    out its backoff, then ranks as its priority says.  A retry's ready time
+    is its score, so an idle worker wakes for it like for any deferred job.
     """
 
     def __init__(self, *args: Any, wake_redis_url: str | None = None, **kwargs: Any) -> None:
@@ -177,11 +185,18 @@ class SluiceWorker(Worker):
         """Earliest ready time (ARQ score) of a job not yet ready, seen by the last poll."""
         self.wake_listener: WakeListener | None = None
         self._retries_seen = 0
+        self._queue_poller: QueuePoller | None = None
 
     @property
     def waiting_for_work(self) -> bool:
         """True while the worker waits for a wake-up with a free job slot."""
         return self._armed.is_set()
+
+    @property
+    def _poller(self) -> QueuePoller:
+        if self._queue_poller is None:  # ARQ may create its pool only in main()
+            self._queue_poller = QueuePoller(self.pool, self.queue_name)
+        return self._queue_poller
 
     def _has_room(self) -> bool:
         return self.job_counter < self.max_jobs
@@ -238,19 +253,15 @@ class SluiceWorker(Worker):
                 self._armed.clear()
 
     async def _poll_iteration(self) -> None:
-        if self._wake_url is None or self.max_burst_jobs >= 0:
+        if self.max_burst_jobs >= 0:  # ARQ's poll, which counts burst jobs; promote first
+            await self._poller.promote(timestamp_ms())
             return await super()._poll_iteration()
         self.next_ready_ms = None
         self._retries_seen = self.jobs_retried
         if self.allow_pick_jobs and self._has_room():
             now = timestamp_ms()
-            entries = await self.pool.zrangebyscore(
-                self.queue_name,
-                min="-inf",
-                max="+inf",
-                start=self._queue_read_offset,
-                num=self.queue_read_limit,
-                withscores=True,
+            entries = await self._poller.read(
+                now, offset=self._queue_read_offset, limit=self.queue_read_limit
             )
             ready = [job_id for job_id, score in entries if score <= now]
             future = [int(score) for _, score in entries if score > now]

@@ -28,8 +28,13 @@ ARQ traps this design works around (each pinned by ``tests/test_queue.py``):
   past would shorten it, more than a day in the past makes ``enqueue_job`` fail.
   We always pass ``_expires`` (:data:`JOB_EXPIRES`).
 * ``Retry(defer=...)`` re-scores a job as ``now + defer`` and so drops the
-  priority offset; :meth:`JobQueue.retry_defer_ms` returns the ``defer`` that
-  restores it (it may be negative).
+  priority offset.  A ``defer`` that restored it would be negative for every
+  level above ``low`` (``backoff - offset``): ARQ would start the job at once,
+  its backoff ignored.  So a retry is scored at its ready time
+  (:meth:`JobQueue.schedule_retry` returns ``defer`` = the backoff) and its
+  rank recorded for *promotion* (``app/core/promotion.py``): once it is due,
+  a worker's poll lowers its score to ``ready - OFFSET[p]``, as if enqueued
+  at its ready time.
 * ARQ reads only ``queue_read_limit`` ids per poll, and running jobs stay in the
   sorted set: a fleet with more running jobs than that stalls (ARQ #171).  Use
   :func:`read_limit_for` with the fleet's concurrency.
@@ -69,6 +74,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from app.core.logging import get_logger
 from app.core.outage import is_redis_outage, wait_until_reachable
+from app.core.promotion import promote_key, rank_key
 
 QUEUE_NAME = "sluice:queue"
 PROCESS_FUNCTION = "process_document"
@@ -198,6 +204,8 @@ class JobQueue:
         self._clock = clock
         self._last_score: dict[Priority, int] = {}
         self._wake_key = wake_key(queue_name)
+        self._promote_key = promote_key(queue_name)
+        self._rank_key = rank_key(queue_name)
 
     def _next_score(self, priority: Priority, delay_ms: int) -> int:
         score = priority_score(priority, int(self._clock() * 1000) + delay_ms)
@@ -259,14 +267,31 @@ class JobQueue:
             return False
         return True
 
-    @staticmethod
-    def retry_defer_ms(priority: Priority | str, backoff_s: float) -> int:
-        """``Retry(defer=...)`` (in ms) that re-queues after ``backoff_s`` at ``priority``.
+    async def schedule_retry(
+        self, job_id: str, priority: Priority | str, backoff_s: float
+    ) -> float:
+        """Record the rank of a job about to be retried after ``backoff_s``; returns
+        the ``Retry(defer=...)`` (seconds) to raise: the backoff itself.
 
-        ARQ moves a retried job to ``now + defer``; subtracting the level's
-        offset keeps the job ranked as its priority says.
+        ARQ scores the retry at ``now + backoff``, so no worker starts it sooner;
+        once due, a worker's poll promotes it to ``ready - OFFSET[priority]``
+        (``app/core/promotion.py``).  A Redis outage here is logged, not raised:
+        the job then waits its backoff all the same and ranks as a ``low`` job
+        enqueued at its ready time.
         """
-        return int(backoff_s * 1000) - PRIORITY_OFFSET_MS[Priority(priority)]
+        ready_ms = int(self._clock() * 1000) + int(backoff_s * 1000)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._promote_key, {job_id: ready_ms})
+                pipe.hset(self._rank_key, job_id, str(priority_score(priority, ready_ms)))
+                pipe.expire(self._promote_key, JOB_EXPIRES)
+                pipe.expire(self._rank_key, JOB_EXPIRES)
+                await pipe.execute()
+        except Exception as exc:
+            if not is_redis_outage(exc):
+                raise
+            log.warning("retry_rank_lost", job_id=job_id, reason=type(exc).__name__)
+        return backoff_s
 
     async def is_queued(self, job_id: str) -> bool:
         """True while ARQ holds the job (waiting, deferred or running)."""
