@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ import pytest_asyncio
 from PIL import Image
 from pypdf import PdfReader
 
-from app.core.embedding import LocalEmbedder
-from app.core.errors import PermanentError, UnsupportedMediaType
+from app.core.embedding import LocalEmbedder, model_dir
+from app.core.errors import CancelRequested, PermanentError, UnsupportedMediaType
 from app.core.queue import Priority
 from app.core.settings import Settings
 from app.gateway.services import Services
@@ -53,6 +54,7 @@ from tests.fixtures_scans import (
     word_accuracy,
 )
 from workers.context import WorkerContext
+from workers.parse import ParseJob, ParseReporter, parse_in_child
 from workers.runtime import build_worker, open_worker_context
 from workers.stages.budget import ExtractLimits
 from workers.stages.common import NullReporter
@@ -65,6 +67,10 @@ pytestmark = [
     pytest.mark.timeout(900),  # OCR is seconds a page, more on a loaded machine
     pytest.mark.skipif(not font_path_ok(), reason="the DejaVu/Liberation fonts are needed"),
 ]
+MB = 1024 * 1024
+DEFAULT_PARSE_MB = 1024
+"""PARSE_MEMORY_LIMIT_MB's default: OCR must fit in it."""
+PARAGRAPHS4 = [HARBOUR, GLACIER, BAKERY, LIBRARY]
 SLOW_OK = ExtractLimits(page_seconds=600, ocr=OcrOptions(page_seconds=600))
 """Limits that never time a page out (the machine may be loaded)."""
 
@@ -216,11 +222,56 @@ def test_ocr_settings_are_read_from_the_environment(settings_env: dict[str, str]
         0.7,
         300,
     )
-    assert Settings.from_environ(settings_env).ocr_enabled is True
+    defaults = Settings.from_environ(settings_env)
+    assert defaults.ocr_enabled is True
+    assert defaults.parse_memory_limit_mb == DEFAULT_PARSE_MB  # what the OCR tests run under
     from app.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="OCR_MIN_CONFIDENCE"):
         Settings.from_environ({**settings_env, "OCR_MIN_CONFIDENCE": "1.5"})
+
+
+def _children() -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with open(task / "children") as fh:
+            found.update(int(pid) for pid in fh.read().split())
+    return found
+
+
+async def test_a_cancelled_scan_stops_between_pages_and_its_child_is_gone(tmp_path: Path) -> None:
+    """The parse child reports each OCR'd page; the parent checks for cancellation
+    at each report and kills the child (OCR runs under PARSE_MEMORY_LIMIT_MB)."""
+    path = tmp_path / "four.pdf"
+    path.write_bytes(scanner_pdf([render([(text, SANS, 12)], width_in=6) for text in PARAGRAPHS4]))
+    seen: list[str] = []
+
+    async def progress(stage: str, fraction: float, message: str) -> None:
+        seen.append(message)
+
+    async def boundary() -> None:
+        if any(m.startswith("page ") for m in seen):
+            raise CancelRequested("cancelled by request")
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    job = ParseJob(
+        path=str(path),
+        document_type="pdf",
+        chunk_size=256,
+        chunk_overlap=0,
+        tokenizer_path=str(model_dir() / "tokenizer.json"),
+        limits=SLOW_OK,
+        memory_bytes=DEFAULT_PARSE_MB * MB,
+        time_seconds=600.0,
+    )
+    before = _children()
+    with pytest.raises(CancelRequested):
+        await parse_in_child(job, ParseReporter(progress, boundary, nothing))
+    pages = [m for m in seen if m.startswith("page ")]
+    assert pages and pages[0] == "page 1/4" and "page 4/4" not in pages
+    assert _children() <= before
 
 
 # -- through the real worker ------------------------------------------------------------
