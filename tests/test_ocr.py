@@ -214,6 +214,29 @@ def test_image_uploads_are_accepted_types_checked_by_their_bytes() -> None:
     assert mismatch.value.details == {"declared": "jpeg", "detected": "png"}
 
 
+async def test_the_gateway_accepts_image_uploads(
+    uploads: httpx.AsyncClient, auth_headers: dict[str, str], upload_services: Services
+) -> None:
+    data = image_bytes([fax(render([(GLACIER, SERIF, 12)], width_in=4))] * 2, "TIFF")
+    r = await uploads.post(
+        "/api/v1/documents/upload/simple",
+        headers=auth_headers,
+        files={"file": ("fax.TIFF", data, "image/tiff")},
+    )
+    assert r.status_code == 201, r.text
+    row = await upload_services.db.fetchrow(
+        "SELECT document_type, content_type FROM documents WHERE id = $1::uuid",
+        r.json()["document_id"],
+    )
+    assert dict(row) == {"document_type": "tiff", "content_type": "image/tiff"}
+    r = await uploads.post(
+        "/api/v1/documents/upload/simple",
+        headers=auth_headers,
+        files={"file": ("scan.png", data, "image/tiff")},
+    )
+    assert r.status_code == 415 and r.json()["details"]["field"] == "content_type"
+
+
 def test_ocr_settings_are_read_from_the_environment(settings_env: dict[str, str]) -> None:
     env = {**settings_env, "OCR_ENABLED": "off", "OCR_MIN_CONFIDENCE": "0.7", "OCR_DPI": "300"}
     settings = Settings.from_environ(env)
