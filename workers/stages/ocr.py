@@ -184,6 +184,7 @@ class OcrEngine:
                 det_limit_type="min",
                 det_limit_side_len=32,  # detection runs at the size it is given
                 det_unclip_ratio=UNCLIP_RATIO,
+                det_use_dilation=False,  # at DETECT_SIDE, dilation joins close lines
                 rec_batch_num=REC_BATCH,
                 print_verbose=False,
             )
