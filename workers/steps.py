@@ -43,6 +43,8 @@ from workers.stages.chunk import resolve_options
 from workers.stages.common import Chunk
 from workers.stages.embed import embed_chunks
 from workers.stages.index import write_chunks
+from workers.stages.ocr import OcrOptions
+from workers.stages.scan import OCR_RECORD, ocr_pages
 from workers.stages.validate import Validated, validate_document
 
 MB = 1024 * 1024
@@ -83,7 +85,7 @@ async def _validate_and_parse(attempt: Attempt) -> Parsed | None:
     if not parsed.chars:
         attempt.warnings = list(parsed.warnings)
         raise PermanentError(
-            "no text could be extracted (a scanned PDF needs OCR, which is not supported)",
+            "no text could be extracted (no text layer, and OCR found none)",
             code="no_text",
             details={"warnings": attempt.warnings[:20]},
         )
@@ -161,6 +163,16 @@ def extract_limits(settings: Settings) -> ExtractLimits:
         page_chars=settings.max_page_chars,
         document_chars=settings.max_document_chars,
         page_seconds=float(settings.page_time_budget_seconds),
+        ocr=OcrOptions(
+            enabled=settings.ocr_enabled,
+            max_pages=settings.ocr_max_pages,
+            min_confidence=settings.ocr_min_confidence,
+            dpi=settings.ocr_dpi,
+            max_pixels=settings.ocr_max_pixels,
+            max_image_pixels=settings.ocr_max_image_pixels,
+            threads=settings.ocr_threads,
+            page_seconds=float(settings.ocr_page_time_seconds),
+        ),
     )
 
 
@@ -285,7 +297,8 @@ async def index(attempt: Attempt, chunks: list[Chunk], vectors: Vectors) -> Outc
             result={
                 "chunks": written,
                 "pages": _page_count(chunks),
-                "warnings": len(attempt.warnings),
+                "warnings": sum(1 for w in attempt.warnings if w.get("code") != OCR_RECORD),
+                "ocr_pages": ocr_pages(attempt.warnings),
                 "worker": attempt.ctx.worker_id,
             },
             message=f"indexed {written} chunks",

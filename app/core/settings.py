@@ -109,6 +109,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     wait for a slot.  The worker's parse memory is bounded by this times
     ``PARSE_MEMORY_LIMIT_MB`` (size it to the worker's memory limit)."""
 
+    # --- OCR of scanned pages and images (workers/stages/ocr.py, scan.py) --------------
+    ocr_enabled: bool = True
+    """OCR PDF pages without a usable text layer, and PNG/JPEG/TIFF uploads."""
+    ocr_max_pages: PositiveInt = 100
+    """Pages of one document that may be OCR'd; later pages without text are skipped
+    with one ``ocr_page_limit`` warning on the job (not a failure)."""
+    ocr_min_confidence: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    """Recognised fragments scored below this (0..1) are dropped."""
+    ocr_dpi: Annotated[int, msgspec.Meta(ge=72, le=600)] = 200
+    """Resolution PDF pages are rendered at for OCR (images are scaled down to it)."""
+    ocr_max_pixels: Annotated[int, msgspec.Meta(ge=1_000_000)] = 12_000_000
+    """Most pixels of one page image given to OCR; a larger page is scaled down."""
+    ocr_max_image_pixels: Annotated[int, msgspec.Meta(ge=1_000_000)] = 60_000_000
+    """Most pixels of one uploaded image frame; a larger frame is skipped with a
+    warning before it is decoded (JPEGs are first decoded at a reduced size)."""
+    ocr_threads: PositiveInt = 2
+    """onnxruntime intra-op threads per OCR model, in each parse child."""
+    ocr_page_time_seconds: PositiveInt = 60
+    """Seconds OCR of one page may take; a slower page is skipped with a warning."""
+
     # --- uploads ------------------------------------------------------------------------
     multipart_upload_threshold_mb: PositiveInt = 100
     upload_chunk_size_mb: PositiveInt = 8
@@ -289,6 +309,11 @@ def _parse(name: str, annotation: Any, value: str) -> Any:
         if lowered in _FALSE:
             return False
         raise ConfigError(f"{name} must be a boolean (true/false), got {value!r}")
+    if target is float:
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if target is int:
         try:
             return int(value.strip())

@@ -47,7 +47,7 @@ from app.jobs.schemas import (
 
 log = get_logger(__name__)
 
-DOCUMENT_TYPES = ("pdf", "txt", "md", "csv", "json", "html")
+DOCUMENT_TYPES = ("pdf", "txt", "md", "csv", "json", "html", "png", "jpeg", "tiff")
 
 
 def object_key_for(document_id: str) -> str:

@@ -30,6 +30,9 @@ CONTENT_TYPES: dict[str, tuple[str, frozenset[str]]] = {
     ),
     "json": ("application/json", frozenset({"application/json", "text/json", "text/plain"})),
     "html": ("text/html", frozenset({"text/html", "application/xhtml+xml"})),
+    "png": ("image/png", frozenset({"image/png"})),
+    "jpeg": ("image/jpeg", frozenset({"image/jpeg", "image/jpg", "image/pjpeg"})),
+    "tiff": ("image/tiff", frozenset({"image/tiff", "image/tif", "image/x-tiff"})),
 }
 EXTENSIONS = {
     "pdf": "pdf",
@@ -41,6 +44,11 @@ EXTENSIONS = {
     "json": "json",
     "html": "html",
     "htm": "html",
+    "png": "png",
+    "jpg": "jpeg",
+    "jpeg": "jpeg",
+    "tif": "tiff",
+    "tiff": "tiff",
 }
 _UNDECLARED_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 MAX_FILENAME_BYTES = 255

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from app.core.errors import PermanentError
+from workers.stages.ocr import OcrOptions
 
 TOO_LARGE = "too_large_extracted"
 MB = 1024 * 1024
@@ -31,6 +32,8 @@ class ExtractLimits(msgspec.Struct, frozen=True, kw_only=True):
     page_chars: int = 200_000
     document_chars: int = 20_000_000
     page_seconds: float = 10.0
+    ocr: OcrOptions = msgspec.field(default_factory=OcrOptions)
+    """How pages without text are OCR'd (``workers/stages/ocr.py``)."""
 
 
 class PageTimeout(BaseException):

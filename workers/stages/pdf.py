@@ -29,6 +29,7 @@ MAX_CONTENT_STREAM_BYTES = 16 * 1024 * 1024
 TEXT_CACHE_ENTRIES = 16
 """Texts of pages with shared content streams kept by :class:`PdfPages`."""
 _INFLATE_STEP = 1024 * 1024
+LETTER_SQUARE_INCHES = 8.5 * 11
 
 
 def _stream_size(obj: Any) -> int:
@@ -178,6 +179,15 @@ class PdfPages:
             if len(self._texts) > TEXT_CACHE_ENTRIES:
                 self._texts.popitem(last=False)
         return text, warning
+
+    def square_inches(self, index: int) -> float:
+        """Area of page ``index``'s crop box (a Letter page when it cannot be read)."""
+        try:
+            box = self._reader.pages[index].cropbox
+            area = abs(float(box.width) * float(box.height)) / (72.0 * 72.0)
+        except Exception:
+            return LETTER_SQUARE_INCHES
+        return area if area > 0 else LETTER_SQUARE_INCHES
 
     def close(self) -> None:
         self._fh.close()

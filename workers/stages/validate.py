@@ -3,7 +3,8 @@
 The object is streamed from S3 to a temp file (aiofiles) while its sha256 is
 computed, then checked: not empty, within the size limit, the declared
 checksum, magic bytes against the declared type, and for PDFs that the file
-opens, is not password-protected and has at most ``MAX_PDF_PAGES`` pages.  A
+opens, is not password-protected and has at most ``MAX_PDF_PAGES`` pages (for
+PNG, JPEG and TIFF images: that the image opens, with at most that many frames).  A
 PDF encrypted with an empty user password (permissions only, RC4 or AES) is
 accepted: extract decrypts it.  Every failure here is permanent (a retry
 cannot fix the file) except storage outages, which are transient.
@@ -45,7 +46,11 @@ _BINARY_SIGNATURES: dict[bytes, str] = {
     b"\x7fELF": "elf",
     b"MZ": "exe",
     b"\xd0\xcf\x11\xe0": "ole",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
 }
+IMAGE_TYPES = frozenset({"png", "jpeg", "tiff"})
+"""Document types that are page images: the sniffed format must be the declared one."""
 
 
 class Validated(msgspec.Struct, kw_only=True):
@@ -75,6 +80,14 @@ def check_magic(document_type: str, head: bytes) -> None:
                 "file is not a PDF (no %PDF- header)",
                 code="type_mismatch",
                 details={"declared": "pdf", "detected": found or "unknown"},
+            )
+        return
+    if document_type in IMAGE_TYPES:
+        if found != document_type:
+            raise PermanentError(
+                f"file is not a {document_type.upper()} image",
+                code="type_mismatch",
+                details={"declared": document_type, "detected": found or "unknown"},
             )
         return
     utf16 = head.startswith((b"\xff\xfe", b"\xfe\xff"))
@@ -188,6 +201,30 @@ def _inspect_pdf(fh: BinaryIO, max_pages: int) -> tuple[int, bool]:
     return pages, encrypted
 
 
+def inspect_image(path: Path, max_pages: int) -> int:
+    """The frame count of a PNG, JPEG or TIFF (its pages), or a permanent error.
+
+    Only headers are read (frames are decoded by extract, one at a time)."""
+    from PIL import UnidentifiedImageError
+
+    from workers.stages.images import frame_count, open_image
+
+    try:
+        with open_image(path) as image:
+            pages = frame_count(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise PermanentError(
+            f"image cannot be read: {type(exc).__name__}: {str(exc)[:200]}", code="corrupt_file"
+        ) from exc
+    if pages > max_pages:
+        raise PermanentError(
+            f"image has {pages} pages, above the limit of {max_pages}",
+            code="too_many_pages",
+            details={"pages": pages, "limit": max_pages},
+        )
+    return pages
+
+
 JSON_CHECKED_IN_WORKER_BYTES = 8 * 1024 * 1024
 """JSON up to this size is decoded here, in the worker, for an early answer.  A
 larger file is decoded only by the parse child, under ``PARSE_MEMORY_LIMIT_MB``:
@@ -237,6 +274,8 @@ async def validate_document(
     if doc.document_type == "pdf":
         pages, encrypted = await asyncio.to_thread(inspect_pdf, dest, max_pdf_pages)
         result.page_count, result.encrypted = pages, encrypted
+    elif doc.document_type in IMAGE_TYPES:
+        result.page_count = await asyncio.to_thread(inspect_image, dest, max_pdf_pages)
     elif doc.document_type == "json":
         await asyncio.to_thread(check_json, dest)
     await report.progress(1.0, "valid")
