@@ -10,8 +10,10 @@ imports only what parsing needs (pypdf, the Rust tokenizer; never torch), and
   run time (``PARSE_TIME_LIMIT_SECONDS``; the parent kills it, ``RLIMIT_CPU``
   backs that up): running past either fails the job ``resource_limit``, as
   does a child that dies without answering;
-* streams its results back over a pipe: progress, the end of extraction, then
-  the chunks in batches, then ``done`` (length-prefixed msgpack frames);
+* streams its results back over a pipe: progress, each page's chunks as soon
+  as they are final (pages go through the chunker as they are extracted:
+  ``StreamingChunker``), the end of extraction, the last chunks, then ``done``
+  (length-prefixed msgpack frames);
 * never outlives its job or the worker: the parent kills it on cancellation,
   timeout and error (``finally``), and the kernel kills it when the worker
   dies, even by SIGKILL (``PR_SET_PDEATHSIG``; it also exits if its parent is
@@ -20,9 +22,10 @@ imports only what parsing needs (pypdf, the Rust tokenizer; never torch), and
 One child per job's parse: one child's death never touches another job.
 :class:`ParseChildren` keeps one child started ahead of need (imports done,
 waiting for its job on stdin), so a job does not wait for an interpreter to
-start.  The document's text lives only in the child; the worker holds the
-chunks it embeds.  Budget errors (``too_large_extracted``, ``corrupt_file``...)
-raised in the child come back as the same :class:`~app.core.errors.PermanentError`.
+start.  The document's text lives only in the child, a page and a chunk's
+worth at a time; the worker holds the chunks it embeds.  Budget errors
+(``too_large_extracted``, ``corrupt_file``...) raised in the child come back
+as the same :class:`~app.core.errors.PermanentError`.
 
 One module on purpose (about 400 lines): both ends of the pipe (the parent's
 :func:`parse_in_child` and the child's :func:`child_main`) and the frames they
@@ -39,15 +42,18 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
 from app.core.errors import PermanentError, TransientError
 from workers.stages.budget import ExtractLimits
-from workers.stages.common import Chunk
+from workers.stages.common import Chunk, PageText
+
+if TYPE_CHECKING:
+    from workers.stages.chunk import StreamingChunker
 
 CHUNK_BATCH = 512
 """Chunks per frame sent back by the child."""
@@ -81,11 +87,14 @@ class Progress(msgspec.Struct, tag="progress"):
 
 
 class ExtractDone(msgspec.Struct, tag="extracted"):
-    """Extraction is over (chunking starts)."""
+    """Extraction is over (the chunks of all but the last pages are sent)."""
 
     pages: int
     chars: int
     warnings: list[dict[str, Any]]
+    chunk_seconds: float = 0.0
+    """Of the time until now, what the child spent chunking (pages are chunked
+    as they are extracted): the extract stage's timing leaves it out."""
 
 
 class Chunks(msgspec.Struct, tag="chunks"):
@@ -259,7 +268,7 @@ async def _receive(stdout: asyncio.StreamReader, report: ParseReporter, started:
             await report.boundary()  # (throttled by the caller) a busy child is checked too
         elif isinstance(frame, ExtractDone):
             result = frame
-            await report.extracted(time.perf_counter() - started)
+            await report.extracted(time.perf_counter() - started - frame.chunk_seconds)
         elif isinstance(frame, Chunks):
             chunks.extend(frame.chunks)
         elif isinstance(frame, Failed):
@@ -330,39 +339,53 @@ class _Sender:
 
 
 def _parse(job: ParseJob, out: _Sender) -> None:
-    from tokenizers import Tokenizer
-
-    from workers.stages.chunk import chunk_pages
-    from workers.stages.common import PageText
-    from workers.stages.extract import iter_pages
-
-    pages: list[PageText] = []
+    """Extract page by page, feeding each page to the chunker and sending its
+    chunks as soon as they are final: no page's text outlives the chunks it
+    makes, so the child's memory does not grow with the page count."""
     warnings: list[dict[str, Any]] = []
-    chars = 0
-    total = 0
-    for total, page, warning in iter_pages(Path(job.path), job.document_type, job.limits):
+    chars = total = 0
+    chunker: StreamingChunker | None = None
+    chunking = 0.0
+    count = 0
+    for total, page, warning in _pages(job):
         if warning is not None:
             warnings.append(warning)
         if page.text:
-            pages.append(page)
             chars += len(page.text)
+            started = time.perf_counter()
+            chunker = chunker or _chunker(job)
+            chunks = chunker.feed(page)
+            chunking += time.perf_counter() - started
+            count += _send_chunks(out, chunks)
         out.progress("extract", page.number / total, f"page {page.number}/{total}")
-    out.send(ExtractDone(pages=total, chars=chars, warnings=warnings))
-    if not chars:
-        out.send(Done())
-        return
-    out.progress("chunk", 0.0, f"chunking ({job.chunk_size} tokens, {job.chunk_overlap} overlap)")
+    out.send(ExtractDone(pages=total, chars=chars, warnings=warnings, chunk_seconds=chunking))
+    if chunker is not None:
+        count += _send_chunks(out, chunker.finish())
+        out.progress("chunk", 1.0, f"{count} chunks")
+    out.send(Done())
+
+
+def _pages(job: ParseJob) -> Iterator[tuple[int, PageText, dict[str, Any] | None]]:
+    from workers.stages.extract import iter_pages
+
+    return iter_pages(Path(job.path), job.document_type, job.limits)
+
+
+def _chunker(job: ParseJob) -> StreamingChunker:
+    from tokenizers import Tokenizer
+
+    from workers.stages.chunk import StreamingChunker
+
     tokenizer = Tokenizer.from_file(job.tokenizer_path)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    chunks = chunk_pages(
-        pages, tokenizer, chunk_size=job.chunk_size, chunk_overlap=job.chunk_overlap
-    )
-    del pages
+    return StreamingChunker(tokenizer, chunk_size=job.chunk_size, chunk_overlap=job.chunk_overlap)
+
+
+def _send_chunks(out: _Sender, chunks: list[Chunk]) -> int:
     for first in range(0, len(chunks), CHUNK_BATCH):
         out.send(Chunks(chunks[first : first + CHUNK_BATCH]))
-    out.progress("chunk", 1.0, f"{len(chunks)} chunks")
-    out.send(Done())
+    return len(chunks)
 
 
 def child_main() -> int:

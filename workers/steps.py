@@ -255,6 +255,7 @@ async def embed(attempt: Attempt, chunks: list[Chunk]) -> Vectors:
             ctx.embedder,
             chunks,
             batch_size=ctx.settings.embedding_batch_size,
+            max_call_tokens=ctx.settings.embedding_max_call_tokens,
             report=StageProgress(attempt, Stage.EMBED),
             done=await load_batches(attempt, Stage.EMBED, ctx.embedder.dim),
             on_batch=keep,

@@ -62,6 +62,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     embedding_provider: Literal["local", "openai"] = "local"
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: PositiveInt = 64
+    embedding_max_call_tokens: Annotated[int, msgspec.Meta(ge=256)] = 8192
+    """Padded tokens (texts times the longest) one embedding call gets; a batch of
+    long chunks is split into calls under it.  Bounds a worker's embedding memory
+    (local model): ~225 MB above idle at 8192 (32 chunks of 256 tokens), ~475 MB
+    at 16384 (64)."""
     embedding_api_url: str = ""
     """Base URL of an OpenAI-compatible API (``.../v1``) when ``embedding_provider=openai``."""
     embedding_api_key: Secret = Secret("")
