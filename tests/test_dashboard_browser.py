@@ -206,10 +206,15 @@ def late_first_read(route: Route, dash: Dash, user: str) -> None:
     deadline = time.monotonic() + 60
     with dash.http(user) as api:
         while time.monotonic() < deadline:
-            job = api.get(f"/api/v1/jobs/{job_id}").json()
+            r = api.get(f"/api/v1/jobs/{job_id}")
+            if r.status_code == 429:  # this poller shares the user's API budget with the page
+                time.sleep(float(r.headers.get("retry-after", "1")))
+                continue
+            assert r.status_code == 200, r.text
+            job = r.json()
             if job["stage"] not in (None, "validate") or job["status"] in ("completed", "failed"):
                 break
-            time.sleep(0.05)
+            time.sleep(0.2)
     route.continue_()
     route.request.frame.page.unroute(JOB_URL)
 

@@ -322,6 +322,7 @@ async def _search_top(client: httpx.AsyncClient, headers: dict[str, str], query:
     return r.json()["results"][0]
 
 
+@pytest.mark.usefixtures("search_embedder")
 async def test_mixed_pdf_is_indexed_and_search_finds_the_scanned_page(
     services: Services,
     ocr_worker: WorkerContext,
@@ -356,6 +357,7 @@ async def test_mixed_pdf_is_indexed_and_search_finds_the_scanned_page(
     assert all("Bastille" not in r["text"] or r["page_end"] == 3 for r in rows)
 
 
+@pytest.mark.usefixtures("search_embedder")
 async def test_png_and_multipage_tiff_uploads_are_indexed_page_by_page(
     services: Services,
     ocr_worker: WorkerContext,

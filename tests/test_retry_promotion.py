@@ -30,14 +30,17 @@ from workers.runtime import SluiceWorker
 Log = list[tuple[str, float]]
 
 
-async def _job(ctx: dict[str, Any], job_id: str) -> None:
+async def _job(ctx: dict[str, Any], arq_id: str) -> None:
+    # ARQ ids are global to the Redis server (``arq:job:<id>``): a test's ids carry its
+    # queue name (``name@queue``) so no other test's leftover job can collide with them.
+    job_id = arq_id.split("@", 1)[0]
     ctx["log"].append((job_id, time.time()))
     await asyncio.sleep(ctx["holds"].get(job_id, 0.0))
     retries = ctx["retries"]  # ARQ hands each job a copy of ctx: share through objects
     if retries.get(job_id):
         retries[job_id] -= 1
         queue: JobQueue = ctx["queue"]
-        defer = await queue.schedule_retry(job_id, ctx["priorities"][job_id], ctx["backoff"])
+        defer = await queue.schedule_retry(arq_id, ctx["priorities"][job_id], ctx["backoff"])
         raise Retry(defer=defer)
 
 
@@ -114,7 +117,7 @@ async def test_a_retried_job_starts_again_when_its_backoff_ends(
         backoff=1.0,
     )
     async with _running(worker):
-        assert await JobQueue(services.redis, queue_name=qname).enqueue("flaky", priority)
+        assert await JobQueue(services.redis, queue_name=qname).enqueue(f"flaky@{qname}", priority)
         await _wait_for(log, 2, timeout=5)
     assert [job for job, _ in log] == ["flaky", "flaky"]
     gap = log[1][1] - log[0][1]
@@ -147,7 +150,7 @@ async def test_a_due_retried_critical_job_starts_before_an_older_low_job(
     )
     queue = JobQueue(services.redis, queue_name=qname)
     for job_id in ("low", "crit", "blocker"):  # before the worker starts: all waiting
-        assert await queue.enqueue(job_id, priorities[job_id])
+        assert await queue.enqueue(f"{job_id}@{qname}", priorities[job_id])
     async with _running(worker):
         await _wait_for(log, 4, timeout=8)
     assert [job for job, _ in log] == ["crit", "blocker", "crit", "low"]
@@ -169,7 +172,9 @@ async def test_arq_loop_worker_holds_the_backoff(
         backoff=0.8,
     )
     async with _running(worker):
-        assert await JobQueue(services.redis, queue_name=qname).enqueue("flaky", Priority.CRITICAL)
+        assert await JobQueue(services.redis, queue_name=qname).enqueue(
+            f"flaky@{qname}", Priority.CRITICAL
+        )
         await _wait_for(log, 2, timeout=5)
     assert [job for job, _ in log] == ["flaky", "flaky"]
     gap = log[1][1] - log[0][1]

@@ -262,16 +262,33 @@ class WsServer:
             conn.expiry_timer.cancel()
         if first:
             self.authenticated.add(conn)
-        delay = max(0.0, identity.expires_at - time.time())
-        conn.expiry_timer = asyncio.get_running_loop().call_later(
-            delay, lambda: self._act_soon(conn, conn.session.expiry_reached())
-        )
+        self._arm_expiry(conn, identity.expires_at)
         if first and conn.session.endpoint == "notifications":
             conn.notifications_for = identity.user_id
             try:
                 await self.hub.notifications.listen(conn, identity.user_id)
             except SluiceError as exc:  # Redis is down: say so; the client may retry
                 conn.reply(Error(code=exc.code, message=exc.message))
+
+    def _arm_expiry(self, conn: Connection, expires_at: float, margin: float = 0.0) -> None:
+        """Close ``conn`` when its token expires, unless it was refreshed by then.
+
+        The loop's timers run on the monotonic clock and the token on wall time: a
+        timer that fires a hair before ``expires_at`` (as the session sees it) is
+        armed again for the rest, so an expired token is always acted on."""
+        delay = max(0.0, expires_at - time.time()) + margin
+        conn.expiry_timer = asyncio.get_running_loop().call_later(
+            delay, self._expiry_due, conn, expires_at
+        )
+
+    def _expiry_due(self, conn: Connection, expires_at: float) -> None:
+        actions = conn.session.expiry_reached()
+        if actions:
+            self._act_soon(conn, actions)
+            return
+        identity = conn.session.identity
+        if identity is not None and not conn.session.closed and identity.expires_at == expires_at:
+            self._arm_expiry(conn, expires_at, margin=0.01)  # fired early (clock skew)
 
 
 def _spread_keepalive(connection: ServerConnection) -> None:
