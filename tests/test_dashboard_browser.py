@@ -28,6 +28,7 @@ import pytest
 
 from app.core.auth import TokenService
 from app.core.settings import Settings
+from devstack.embedder import EmbedderProcess
 from tests.fixtures_pipeline import ROOT, WorkerProcs, make_pdf, page_sentence
 from tests.fixtures_uploads import GatewayProcess, gateway_env
 from tests.fixtures_ws import WsProcess
@@ -110,11 +111,17 @@ def dash(
     ws_factory: Any,
     tokens: TokenService,
     tmp_path_factory: pytest.TempPathFactory,
+    embedder_service: EmbedderProcess,
 ) -> Iterator[Dash]:
     out = tmp_path_factory.mktemp("dashboard")
     ws = ws_factory()
     ws_env = {**settings_env, "WEBSOCKET_HOST": "127.0.0.1", "WEBSOCKET_PORT": str(ws.port)}
-    env = gateway_env(settings_env, UPLOAD_CHUNK_SIZE_MB=str(CHUNK_MB), WEBSOCKET_PORT=str(ws.port))
+    env = gateway_env(
+        settings_env,
+        UPLOAD_CHUNK_SIZE_MB=str(CHUNK_MB),
+        WEBSOCKET_PORT=str(ws.port),
+        SEARCH_EMBEDDING_URL=embedder_service.api_url,  # the page's search box
+    )
     gateway = GatewayProcess(env, out / "gateway.log")
     workers = WorkerProcs(settings_env, out)
     assert sync_playwright is not None
