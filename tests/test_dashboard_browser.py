@@ -217,6 +217,8 @@ def late_first_read(route: Route, dash: Dash, user: str) -> None:
             if r.status_code == 429:  # this poller shares the user's API budget with the page
                 time.sleep(float(r.headers.get("retry-after", "1")))
                 continue
+            if r.status_code == 404:  # another user's job: the admin's table shows them all
+                break
             assert r.status_code == 200, r.text
             job = r.json()
             if job["stage"] not in (None, "validate") or job["status"] in ("completed", "failed"):
