@@ -144,7 +144,7 @@ def _lifespan(
             sweeper = asyncio.create_task(
                 run_sweeper(uploads.upload_context(svc), svc.redis), name="upload-sweeper"
             )
-            lag = LoopLagProbe(metrics.loop_lag, "gateway")
+            lag = LoopLagProbe(metrics.loop_lag, "gateway", interval=0.05)
             lag.start()
             log.info("gateway_started")
             try:
