@@ -17,6 +17,7 @@ def run(settings: Settings, *, host: str | None = None, port: int | None = None)
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.http_keepalive_seconds,
     )
     uvicorn.Server(config).run()
     return 0

@@ -22,6 +22,7 @@ def run(settings: Settings, *, host: str | None = None, port: int | None = None)
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.http_keepalive_seconds,
         h11_max_incomplete_event_size=64 * 1024,
     )
     uvicorn.Server(config).run()
