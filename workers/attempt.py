@@ -41,6 +41,7 @@ from app.jobs.model import JobStatus, ProgressEvent, Stage
 from app.jobs.transitions import change_job
 from workers.context import WorkerContext
 from workers.lease import STILL_RUNNING, LeaseLost
+from workers.outages import DatabaseRides
 from workers.stages.common import DocumentInfo
 
 T = TypeVar("T")
@@ -107,6 +108,8 @@ class Attempt:
         self.progress_floor = 0.0
         """The job's ``overall_progress`` so far: nothing recorded goes below it."""
         self._last_check = 0.0
+        self.database_rides = DatabaseRides()
+        """The database errors this attempt waits out instead of failing on."""
 
     def take(self, row: asyncpg.Record) -> None:
         """Adopt the job and document columns :func:`workers.lease.acquire` returned."""

@@ -34,7 +34,6 @@ from typing import Any
 
 from app.core.errors import SluiceError, TransientError
 from app.core.logging import get_logger
-from app.core.outage import is_database_outage
 from app.jobs.model import DocumentStatus, JobStatus, ProgressEvent, RunOutcome, Stage
 from app.jobs.transitions import JobChanges, end_run
 from workers import lease
@@ -98,7 +97,7 @@ async def transition(
                 event = await commit(conn, changes)
             break
         except Exception as exc:
-            if not (ride and is_database_outage(exc)):
+            if not (ride and attempt.database_rides.rides(exc)):
                 raise
             await await_database(ctx, attempt.job_id, exc)
     await changes.publish(ctx.redis)

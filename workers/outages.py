@@ -14,10 +14,15 @@ import random
 from collections.abc import Awaitable, Callable
 
 from app.core.logging import get_logger
-from app.core.outage import is_database_outage, is_storage_outage
+from app.core.outage import is_confused_connection, is_database_outage, is_storage_outage
 from workers.context import WorkerContext
 
 log = get_logger("sluice.worker.pipeline")
+
+CONFUSED_CONNECTION_RIDES = 3
+"""Times one attempt waits out a confused asyncpg connection
+(:func:`~app.core.outage.is_confused_connection`) like an outage; past it the
+error is the attempt's, as a bug that repeats must be."""
 
 DATABASE_WAIT = (0.2, 5.0)
 """First and largest wait (seconds, jittered) between probes of a lost dependency."""
@@ -33,6 +38,22 @@ class Backoff:
     async def sleep(self) -> None:
         await asyncio.sleep(self.delay * random.uniform(0.5, 1.0))  # noqa: S311
         self.delay = min(self.delay * 2, DATABASE_WAIT[1])
+
+
+class DatabaseRides:
+    """Which database errors one attempt waits out: every outage, and a confused
+    connection at most :data:`CONFUSED_CONNECTION_RIDES` times."""
+
+    def __init__(self) -> None:
+        self.confused = 0
+
+    def rides(self, exc: BaseException) -> bool:
+        if is_database_outage(exc):
+            return True
+        if is_confused_connection(exc) and self.confused < CONFUSED_CONNECTION_RIDES:
+            self.confused += 1
+            return True
+        return False
 
 
 async def await_database(ctx: WorkerContext, job_id: str, exc: BaseException) -> None:

@@ -204,7 +204,7 @@ class JobRun:
                     await attempt.check()
                 return await run_stages(attempt)
             except Exception as exc:
-                if is_database_outage(exc):
+                if attempt.database_rides.rides(exc):
                     await await_database(ctx, self.job_id, exc)
                 elif is_storage_outage(exc):
                     await await_storage(

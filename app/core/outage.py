@@ -96,6 +96,26 @@ def is_database_outage(exc: BaseException) -> bool:
     return any(_is_pg(e) for e in _chain(exc))
 
 
+_CONFUSED = ("cannot switch to state", "another operation is in progress")
+
+
+def is_confused_connection(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it was raised from) is asyncpg losing track of a
+    connection's protocol state (``InternalClientError: cannot switch to state``,
+    ``InterfaceError: another operation is in progress``).
+
+    A reply that crossed a Postgres restart leaves pooled connections like this,
+    but the same errors also mean misuse of a connection (a bug).  So unlike
+    :func:`is_database_outage` this is no licence to wait forever: callers ride it
+    a bounded number of times (``workers.outages.CONFUSED_CONNECTION_RIDES``).
+    """
+    return any(
+        isinstance(e, asyncpg.InternalClientError | asyncpg.InterfaceError)
+        and any(text in str(e) for text in _CONFUSED)
+        for e in _chain(exc)
+    )
+
+
 def is_redis_outage(exc: BaseException) -> bool:
     """True if ``exc`` (or what it was raised from) means Redis is unreachable."""
     return any(isinstance(e, _REDIS_LOST) for e in _chain(exc))
