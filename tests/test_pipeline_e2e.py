@@ -408,7 +408,9 @@ async def test_resync_releases_a_waiting_job_that_arq_still_marks_started(
     the whole job timeout.  The periodic resync lets it run again at once."""
     job = await make_job(b"Stuck behind an in-progress key. " * 5, "txt")
     await services.queue.enqueue(job.job_id, Priority.NORMAL)
-    await services.redis.psetex(f"arq:in-progress:{job.job_id}", 3_600_000, b"1")
+    # as ARQ set it when a worker picked the job up two minutes ago
+    ttl_ms = int((worker_ctx.in_progress_seconds - 120) * 1000)
+    await services.redis.psetex(f"arq:in-progress:{job.job_id}", ttl_ms, b"1")
     await services.db.execute(
         "UPDATE jobs SET status = 'retrying', updated_at = now() - interval '5 minutes' "
         "WHERE id = $1::uuid",
@@ -417,3 +419,22 @@ async def test_resync_releases_a_waiting_job_that_arq_still_marks_started(
     assert job.job_id not in await resync_queue(worker_ctx)  # ARQ holds it: no new entry
     assert not await services.redis.exists(f"arq:in-progress:{job.job_id}")
     assert await services.queue.is_queued(job.job_id)  # and it kept its place
+
+
+async def test_resync_leaves_a_long_waiting_job_that_a_worker_just_picked_up(
+    services: Services, worker_ctx: WorkerContext, make_job: MakeJob
+) -> None:
+    """In a crowded queue a job waits long; the worker that picks it up sets ARQ's
+    in-progress key a moment before it takes the lease.  A resync in between must
+    not release it (that ran the job twice in one worker: arq's ``job_tasks``
+    KeyError in the crowded-fleet test)."""
+    job = await make_job(b"Waited long, picked up now. " * 5, "txt")
+    await services.queue.enqueue(job.job_id, Priority.NORMAL)
+    ttl_ms = int(worker_ctx.in_progress_seconds * 1000)  # set just now
+    await services.redis.psetex(f"arq:in-progress:{job.job_id}", ttl_ms, b"1")
+    await services.db.execute(
+        "UPDATE jobs SET updated_at = now() - interval '5 minutes' WHERE id = $1::uuid",
+        job.job_id,
+    )
+    assert job.job_id not in await resync_queue(worker_ctx)
+    assert await services.redis.exists(f"arq:in-progress:{job.job_id}")  # still the picker's

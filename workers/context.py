@@ -122,6 +122,18 @@ class WorkerContext:
     parse_children: ParseChildren = field(default_factory=ParseChildren)
     """Where jobs get their parse child process (``workers/parse.py``)."""
 
+    @property
+    def job_timeout_seconds(self) -> float:
+        """ARQ's timeout for the job function: a minute above the processing
+        bound, which the run enforces itself (``processing_timeout``)."""
+        return self.max_processing_seconds + 60
+
+    @property
+    def in_progress_seconds(self) -> float:
+        """The TTL ARQ gives a picked-up job's in-progress key (its
+        ``Worker.in_progress_timeout_s``: the largest function timeout + 10 s)."""
+        return self.job_timeout_seconds + 10
+
     def set_redis_up(self, up: bool) -> None:
         self.health.redis_up = up
         self.metrics.redis_up.set(1 if up else 0)

@@ -122,14 +122,17 @@ async def resync_queue(
     enqueued = []
     for row in rows:
         if await ctx.queue.is_queued(row["id"]):
-            # Waiting that long, yet marked started in ARQ: its worker could not tell
+            # Waiting, yet marked started in ARQ for that long with no lease taken:
+            # its worker died between the pick-up and the lease, or could not tell
             # ARQ how the run ended (Redis was down then), and ARQ would hold it for
-            # the whole job timeout.  Not after a data loss (grace 0): a worker may
-            # just have picked the job up (nor while one holds its lease, taking it).
+            # the whole job timeout.  The age is the in-progress key's, not the
+            # row's: a job that waited long in a crowded queue and was picked up a
+            # moment ago (its worker about to take the lease) is left alone.  Not
+            # after a data loss (grace 0), nor while a worker holds its lease.
             if (
                 grace_seconds >= RESYNC_GRACE_SECONDS
                 and row["lease_free"]
-                and await ctx.queue.is_started(row["id"])
+                and await _started_long_ago(ctx, row["id"], grace_seconds)
             ):
                 await ctx.queue.requeue_lost(row["id"], row["priority"])
                 log.warning("stuck_job_released", job_id=row["id"])
@@ -138,6 +141,11 @@ async def resync_queue(
             enqueued.append(row["id"])
             log.warning("lost_job_requeued", job_id=row["id"])
     return enqueued
+
+
+async def _started_long_ago(ctx: WorkerContext, job_id: str, seconds: float) -> bool:
+    age = await ctx.queue.started_seconds_ago(job_id, ctx.in_progress_seconds)
+    return age is not None and age >= seconds
 
 
 @dataclass(frozen=True)

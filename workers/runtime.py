@@ -120,7 +120,7 @@ async def open_worker_context(
 def worker_kwargs(ctx: WorkerContext, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for :class:`arq.worker.Worker` (the worker settings)."""
     settings = ctx.settings
-    job_timeout = ctx.max_processing_seconds + 60
+    job_timeout = ctx.job_timeout_seconds
     max_jobs = settings.max_concurrent_tasks
     kwargs: dict[str, Any] = {
         "functions": [

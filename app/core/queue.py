@@ -297,9 +297,20 @@ class JobQueue:
         """True while ARQ holds the job (waiting, deferred or running)."""
         return bool(await self._redis.exists(job_key_prefix + job_id))
 
-    async def is_started(self, job_id: str) -> bool:
-        """True while ARQ has the job marked in progress (its in-progress key)."""
-        return bool(await self._redis.exists(in_progress_key_prefix + job_id))
+    async def started_seconds_ago(self, job_id: str, in_progress_seconds: float) -> float | None:
+        """How long ago a worker marked the job in progress; None if none has.
+
+        ARQ sets the in-progress key with a TTL of ``in_progress_seconds`` (its
+        ``Worker.in_progress_timeout_s``) when a worker picks the job up and never
+        renews it, so its age is that TTL minus what is left of it.  A key without
+        a TTL counts as set forever ago.
+        """
+        left_ms = int(await self._redis.pttl(in_progress_key_prefix + job_id))
+        if left_ms == -2:
+            return None
+        if left_ms < 0:
+            return float("inf")
+        return max(0.0, in_progress_seconds - left_ms / 1000)
 
     async def abort(self, job_id: str) -> None:
         """Ask ARQ to drop a job that has not started (a worker removes it unrun).
