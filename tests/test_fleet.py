@@ -53,6 +53,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from app.core.auth import TokenService
 from app.core.embedding import LocalEmbedder, load_tokenizer
+from app.core.keepalive import CLIENT_KEEPALIVE_EXPIRY
 from app.core.queue import Priority
 from app.gateway.services import Services
 from app.jobs.model import FINAL_RUN_OUTCOMES
@@ -321,7 +322,8 @@ async def _upload_all(
 
     flushing = asyncio.create_task(flusher())
     try:
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+        limits = httpx.Limits(max_connections=64, keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY)
+        async with httpx.AsyncClient(limits=limits) as client:
             await asyncio.gather(
                 *(
                     uploader(client, gateway_urls[n % len(gateway_urls)])

@@ -32,6 +32,7 @@ import httpx
 from app.client.errors import UploadError
 from app.client.progress import UploadProgress
 from app.client.resume import ResumeFiles, ResumeState
+from app.core.keepalive import CLIENT_KEEPALIVE_EXPIRY
 
 API = "/api/v1/documents/upload"
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -97,7 +98,9 @@ class UploadClient:
     async def __aenter__(self) -> UploadClient:
         if self._http is None:
             limits = httpx.Limits(
-                max_connections=self.parallel + 2, max_keepalive_connections=self.parallel + 2
+                max_connections=self.parallel + 2,
+                max_keepalive_connections=self.parallel + 2,
+                keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY,
             )
             self._http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), limits=limits)
         return self

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from app.core.errors import ConfigError, PermanentError, TransientError
+from app.core.keepalive import CLIENT_KEEPALIVE_EXPIRY
 from app.core.settings import Settings
 
 EMBEDDING_DIM = 384
@@ -138,7 +139,11 @@ class OpenAIEmbedder:
             raise ConfigError("EMBEDDING_API_URL is required when EMBEDDING_PROVIDER=openai")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout_s,
+            transport=transport,
+            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY),
         )
         self._model = model
         self.dim = dim

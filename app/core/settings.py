@@ -167,7 +167,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     refused_body_drain_seconds: Annotated[int, msgspec.Meta(ge=0)] = 30
     """At most this long is spent draining a refused request's body."""
     http_keepalive_seconds: PositiveInt = 75
-    """How long the gateway and the embedder hold an idle keep-alive connection open.
+    """How long the gateway and the embedder hold an idle keep-alive connection open
+    (see ``app/core/keepalive.py``).
     It must outlast the clients' own pool expiry (httpx 5 s, browsers and proxies
     60 s and more): a server that closes first races the client's next request on
     that connection, which then meets a reset instead of an answer."""
