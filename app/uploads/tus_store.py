@@ -4,7 +4,8 @@ Object layout, everything of one upload under ``tus/<upload id>/`` (deleted as a
 prefix when the upload finishes, is terminated or expires):
 
 * ``pending/<start offset>``: one *incomplete-part segment* per PATCH that ended
-  between part boundaries (see :mod:`app.uploads.tus_writer`);
+  between part boundaries, and a small PATCH's share of a part it filled while
+  that part is stored in the background (see :mod:`app.uploads.tus_writer`);
 * ``partial``: a partial upload's object (``Upload-Concat: partial``), built by
   its own multipart upload and completed when its last byte arrives.
 
