@@ -205,24 +205,36 @@ async def patch(
         if writer.end != upload.upload_length:
             await _keep_deferring(ctx, runtime, conn, upload, writer)
             return msgspec.structs.replace(upload, upload_offset=writer.end)
-        await runtime.settle(upload.id)
-        pending = await conn.fetchval(
-            "SELECT pending_starts FROM tus_uploads WHERE id = $1::uuid", upload.id
-        )
-        await _fold_strays(ctx, runtime, upload, pending, None)
-        await writer.finish_last()
-        await _finish(ctx, conn, upload)
-        await storage_of(ctx).delete_prefix(f"tus/{upload.id}/pending/")
-        if upload.partial:  # its object is complete
-            return msgspec.structs.replace(
-                upload, upload_offset=writer.end, pending_starts=[], s3_upload_id=None
-            )
+        return await _complete(ctx, runtime, conn, upload, writer)
+
+
+async def _complete(
+    ctx: UploadContext,
+    runtime: TusRuntime,
+    conn: PoolConnectionProxy,
+    upload: TusUpload,
+    writer: PartWriter,
+) -> TusUpload:
+    """The body reached the length: every part stored (this process's fold waited for,
+    full parts still listed folded), the last one sent, the upload completed."""
+    await runtime.settle(upload.id)
+    pending = await conn.fetchval(
+        "SELECT pending_starts FROM tus_uploads WHERE id = $1::uuid", upload.id
+    )
+    await _fold_strays(ctx, runtime, upload, pending, None)
+    await writer.finish_last()
+    await _finish(ctx, conn, upload)
+    await storage_of(ctx).delete_prefix(f"tus/{upload.id}/pending/")
+    if upload.partial:  # its object is complete
         return msgspec.structs.replace(
-            upload,
-            upload_offset=writer.end,
-            pending_starts=[],
-            session_status=UploadSessionStatus.COMPLETED,
+            upload, upload_offset=writer.end, pending_starts=[], s3_upload_id=None
         )
+    return msgspec.structs.replace(
+        upload,
+        upload_offset=writer.end,
+        pending_starts=[],
+        session_status=UploadSessionStatus.COMPLETED,
+    )
 
 
 async def _receive(

@@ -71,7 +71,11 @@ class TusStorage:
         self.bucket = bucket
 
     async def put_object(self, key: str, data: bytes) -> None:
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        if len(data) >= _MD5_IN_THREAD:
+            digest = await asyncio.to_thread(hashlib.md5, data, usedforsecurity=False)
+        else:
+            digest = hashlib.md5(data, usedforsecurity=False)
+        md5 = base64.b64encode(digest.digest()).decode()
         async with storage_errors("put_object"):
             await self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5)
 
