@@ -14,7 +14,11 @@ then in the same run measures:
 * ``c``: four partial uploads in parallel (8 MiB PATCHes), then the final upload
   that S3 builds from them with UploadPartCopy (tus-js-client's ``parallelUploads``);
 * ``d``: four separate uploads at once (8 MiB PATCHes; ``--concurrent-mb`` each,
-  the whole file by default): the RSS case.
+  the whole file by default): the RSS case;
+* ``concat4``: what (c) asks of S3, with no gateway: aioboto3 uploads the four
+  quarters as four objects in parallel, then builds the final object from them
+  with one ``UploadPartCopy`` each and completes it.  (c) against it says how much
+  of (c)'s time is the S3 server's own.
 
 (a) and (b) are one stream, so their baseline is ``direct1``; (c) is four, against
 ``direct4``.  Targets: (a), (c) >= 0.8, (b) >= 0.6; gateway peak RSS < 250 MB in
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import os
 import statistics
 import sys
@@ -32,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -59,6 +66,8 @@ TUS = "/api/v1/tus/"
 V = {"Tus-Resumable": "1.0.0"}
 NAME = "filename cGF5bG9hZC50eHQ="  # payload.txt
 TARGETS = {"a": ("direct1", 0.8), "b": ("direct1", 0.6), "c": ("direct4", 0.8)}
+INFO = {"c": "concat4"}
+"""Second baselines, printed beside the target's (no target of their own)."""
 
 
 class TusBench:
@@ -203,6 +212,7 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             runs: dict[str, Callable[[], Awaitable[None]]] = {
                 "direct1": lambda: _direct(settings, data_file, size, part, 1),
                 "direct4": lambda: _direct(settings, data_file, size, part, 4),
+                "concat4": lambda: _direct_concat(settings, data_file, size, part, 4),
                 "a": lambda: tus(client.upload(size, part)),
                 "b": lambda: tus(client.upload(size, MiB)),
                 "c": lambda: tus(client.parallel(size, 4, part)),
@@ -226,10 +236,75 @@ async def _direct(settings: Settings, path: Path, size: int, part: int, parallel
     await delete(settings, key)
 
 
+async def _direct_concat(
+    settings: Settings, path: Path, size: int, part: int, streams: int
+) -> None:
+    """Four objects uploaded in parallel, joined by S3 with ``UploadPartCopy``."""
+    bucket, bounds = settings.minio_bucket_name, [size * i // streams for i in range(streams + 1)]
+    keys = [f"bench/partial-{i}" for i in range(streams)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        async with open_s3(settings, max_pool_connections=streams + 2) as s3:
+            started = time.perf_counter()
+            await asyncio.gather(
+                *[
+                    _multipart(s3, bucket, keys[i], fd, (bounds[i], bounds[i + 1]), part)
+                    for i in range(streams)
+                ]
+            )
+            joined = time.perf_counter()
+            upload_id = (await s3.create_multipart_upload(Bucket=bucket, Key="bench/final"))[
+                "UploadId"
+            ]
+
+            async def copy(i: int) -> dict[str, object]:
+                r = await s3.upload_part_copy(
+                    Bucket=bucket,
+                    Key="bench/final",
+                    UploadId=upload_id,
+                    PartNumber=i + 1,
+                    CopySource={"Bucket": bucket, "Key": keys[i]},
+                )
+                return {"ETag": r["CopyPartResult"]["ETag"], "PartNumber": i + 1}
+
+            parts = await asyncio.gather(*[copy(i) for i in range(streams)])
+            await s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key="bench/final",
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+            print(
+                f"   concat4 objects: {joined - started:.2f} s; final built by S3 and "
+                f"completed: {time.perf_counter() - joined:.2f} s"
+            )
+            for key in [*keys, "bench/final"]:
+                await s3.delete_object(Bucket=bucket, Key=key)
+    finally:
+        os.close(fd)
+
+
+async def _multipart(
+    s3: Any, bucket: str, key: str, fd: int, span: tuple[int, int], part: int
+) -> None:
+    upload_id = (await s3.create_multipart_upload(Bucket=bucket, Key=key))["UploadId"]
+    parts = []
+    for number, start in enumerate(range(span[0], span[1], part), start=1):
+        data = await asyncio.to_thread(os.pread, fd, min(part, span[1] - start), start)
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        r = await s3.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentMD5=md5
+        )
+        parts.append({"ETag": r["ETag"], "PartNumber": number})
+    await s3.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024)
-    parser.add_argument("--runs", default="direct1,a,b,direct4,c,d")
+    parser.add_argument("--runs", default="direct1,a,b,direct4,c,concat4,d")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (median)")
     parser.add_argument(
         "--concurrent-mb", type=int, default=1024, help="size of each of run d's four uploads"
@@ -242,6 +317,8 @@ def main() -> int:
         base, target = TARGETS.get(label, ("", 0.0))
         if base in r:
             line += f", ratio {got['rate'] / r[base]['rate']:.2f} vs {base} (target >= {target})"
+        if INFO.get(label) in r:
+            line += f", {got['rate'] / r[INFO[label]]['rate']:.2f} vs {INFO[label]}"
         print(line + f", CPU ms/MiB: gateway {got['cpu']:.1f}, S3 server {got['s3cpu']:.1f}")
     return 0
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+from botocore.exceptions import ClientError
 
 from app.gateway.services import Services
 from tests.fixtures_uploads import PART, MiB, payload, s3_object, wait_for
@@ -168,3 +169,100 @@ async def test_the_patch_lock_holds_across_gateway_processes(
         r = await first
         assert r.status_code == 204, r.text
     assert await s3_object(upload_services, r.headers["sluice-document-id"]) == data
+
+
+async def _durable(svc: Services, url: str) -> int:
+    """How many bytes from the start S3 holds for the upload: the parts stored in its
+    multipart upload and the incomplete-part segments its row lists (as S3 has them)."""
+    uid, bucket = url.rsplit("/", 1)[1], svc.settings.minio_bucket_name
+    row = await svc.db.fetchrow(
+        "SELECT t.pending_starts, t.upload_offset, s.object_key, s.s3_upload_id "
+        "FROM tus_uploads t JOIN upload_sessions s ON s.id = t.session_id WHERE t.id = $1::uuid",
+        uid,
+    )
+    spans: list[tuple[int, int]] = []
+    for start in row["pending_starts"]:
+        try:
+            head = await svc.s3.head_object(Bucket=bucket, Key=f"tus/{uid}/pending/{start:020d}")
+        except ClientError:  # folded meanwhile: its part is stored (listed below)
+            continue
+        spans.append((start, start + int(head["ContentLength"])))
+    listed = await svc.s3.list_parts(  # after the segments: a part folded meanwhile shows
+        Bucket=bucket, Key=row["object_key"], UploadId=row["s3_upload_id"]
+    )
+    for p in listed.get("Parts", []):
+        spans.append(((p["PartNumber"] - 1) * PART, (p["PartNumber"] - 1) * PART + p["Size"]))
+    covered = 0
+    for start, end in sorted(spans):
+        if start <= covered:
+            covered = max(covered, end)
+    return covered
+
+
+async def _tus_objects(svc: Services, url: str) -> list[str]:
+    resp = await svc.s3.list_objects_v2(
+        Bucket=svc.settings.minio_bucket_name, Prefix=f"tus/{url.rsplit('/', 1)[1]}/"
+    )
+    return [str(o["Key"]) for o in resp.get("Contents", [])]
+
+
+async def test_gateway_killed_right_after_a_small_patch_filled_a_part(
+    gateway_factory: Callable[..., Any], auth_headers: dict[str, str], upload_services: Services
+) -> None:
+    """1 MiB PATCHes: the one that fills a part answers before the part is stored (its
+    MiB is kept as a segment, the part is stored in the background).  A gateway killed
+    right after that answer loses nothing: every byte counted is in S3 at every step,
+    and a new gateway stores the part from the segments and completes the upload."""
+    data = payload(2 * PART + 4321, seed=204)
+    gw = gateway_factory()
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
+        url = await _create(c, auth_headers, len(data))
+        for offset in range(0, PART, MiB):
+            r = await c.patch(
+                url, headers=_patch_headers(auth_headers, offset), content=data[offset:][:MiB]
+            )
+            assert r.status_code == 204, r.text
+            assert r.headers["upload-offset"] == str(offset + MiB)
+        gw.kill()  # SIGKILL right after the 204: part 1 is most likely not stored yet
+    assert await _offset(upload_services, url) == PART
+    assert await _durable(upload_services, url) >= PART
+    gw2 = gateway_factory(port=gw.port)
+    async with httpx.AsyncClient(base_url=gw2.url, timeout=30) as c:
+        r = await c.head(url, headers={**auth_headers, **V})
+        assert r.headers["upload-offset"] == str(PART)
+        for offset in range(PART, len(data), MiB):
+            r = await c.patch(
+                url, headers=_patch_headers(auth_headers, offset), content=data[offset:][:MiB]
+            )
+            assert r.status_code == 204, r.text
+            if offset + MiB < len(data):
+                assert await _durable(upload_services, url) >= offset + MiB
+    stored = await s3_object(upload_services, r.headers["sluice-document-id"])
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert await _tus_objects(upload_services, url) == []
+
+
+async def test_small_patches_alternating_between_two_gateways(
+    gateway_factory: Callable[..., Any], auth_headers: dict[str, str], upload_services: Services
+) -> None:
+    """A load balancer sends every other PATCH to another replica: a part left to be
+    stored in the background by one is stored by the other if it is still listed;
+    either way the object is the file and no segment is left behind."""
+    data = payload(3 * PART + 777, seed=205)
+    one, two = gateway_factory(), gateway_factory()
+    async with (
+        httpx.AsyncClient(base_url=one.url, timeout=30) as c1,
+        httpx.AsyncClient(base_url=two.url, timeout=30) as c2,
+    ):
+        url = await _create(c1, auth_headers, len(data))
+        size = MiB + 1000  # segments of every length, parts filled by either replica
+        for i, offset in enumerate(range(0, len(data), size)):
+            c = (c1, c2)[i % 2]
+            r = await c.patch(
+                url, headers=_patch_headers(auth_headers, offset), content=data[offset:][:size]
+            )
+            assert r.status_code == 204, r.text
+            assert r.headers["upload-offset"] == str(min(offset + size, len(data)))
+    stored = await s3_object(upload_services, r.headers["sluice-document-id"])
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert await _tus_objects(upload_services, url) == []

@@ -744,3 +744,24 @@ async def test_lock_holders_per_process_are_bounded_then_503(
             assert exc.code == "uploads_busy" and exc.headers["Retry-After"] == "1"
     async with runtime.lock(ctx, upload_id(second)):  # the slot is back
         pass
+
+
+async def test_termination_right_after_small_patches_filled_a_part(
+    uploads: httpx.AsyncClient, auth_headers: dict[str, str], upload_services: Services
+) -> None:
+    """The part the last 1 MiB PATCH filled is stored in the background; a DELETE at
+    once waits for it, aborts the S3 upload, and leaves no segment behind."""
+    data = payload(2 * PART, seed=106)
+    url = await created(uploads, auth_headers, len(data))
+    uid = upload_id(url)
+    for offset in range(0, PART + MiB, MiB):
+        r = await patch(uploads, auth_headers, url, offset, data[offset : offset + MiB])
+        assert r.status_code == 204, r.text
+    row = await upload_services.db.fetchrow(
+        "SELECT s3_upload_id, object_key FROM upload_sessions WHERE id = $1::uuid", uid
+    )
+    r = await uploads.delete(url, headers={**auth_headers, **V})
+    assert r.status_code == 204, r.text
+    assert row["s3_upload_id"] not in await fx.s3_upload_ids(upload_services, row["object_key"])
+    assert await tus_objects(upload_services, uid) == []
+    assert (await head(uploads, auth_headers, url)).status_code == 404

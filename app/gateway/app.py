@@ -136,7 +136,10 @@ def _lifespan(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if services is not None:
-            yield
+            try:
+                yield
+            finally:
+                await app.state.tus.aclose()  # folds left in the background
             return
         async with open_services(settings, metrics=metrics) as svc:
             await ensure_bucket(svc.s3, settings.minio_bucket_name)
@@ -150,6 +153,7 @@ def _lifespan(
             try:
                 yield
             finally:
+                await app.state.tus.aclose()
                 await lag.stop()
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -272,6 +272,7 @@ async def terminate(ctx: UploadContext, runtime: TusRuntime, owner_id: str, uplo
     parse_upload_id(upload_id)
     async with runtime.lock(ctx, upload_id) as conn:
         upload = await load(conn, owner_id, upload_id)
+        await runtime.settle(upload.id)  # a part stored in the background lands first
         if upload.partial:
             if upload.s3_upload_id is not None:
                 await storage_of(ctx).abort_multipart(upload.object_key, upload.s3_upload_id)

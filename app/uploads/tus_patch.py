@@ -10,12 +10,22 @@
   each also needs one more connection briefly (to record a part), so holders
   can never take every connection and wait on each other.
 * **Offsets.**  ``upload_offset`` is written only after S3 holds the bytes it
-  covers.  Without ``Upload-Checksum`` every stored part is committed at once
-  (a gateway killed mid-PATCH loses at most the part in progress) and, when the
-  body stops early (client gone, stalled), what arrived is kept as an
-  incomplete part; with a checksum nothing is committed before the whole body
-  is verified (460 otherwise).  The last byte is committed only once the
-  upload is completed, so ``Upload-Offset == Upload-Length`` always means done.
+  covers, and only grows (``GREATEST``).  Without ``Upload-Checksum`` every
+  stored part is committed at once (a gateway killed mid-PATCH loses at most
+  the part in progress) and, when the body stops early (client gone, stalled),
+  what arrived is kept as an incomplete part; with a checksum nothing is
+  committed before the whole body is verified (460 otherwise).  The last byte
+  is committed only once the upload is completed, so
+  ``Upload-Offset == Upload-Length`` always means done.
+* **Segments.**  ``pending_starts`` lists the incomplete-part segments in S3
+  (sorted).  Those before the part the offset is in belong to full parts not
+  yet stored: a *fold* that a small PATCH left running in the background (see
+  :mod:`app.uploads.tus_writer`), or one that failed or died with its gateway.
+  Every change to the list is relative (add these starts, drop those in a
+  range), so a fold that commits while the next PATCH runs loses nothing.  A
+  PATCH folds, before it writes, every full part no fold of its own process is
+  storing; the PATCH that completes the upload first waits for its process's
+  fold and folds what is left.
 """
 
 from __future__ import annotations
@@ -24,13 +34,14 @@ import asyncio
 import contextlib
 import io
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-from app.core.errors import BadRequest, Conflict, ServiceUnavailable
+from app.core.db import Queryable
+from app.core.errors import BadRequest, Conflict, ServiceUnavailable, SluiceError
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.uploads.completion import complete
@@ -40,13 +51,16 @@ from app.uploads.rules import MiB, check_size
 from app.uploads.sessions import get_session
 from app.uploads.tus_protocol import Checksum, Locked
 from app.uploads.tus_state import TusUpload, load, parse_upload_id, storage_of
-from app.uploads.tus_writer import PartWriter, PendingCache
+from app.uploads.tus_store import md5_of
+from app.uploads.tus_writer import Part, PartSink, PartWriter, PendingCache, read_segments
 
 log = get_logger(__name__)
 
 BUSY_SECONDS = 30.0
 """How long a PATCH waits for one of this process's lock slots before 503."""
 PENDING_CACHE_BYTES = 32 * MiB
+CLOSE_SECONDS = 10.0
+"""How long a stopping gateway waits for its folds (a fold it drops is redone later)."""
 
 Body = Callable[[int], AsyncIterator[bytes]]
 """The request body, read with a limit: more bytes than that is the reader's 413."""
@@ -60,7 +74,9 @@ class BodyInterrupted(Exception):
 
 
 class TusRuntime:
-    """What a gateway process shares between its tus requests: lock slots, the cache."""
+    """What a gateway process shares between its tus requests: lock slots, the
+    segment cache, and the folds running in the background (one per upload at
+    most, ``max_patches`` in all: each holds one part in memory)."""
 
     def __init__(
         self,
@@ -73,6 +89,7 @@ class TusRuntime:
         self.busy_seconds = busy_seconds
         self._slots = asyncio.Semaphore(max_patches)
         self.cache = PendingCache(cache_bytes)
+        self._folds: dict[str, tuple[asyncio.Task[None], Part]] = {}
 
     @classmethod
     def of(cls, settings: Settings) -> TusRuntime:
@@ -104,6 +121,45 @@ class TusRuntime:
                 yield conn
         finally:
             self._slots.release()
+
+    def folding(self, upload_id: str) -> Part | None:
+        """The part this process is storing in the background for the upload, if any."""
+        got = self._folds.get(upload_id)
+        return got[1] if got is not None and not got[0].done() else None
+
+    def can_fold(self) -> bool:
+        return sum(not task.done() for task, _ in self._folds.values()) < self.max_patches
+
+    def adopt(self, upload_id: str, task: asyncio.Task[None], part: Part) -> None:
+        """Let ``task`` store ``part`` in the background (the caller's PATCH answers)."""
+        self._folds[upload_id] = (task, part)
+
+        def done(task: asyncio.Task[None]) -> None:
+            if self._folds.get(upload_id, (None,))[0] is task:
+                del self._folds[upload_id]
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                # the segments stay listed: the next PATCH folds them
+                log.warning("tus_fold_failed", upload_id=upload_id, error=repr(exc)[:300])
+
+        task.add_done_callback(done)
+
+    async def settle(self, upload_id: str) -> None:
+        """Wait for the upload's fold in this process to end (how it ended is logged)."""
+        got = self._folds.get(upload_id)
+        if got is not None:
+            await asyncio.wait([got[0]])
+
+    async def aclose(self) -> None:
+        """Wait (bounded) for every fold, then cancel what is left: its segments stay
+        listed, so the part is folded again by the upload's next PATCH."""
+        tasks = [task for task, _ in self._folds.values()]
+        if not tasks:
+            return
+        _, left = await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left)
 
 
 async def patch(
@@ -141,50 +197,82 @@ async def patch(
             async for _ in body(0):  # nothing more can be written; any byte is 413
                 pass
             return upload
-        writer = _writer(ctx, runtime, conn, upload, checksum)
+        await _fold_strays(ctx, runtime, upload, upload.pending_starts, runtime.folding(upload.id))
+        writer = _writer(ctx, runtime, upload, checksum)
         length = upload.upload_length
         limit = (ctx.settings.max_upload_size_bytes if length is None else length) - upload.offset
-        await _receive(conn, upload, writer, body(limit), checksum)
+        await _receive(ctx, runtime, conn, upload, writer, pieces=body(limit), checksum=checksum)
         if writer.end != upload.upload_length:
-            pending = await _keep(conn, upload, writer)
-            return msgspec.structs.replace(upload, upload_offset=writer.end, pending_starts=pending)
-        await writer.finish_last()
-        await _finish(ctx, conn, upload)
-        await writer.discard_consumed()
-        if upload.partial:  # its object is complete
-            return msgspec.structs.replace(
-                upload, upload_offset=writer.end, pending_starts=[], s3_upload_id=None
-            )
-        return msgspec.structs.replace(
-            upload,
-            upload_offset=writer.end,
-            pending_starts=[],
-            session_status=UploadSessionStatus.COMPLETED,
-        )
+            await _keep_deferring(ctx, runtime, conn, upload, writer)
+            return msgspec.structs.replace(upload, upload_offset=writer.end)
+        return await _complete(ctx, runtime, conn, upload, writer)
 
 
-async def _receive(
+async def _complete(
+    ctx: UploadContext,
+    runtime: TusRuntime,
     conn: PoolConnectionProxy,
     upload: TusUpload,
     writer: PartWriter,
+) -> TusUpload:
+    """The body reached the length: every part stored (this process's fold waited for,
+    full parts still listed folded), the last one sent, the upload completed."""
+    await runtime.settle(upload.id)
+    pending = await conn.fetchval(
+        "SELECT pending_starts FROM tus_uploads WHERE id = $1::uuid", upload.id
+    )
+    await _fold_strays(ctx, runtime, upload, pending, None)
+    await writer.finish_last()
+    await _finish(ctx, conn, upload)
+    await storage_of(ctx).delete_prefix(f"tus/{upload.id}/pending/")
+    if upload.partial:  # its object is complete
+        return msgspec.structs.replace(
+            upload, upload_offset=writer.end, pending_starts=[], s3_upload_id=None
+        )
+    return msgspec.structs.replace(
+        upload,
+        upload_offset=writer.end,
+        pending_starts=[],
+        session_status=UploadSessionStatus.COMPLETED,
+    )
+
+
+async def _receive(
+    ctx: UploadContext,
+    runtime: TusRuntime,
+    conn: PoolConnectionProxy,
+    upload: TusUpload,
+    writer: PartWriter,
+    *,
     pieces: AsyncIterator[bytes],
     checksum: Checksum | None,
 ) -> None:
-    """Every piece into the writer; on an early end keep what arrived (without checksum)."""
+    """Every piece into the writer; on an early end keep what arrived (without checksum).
+
+    The part in flight when the body ends is not waited for here (see
+    :func:`_keep_deferring`), unless the checksum must be verified first.
+    """
     try:
         async for piece in pieces:
             await writer.write(piece)
-        await writer.wait()
     except BodyInterrupted:
         if checksum is None:
-            await _keep(conn, upload, writer)
+            await _keep(ctx, runtime, conn, upload, writer)
+        else:
+            with contextlib.suppress(Exception):
+                await writer.wait()
         raise
     except BaseException:
         with contextlib.suppress(Exception):  # its part has all its bytes: let it land
             await writer.wait()
         raise
     if checksum is not None:
-        checksum.verify(writer.digest() or b"")
+        try:
+            checksum.verify(writer.digest() or b"")
+        except SluiceError:
+            with contextlib.suppress(Exception):
+                await writer.wait()
+            raise
 
 
 class _SessionSink:
@@ -201,58 +289,171 @@ class _SessionSink:
         await upload_part(self.ctx, self.session, number, body, computed_md5=md5, declared_md5=md5)
 
 
-def _writer(
-    ctx: UploadContext,
-    runtime: TusRuntime,
-    conn: PoolConnectionProxy,
-    upload: TusUpload,
-    checksum: Checksum | None,
-) -> PartWriter:
+def _sink(ctx: UploadContext, upload: TusUpload) -> PartSink:
+    if not upload.partial:
+        return _SessionSink(ctx, upload)
     storage = storage_of(ctx)
     key, s3_id = upload.object_key, upload.s3_upload_id or ""
 
     async def partial_sink(number: int, body: io.BytesIO, md5: bytes) -> None:
         await storage.upload_part(key, s3_id, number, body, md5)
 
-    async def commit(offset: int) -> bool:
-        if offset == upload.upload_length:  # the last byte: committed by _finish
-            return False
-        await _commit(conn, upload, offset, [])
-        return True
+    return partial_sink
 
-    return PartWriter(
-        storage=storage,
+
+def own_base(upload: TusUpload) -> int:
+    """Where the part the offset is in starts: segments before it are full parts."""
+    return upload.upload_offset - upload.upload_offset % upload.chunk_size
+
+
+def _writer(
+    ctx: UploadContext, runtime: TusRuntime, upload: TusUpload, checksum: Checksum | None
+) -> PartWriter:
+    """The PATCH's writer: each part it stores commits at once (after the PATCH's own
+    commit for a deferred one; with a checksum, only a deferred one: the PATCH
+    commits the rest once the body is verified)."""
+
+    async def on_part(part: Part) -> None:
+        if part.deferred:
+            await part.patch_committed.wait()
+        elif checksum is not None:
+            writer.uncommitted += part.consumed
+            return
+        last = part.end == upload.upload_length  # the last byte: committed by _finish
+        await _commit(ctx.db, upload.id, offset=0 if last else part.end, drop=part.range)
+        await _discard(ctx, runtime, part.consumed)
+
+    base = own_base(upload)
+    writer = PartWriter(
+        storage=storage_of(ctx),
         cache=runtime.cache,
         upload_id=upload.id,
         chunk=upload.chunk_size,
         offset=upload.upload_offset,
-        pending=upload.pending_starts,
-        sink=partial_sink if upload.partial else _SessionSink(ctx, upload),
-        on_part=commit if checksum is None else None,
+        pending=[s for s in upload.pending_starts if s >= base],
+        sink=_sink(ctx, upload),
+        on_part=on_part,
         checksum=checksum,
     )
+    return writer
 
 
 async def _commit(
-    conn: PoolConnectionProxy, upload: TusUpload, offset: int, pending: list[int]
+    db: Queryable,
+    upload_id: str,
+    *,
+    offset: int,
+    drop: tuple[int, int],
+    add: Sequence[int] = (),
 ) -> None:
-    await conn.execute(
-        "UPDATE tus_uploads SET upload_offset = $2, pending_starts = $3, updated_at = now() "
-        "WHERE id = $1::uuid",
-        upload.id,
+    """Raise the offset to ``offset`` (never lower it), forget the segments starting in
+    ``drop`` (stored as parts), list the new ones ``add``; one statement, relative to
+    what the row holds, so commits of a PATCH and of a fold never undo each other."""
+    await db.execute(
+        "UPDATE tus_uploads SET upload_offset = GREATEST(upload_offset, $2), "
+        "pending_starts = ARRAY(SELECT DISTINCT s FROM unnest(pending_starts || $5::bigint[]) "
+        "AS s WHERE s < $3 OR s >= $4 ORDER BY s), updated_at = now() WHERE id = $1::uuid",
+        upload_id,
         offset,
-        pending,
+        drop[0],
+        drop[1],
+        list(add),
     )
 
 
-async def _keep(conn: PoolConnectionProxy, upload: TusUpload, writer: PartWriter) -> list[int]:
+async def _discard(
+    ctx: UploadContext, runtime: TusRuntime, consumed: Sequence[tuple[str, int]]
+) -> None:
+    """Delete segments folded into stored parts (after the commit that dropped them)."""
+    for key, size in consumed:
+        runtime.cache.drop(key, size)
+    await storage_of(ctx).delete_keys([key for key, _ in consumed])
+
+
+async def _keep(
+    ctx: UploadContext,
+    runtime: TusRuntime,
+    conn: PoolConnectionProxy,
+    upload: TusUpload,
+    writer: PartWriter,
+) -> None:
     """Commit every byte received: the rest after the last full part becomes a segment."""
-    pending = await writer.keep_rest()
-    if (writer.end, pending) != writer.saved:
-        await _commit(conn, upload, writer.end, pending)
-        writer.committed()
-    await writer.discard_consumed()
-    return pending
+    added = await writer.keep_rest()
+    if writer.end != upload.upload_offset or added or writer.stored[0] != writer.stored[1]:
+        await _commit(conn, upload.id, offset=writer.end, drop=writer.stored, add=added)
+    writer.committed()
+    consumed, writer.uncommitted = writer.uncommitted, []
+    await _discard(ctx, runtime, consumed)
+
+
+async def _keep_deferring(
+    ctx: UploadContext,
+    runtime: TusRuntime,
+    conn: PoolConnectionProxy,
+    upload: TusUpload,
+    writer: PartWriter,
+) -> None:
+    """:func:`_keep`, answering without waiting for a part a small share of this PATCH
+    filled: that share is kept as a segment too and the part left to a fold."""
+    deferred: Part | None = None
+    if writer.deferrable() and runtime.folding(upload.id) is None and runtime.can_fold():
+        task, deferred = writer.defer()
+        runtime.adopt(upload.id, task, deferred)
+    try:
+        await _keep(ctx, runtime, conn, upload, writer)
+    finally:
+        if deferred is not None:
+            deferred.patch_committed.set()
+
+
+async def _fold_strays(
+    ctx: UploadContext,
+    runtime: TusRuntime,
+    upload: TusUpload,
+    pending: Sequence[int],
+    running: Part | None,
+) -> None:
+    """Store the full parts listed as segments (before the part the offset is in) that
+    no fold of this process (``running``) is storing: a fold that failed, or died
+    with its gateway.  Another replica's fold of the same part is harmless: both
+    store the same bytes under the same part number."""
+    chunk, base = upload.chunk_size, own_base(upload)
+    parts: dict[int, list[int]] = {}
+    for start in sorted(s for s in pending if s < base):
+        if running is None or not running.start <= start < running.end:
+            parts.setdefault(start // chunk, []).append(start)
+    if not parts:
+        return
+    sink = _sink(ctx, upload)
+    for index, starts in parts.items():
+        begin, end = index * chunk, (index + 1) * chunk
+        body = io.BytesIO()
+        with body:
+            try:
+                consumed = await read_segments(
+                    storage_of(ctx), runtime.cache, upload.id, starts, end, into=body
+                )
+            except (Conflict, ServiceUnavailable):
+                if not await _still_listed(ctx.db, upload.id, begin, end):
+                    continue  # folded meanwhile by another replica
+                raise
+            body.seek(0)
+            await sink(index + 1, body, await md5_of(body))
+        await _commit(ctx.db, upload.id, offset=0, drop=(begin, end))
+        await _discard(ctx, runtime, consumed)
+        log.info("tus_part_folded", upload_id=upload.id, part_number=index + 1)
+
+
+async def _still_listed(db: Queryable, upload_id: str, begin: int, end: int) -> bool:
+    return bool(
+        await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM tus_uploads, unnest(pending_starts) AS s "
+            "WHERE id = $1::uuid AND s >= $2 AND s < $3)",
+            upload_id,
+            begin,
+            end,
+        )
+    )
 
 
 async def _finish(ctx: UploadContext, conn: PoolConnectionProxy, upload: TusUpload) -> None:

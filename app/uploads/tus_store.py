@@ -4,7 +4,8 @@ Object layout, everything of one upload under ``tus/<upload id>/`` (deleted as a
 prefix when the upload finishes, is terminated or expires):
 
 * ``pending/<start offset>``: one *incomplete-part segment* per PATCH that ended
-  between part boundaries (see :mod:`app.uploads.tus_writer`);
+  between part boundaries, and a small PATCH's share of a part it filled while
+  that part is stored in the background (see :mod:`app.uploads.tus_writer`);
 * ``partial``: a partial upload's object (``Upload-Concat: partial``), built by
   its own multipart upload and completed when its last byte arrives.
 
@@ -70,7 +71,11 @@ class TusStorage:
         self.bucket = bucket
 
     async def put_object(self, key: str, data: bytes) -> None:
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        if len(data) >= _MD5_IN_THREAD:
+            digest = await asyncio.to_thread(hashlib.md5, data, usedforsecurity=False)
+        else:
+            digest = hashlib.md5(data, usedforsecurity=False)
+        md5 = base64.b64encode(digest.digest()).decode()
         async with storage_errors("put_object"):
             await self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentMD5=md5)
 
