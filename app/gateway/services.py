@@ -19,7 +19,8 @@ from starlette.requests import Request
 
 from app.core.auth import TokenService
 from app.core.db import create_pool
-from app.core.embedding import Embedder, OpenAIEmbedder
+from app.core.embedclient import EmbeddingClient
+from app.core.embedding import Embedder
 from app.core.queue import JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import S3Client, open_s3
@@ -74,8 +75,9 @@ async def open_services(
 
 def query_embedder_of(settings: Settings) -> Embedder:
     """The search-query embedder: the embedding service at ``SEARCH_EMBEDDING_URL``
-    (no connection is made until the first search)."""
-    return OpenAIEmbedder(
+    (no connection is made until the first search; aiohttp, not httpx: see
+    :mod:`app.core.embedclient`)."""
+    return EmbeddingClient(
         settings.search_embedding_url, model=settings.embedding_model, timeout_s=10.0
     )
 

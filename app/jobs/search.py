@@ -57,7 +57,7 @@ async def search(
     422 for malformed ``document_ids`` or a blank query (checked before the
     embedder is asked); 503 ``embedding_unavailable`` when the embedder fails.
     The HNSW search runs with ``hnsw.ef_search = max(ef_search, 2 * top_k)``,
-    set for its transaction only.
+    set for this search only (see :func:`_nearest`).
     """
     started = time.perf_counter()
     doc_ids = _document_ids(request)
@@ -70,20 +70,7 @@ async def search(
     ef = max(ef_search, request.top_k * 2)
     vec = vector_literal(vectors[0])
     rows = await _nearest(db, vec, owner_id, request.top_k, doc_ids, ef_search=ef)
-    names: dict[str, str] = {}
-    if rows:
-        found = await db.fetch(
-            "SELECT id::text AS id, filename FROM documents WHERE id = ANY($1::uuid[])",
-            list({uuid.UUID(r["document_id"]) for r in rows}),
-        )
-        names = {r["id"]: r["filename"] for r in found}
-    hits = [
-        SearchHit(
-            filename=names.get(r["document_id"], ""),
-            **{**dict(r), "score": round(float(r["score"]), 6)},
-        )
-        for r in rows
-    ]
+    hits = [SearchHit(**{**dict(r), "score": round(float(r["score"]), 6)}) for r in rows]
     return SearchResponse(
         query=request.query,
         results=hits,
@@ -92,9 +79,38 @@ async def search(
 
 
 _SELECT = """
-    SELECT c.document_id::text AS document_id, c.seq AS chunk_seq, c.text, c.page_start,
-           c.page_end, c.char_start, c.char_end, 1 - (c.embedding <=> $1::text::vector) AS score
+    SELECT c.document_id, c.seq AS chunk_seq, c.text, c.page_start, c.page_end,
+           c.char_start, c.char_end, c.embedding <=> $1::text::vector AS distance
 """
+
+
+def _named(nearest: str) -> str:
+    """``nearest`` (a query of ``_SELECT``'s columns) with each hit's document's filename."""
+    return f"""
+        SELECT n.document_id::text AS document_id, n.chunk_seq, n.text, n.page_start,
+               n.page_end, n.char_start, n.char_end, 1 - n.distance AS score,
+               COALESCE(d.filename, '') AS filename
+        FROM ({nearest}) n LEFT JOIN documents d ON d.id = n.document_id
+        ORDER BY n.distance
+    """
+
+
+_HNSW = _named(
+    f"{_SELECT} FROM chunks c WHERE c.owner_id = $2 "
+    "ORDER BY c.embedding <=> $1::text::vector LIMIT $3"
+)
+# Exact: the materialised CTE keeps the planner off the (post-filtering) index.
+_EXACT = _named(
+    f"""
+    WITH mine AS MATERIALIZED (
+        SELECT * FROM chunks
+        WHERE owner_id = $2 AND ($4::uuid[] IS NULL OR document_id IN (
+            SELECT COALESCE(deduplicated_of, id) FROM documents
+            WHERE owner_id = $2 AND id = ANY($4::uuid[])))
+    )
+    {_SELECT} FROM mine c ORDER BY c.embedding <=> $1::text::vector LIMIT $3
+    """
+)
 
 
 async def _nearest(
@@ -106,33 +122,16 @@ async def _nearest(
     *,
     ef_search: int,
 ) -> list[asyncpg.Record]:
-    if doc_ids is None:
-        async with db.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
-            rows = await conn.fetch(
-                f"{_SELECT} FROM chunks c WHERE c.owner_id = $2 "
-                "ORDER BY c.embedding <=> $1::text::vector LIMIT $3",
-                vec,
-                owner,
-                top_k,
-            )
-        if len(rows) >= top_k:
-            return list(rows)
-    # Exact: the materialised CTE keeps the planner off the (post-filtering) index.
-    return list(
-        await db.fetch(
-            f"""
-        WITH mine AS MATERIALIZED (
-            SELECT * FROM chunks
-            WHERE owner_id = $2 AND ($4::uuid[] IS NULL OR document_id IN (
-                SELECT COALESCE(deduplicated_of, id) FROM documents
-                WHERE owner_id = $2 AND id = ANY($4::uuid[])))
-        )
-        {_SELECT} FROM mine c ORDER BY c.embedding <=> $1::text::vector LIMIT $3
-        """,
-            vec,
-            owner,
-            top_k,
-            doc_ids,
-        )
-    )
+    """Three round trips in the common case: ``SET``, the query, the pool's reset.
+
+    ``hnsw.ef_search`` is set for the session, not a transaction: releasing the
+    connection to the pool runs ``RESET ALL`` (asyncpg's reset), so it never
+    outlives this search, and no ``BEGIN``/``COMMIT`` round trips are paid.
+    """
+    async with db.acquire() as conn:
+        if doc_ids is None:
+            await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
+            rows = await conn.fetch(_HNSW, vec, owner, top_k)
+            if len(rows) >= top_k:
+                return list(rows)
+        return list(await conn.fetch(_EXACT, vec, owner, top_k, doc_ids))
