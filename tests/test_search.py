@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from app.core.db import create_pool
-from app.core.embedding import vector_literal
 from app.core.settings import Settings
 from app.gateway.services import Services
 from app.jobs.search import _HNSW, _nearest
@@ -131,7 +130,7 @@ async def test_the_search_query_uses_the_index_and_its_ef_search_does_not_leak(
 ) -> None:
     """The HNSW query (with its documents join) can be served by the index, and the
     ``hnsw.ef_search`` a search sets is gone when its connection is next used."""
-    vec = vector_literal(np.full(384, 384**-0.5, dtype=np.float32))
+    vec = np.full(384, 384**-0.5, dtype=np.float32).tolist()
     pool = await create_pool(migrated.database_url.reveal(), max_size=1)
     try:
         await _nearest(pool, vec, f"nobody-{uuid.uuid4()}", 10, None, ef_search=77)

@@ -7,7 +7,8 @@ mask and L2 normalisation; inputs ``input_ids`` and ``attention_mask`` (int64,
 batch x tokens), output ``embedding`` (float32, batch x 384).  It reads the local
 weights only (never a download) and writes ``OUT`` atomically: a temporary file
 in the same directory, renamed when complete.  ``--int8`` then applies ONNX
-Runtime's dynamic int8 quantization to the weights of the matrix products.
+Runtime's dynamic int8 quantization, per channel, to the weights of the matrix
+products (per tensor, the vectors drift much further: cosine min 0.91, not 0.99).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def export(out: Path, *, int8: bool = False) -> None:
             fp32 = tmp.with_suffix(".fp32")
             tmp.replace(fp32)
             try:
-                quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+                quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
             finally:
                 fp32.unlink(missing_ok=True)
         tmp.replace(out)

@@ -40,7 +40,7 @@ from app.core.errors import ConfigError
 from app.core.logging import get_logger
 
 log = get_logger("sluice.embedder")
-RECIPE = "v1"
+RECIPE = "v2"
 """Bump when :mod:`app.embedder.export` changes what it writes: old files are then ignored."""
 EXPORT_TIMEOUT_S = 600.0
 

@@ -9,8 +9,9 @@ get fewer than ``top_k`` hits from it, so the search then falls back to an
 exact scan over the caller's own chunks (cheap precisely because they are
 few).  ``document_ids`` restricts to some documents (a deduplicated document
 searches the one it points to) and always scans exactly.  The query vector is
-sent as text and cast (``$1::text::vector``) so it does not depend on which
-type codecs a pooled connection happens to have registered.
+sent as a ``real[]`` and cast (``$1::real[]::vector``): asyncpg encodes the array
+in binary (formatting 384 floats as text cost ~0.3 ms of the gateway's CPU per
+search), and it does not depend on which type codecs a pooled connection has.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import uuid
 
 import asyncpg
 
-from app.core.embedding import Embedder, vector_literal
+from app.core.embedding import Embedder
 from app.core.errors import (
     PermanentError,
     ServiceUnavailable,
@@ -68,7 +69,7 @@ async def search(
     except (TransientError, PermanentError) as exc:
         raise ServiceUnavailable(exc.message, code="embedding_unavailable") from exc
     ef = max(ef_search, request.top_k * 2)
-    vec = vector_literal(vectors[0])
+    vec = vectors[0].tolist()  # a binary float4[] parameter: no text to format or parse
     rows = await _nearest(db, vec, owner_id, request.top_k, doc_ids, ef_search=ef)
     hits = [SearchHit(**{**dict(r), "score": round(float(r["score"]), 6)}) for r in rows]
     return SearchResponse(
@@ -80,7 +81,7 @@ async def search(
 
 _SELECT = """
     SELECT c.document_id, c.seq AS chunk_seq, c.text, c.page_start, c.page_end,
-           c.char_start, c.char_end, c.embedding <=> $1::text::vector AS distance
+           c.char_start, c.char_end, c.embedding <=> $1::real[]::vector AS distance
 """
 
 
@@ -97,7 +98,7 @@ def _named(nearest: str) -> str:
 
 _HNSW = _named(
     f"{_SELECT} FROM chunks c WHERE c.owner_id = $2 "
-    "ORDER BY c.embedding <=> $1::text::vector LIMIT $3"
+    "ORDER BY c.embedding <=> $1::real[]::vector LIMIT $3"
 )
 # Exact: the materialised CTE keeps the planner off the (post-filtering) index.
 _EXACT = _named(
@@ -108,14 +109,14 @@ _EXACT = _named(
             SELECT COALESCE(deduplicated_of, id) FROM documents
             WHERE owner_id = $2 AND id = ANY($4::uuid[])))
     )
-    {_SELECT} FROM mine c ORDER BY c.embedding <=> $1::text::vector LIMIT $3
+    {_SELECT} FROM mine c ORDER BY c.embedding <=> $1::real[]::vector LIMIT $3
     """
 )
 
 
 async def _nearest(
     db: asyncpg.Pool,
-    vec: str,
+    vec: list[float],
     owner: str,
     top_k: int,
     doc_ids: list[uuid.UUID] | None,
