@@ -17,7 +17,7 @@ characters), as in ``bench/search.py``.  Measured, each backend against torch:
 3. **the served embedder**: a real ``sluice embedder`` per backend
    (``EMBEDDER_THREADS=1``), ``--clients`` closed-loop keep-alive clients posting one
    query each: p50/p99 latency, queries/s, the embedder process's CPU ms per query
-   (from ``/proc``), and the queries it coalesced per encode call.
+   (from ``/proc``), the queries it coalesced per encode call, and its RSS.
 
 Every ratio is the backend's figure over torch's in the same run.  The ONNX graphs
 are exported into ``--cache`` (default: the embedder's own cache) when missing.
@@ -136,6 +136,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(pid: int) -> float:
+    """The process's resident set now, MiB."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if "VmRSS" in x)
+    return int(line.split()[1]) / 1024
+
+
 def encode_calls(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     name = "sluice_embedder_encode_calls_total "
@@ -187,6 +193,7 @@ def served(backend: str, cache: Path, tmp: Path, args: argparse.Namespace) -> di
             r["per_call"] = args.requests / max(encode_calls(proc.url) - calls0, 1)
             results[str(clients)] = r
             say(f"{backend} at {clients} clients: {r}")
+        results["rss_mib"] = rss_mib(proc.pid)
     return results
 
 
@@ -223,6 +230,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
                 f"  CPU {s['cpu_ms']:5.2f} ms/q ({s['cpu_ms'] / base['cpu_ms']:.2f}x)"
                 f"  {s['per_call']:.1f} q/encode"
             )
+    lines.append(
+        "  embedder RSS after the run: "
+        + ", ".join(f"{b} {r['served'][b]['rss_mib']:.0f} MiB" for b in args.backends)
+    )
     return "\n".join(lines)
 
 
