@@ -25,6 +25,7 @@ from app.core.queue import JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import S3Client, open_s3
 from app.gateway.metrics import GatewayMetrics
+from app.jobs.search import session_defaults
 
 
 @dataclass
@@ -51,7 +52,11 @@ async def open_services(
 ) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
         db = await create_pool(
-            settings.database_url.reveal(), max_size=settings.database_pool_size, wait=True
+            settings.database_url.reveal(),
+            max_size=settings.database_pool_size,
+            wait=True,
+            # A search at SEARCH_EF_SEARCH then needs no SET (app.jobs.search).
+            server_settings=session_defaults(settings.search_ef_search),
         )
         stack.push_async_callback(db.close)
         redis = await connect_redis(settings.redis_url.reveal(), wait=True)

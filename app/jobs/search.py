@@ -45,6 +45,12 @@ def _document_ids(request: SearchRequest) -> list[uuid.UUID] | None:
         ) from None
 
 
+def session_defaults(ef_search: int) -> dict[str, str]:
+    """Session settings for a pool that serves searches (``create_pool(server_settings=)``):
+    its connections start, and are reset to, ``hnsw.ef_search = ef_search``."""
+    return {"hnsw.ef_search": str(ef_search)}
+
+
 async def search(
     db: asyncpg.Pool,
     embedder: Embedder,
@@ -52,13 +58,15 @@ async def search(
     request: SearchRequest,
     *,
     ef_search: int = DEFAULT_EF_SEARCH,
+    preset_ef_search: int | None = None,
 ) -> SearchResponse:
     """The caller's ``top_k`` chunks nearest to ``request.query``, best first.
 
     422 for malformed ``document_ids`` or a blank query (checked before the
     embedder is asked); 503 ``embedding_unavailable`` when the embedder fails.
     The HNSW search runs with ``hnsw.ef_search = max(ef_search, 2 * top_k)``,
-    set for this search only (see :func:`_nearest`).
+    set for this search only (see :func:`_nearest`); not set at all when it equals
+    ``preset_ef_search``, what ``db``'s connections start with (:func:`session_defaults`).
     """
     started = time.perf_counter()
     doc_ids = _document_ids(request)
@@ -70,7 +78,9 @@ async def search(
         raise ServiceUnavailable(exc.message, code="embedding_unavailable") from exc
     ef = max(ef_search, request.top_k * 2)
     vec = vectors[0].tolist()  # a binary float4[] parameter: no text to format or parse
-    rows = await _nearest(db, vec, owner_id, request.top_k, doc_ids, ef_search=ef)
+    rows = await _nearest(
+        db, vec, owner_id, request.top_k, doc_ids, ef_search=ef, preset=preset_ef_search
+    )
     hits = [SearchHit(**{**dict(r), "score": round(float(r["score"]), 6)}) for r in rows]
     return SearchResponse(
         query=request.query,
@@ -122,16 +132,19 @@ async def _nearest(
     doc_ids: list[uuid.UUID] | None,
     *,
     ef_search: int,
+    preset: int | None = None,
 ) -> list[asyncpg.Record]:
-    """Three round trips in the common case: ``SET``, the query, the pool's reset.
+    """Two round trips in the common case: the query and the pool's reset.
 
-    ``hnsw.ef_search`` is set for the session, not a transaction: releasing the
-    connection to the pool runs ``RESET ALL`` (asyncpg's reset), so it never
-    outlives this search, and no ``BEGIN``/``COMMIT`` round trips are paid.
+    ``hnsw.ef_search`` is the connection's own when it equals ``preset``;
+    otherwise it is set for the session, not a transaction (one more round trip):
+    releasing the connection to the pool runs ``RESET ALL`` (asyncpg's reset),
+    so it never outlives this search, and no ``BEGIN``/``COMMIT`` are paid.
     """
     async with db.acquire() as conn:
         if doc_ids is None:
-            await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
+            if ef_search != preset:
+                await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
             rows = await conn.fetch(_HNSW, vec, owner, top_k)
             if len(rows) >= top_k:
                 return list(rows)
