@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from app.core.embedding import OpenAIEmbedder
+from app.core.embedclient import EmbeddingClient
 from app.gateway.services import Services
 from devstack.embedder import EmbedderProcess
 
@@ -31,7 +31,9 @@ def embedder_service(
     settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbedderProcess]:
     log = tmp_path_factory.mktemp("embedder") / "embedder.log"
-    with EmbedderProcess(log, {**settings_env, **EMBEDDER_LIMITS}) as proc:
+    # A fresh cache: the session's embedder exports its ONNX graph, as on a first start.
+    cache = {"EMBEDDER_CACHE_DIR": str(tmp_path_factory.mktemp("embedder-cache"))}
+    with EmbedderProcess(log, {**settings_env, **EMBEDDER_LIMITS, **cache}) as proc:
         yield proc
 
 
@@ -40,7 +42,7 @@ async def search_embedder(
     services: Services, embedder_service: EmbedderProcess
 ) -> AsyncIterator[EmbedderProcess]:
     previous = services.query_embedder
-    services.query_embedder = OpenAIEmbedder(
+    services.query_embedder = EmbeddingClient(
         embedder_service.api_url, model=services.settings.embedding_model
     )
     try:

@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from app.core.embedclient import EmbeddingClient
 from app.core.embedding import OpenAIEmbedder
+from app.core.errors import PermanentError
 from app.core.settings import Settings
 from app.embedder.batcher import MicroBatcher, Overloaded
 from app.embedder.metrics import EmbedderMetrics
-from app.gateway.services import Services
+from app.gateway.services import Services, query_embedder_of
 from devstack.embedder import ROOT, EmbedderProcess
 from devstack.process import free_port
 from tests.fixtures_pipeline import TOPIC_PAGES, MakeJob, make_pdf
@@ -90,6 +92,26 @@ async def test_openai_client_of_the_core_reads_it(embedder_service: EmbedderProc
     finally:
         await client.aclose()
     assert vecs.shape == (2, 384) and vecs.dtype == np.float32
+
+
+async def test_the_gateway_client_reads_it_as_the_core_client_does(
+    embedder_service: EmbedderProcess,
+) -> None:
+    texts = ["magma rises through the crust", "a sourdough loaf"]
+    lean = EmbeddingClient(embedder_service.api_url, model=MODEL)
+    core = OpenAIEmbedder(embedder_service.api_url, model=MODEL)
+    wrong = EmbeddingClient(embedder_service.api_url, model="no-such-model")
+    try:
+        got, want = await lean.embed(texts), await core.embed(texts)
+        with pytest.raises(PermanentError) as refused:
+            await wrong.embed(texts)
+    finally:
+        await lean.aclose()
+        await core.aclose()
+        await wrong.aclose()
+    assert got.shape == (2, 384) and got.dtype == np.float32
+    assert np.allclose(got, want, atol=1e-6)
+    assert refused.value.code == "embedding_rejected" and "404" in refused.value.message
 
 
 async def test_concurrent_requests_are_coalesced_into_fewer_encode_calls(
@@ -184,7 +206,10 @@ async def test_search_when_the_embedder_is_down_is_503(
     services: Services, client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
     previous = services.query_embedder
-    services.query_embedder = OpenAIEmbedder(f"http://127.0.0.1:{free_port()}/v1", model=MODEL)
+    down = msgspec.structs.replace(
+        services.settings, search_embedding_url=f"http://127.0.0.1:{free_port()}/v1"
+    )
+    services.query_embedder = query_embedder_of(down)  # what the gateway uses
     try:
         r = await client.post("/api/v1/search", headers=auth_headers, json={"query": "anything"})
     finally:

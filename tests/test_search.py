@@ -3,12 +3,17 @@ embedded by a real ``sluice embedder`` subprocess (``search_embedder``)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import httpx
+import numpy as np
 import pytest
 
+from app.core.db import create_pool
+from app.core.settings import Settings
 from app.gateway.services import Services
+from app.jobs.search import _HNSW, _nearest, session_defaults
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     MakeJob,
@@ -118,3 +123,30 @@ async def test_search_rejects_bad_requests(
     assert r.status_code == 422, r.text
     if field:
         assert r.json()["details"]["field"] == field
+
+
+async def test_the_search_query_uses_the_index_and_its_ef_search_does_not_leak(
+    migrated: Settings,
+) -> None:
+    """The HNSW query (with its documents join) can be served by the index; a pool
+    made for searches starts its connections at the preset ``hnsw.ef_search``, and
+    the one a search sets is gone when its connection is next used."""
+    vec = np.full(384, 384**-0.5, dtype=np.float32).tolist()
+    dsn = migrated.database_url.reveal()
+    nobody = f"nobody-{uuid.uuid4()}"
+    plain = await create_pool(dsn, max_size=1)
+    pool = await create_pool(dsn, max_size=1, server_settings=session_defaults(123))
+    try:
+        await _nearest(plain, vec, nobody, 10, None, ef_search=77)
+        # The same (only) connection: pgvector's default again, not the search's 77.
+        assert await plain.fetchval("SHOW hnsw.ef_search") == "40"
+        assert await pool.fetchval("SELECT current_setting('hnsw.ef_search', true)") == "123"
+        await _nearest(pool, vec, nobody, 10, None, ef_search=77, preset=123)
+        assert await pool.fetchval("SHOW hnsw.ef_search") == "123"
+        async with pool.acquire() as conn, conn.transaction():  # no way round the index
+            await conn.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
+            plan = await conn.fetch(f"EXPLAIN {_HNSW}", vec, "someone", 10)
+    finally:
+        await plain.close()
+        await pool.close()
+    assert "chunks_embedding_hnsw" in "\n".join(r[0] for r in plan)

@@ -94,12 +94,19 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, max_size: int = 10, min_size: int = 1, wait: bool = False
+    dsn: str,
+    *,
+    max_size: int = 10,
+    min_size: int = 1,
+    wait: bool = False,
+    server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
     """Create the process's pool; JSON/JSONB columns map to Python objects.
 
     ``wait=True`` (long-running processes) waits for an unreachable Postgres
     instead of failing (:func:`~app.core.outage.wait_until_reachable`).
+    ``server_settings`` are session defaults every connection starts with, and
+    returns to when released (the pool's reset runs ``RESET ALL``).
     """
 
     async def connect() -> asyncpg.Pool:
@@ -109,6 +116,7 @@ async def create_pool(
             max_size=max_size,
             init=_init_connection,
             command_timeout=60,
+            server_settings=server_settings,
         )
         assert pool is not None
         return pool

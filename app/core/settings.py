@@ -192,9 +192,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     embedder_max_body_kb: PositiveInt = 8192
     """Largest request body of the embedder (413 ``request_too_large``)."""
     embedder_threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 1
-    """Torch intra-op threads of the embedder's model (0: torch's default, one per
-    core).  1 keeps a batch of short queries at tens of ms even on a busy host, where
-    several OpenMP threads spin against each other and take ~20x longer."""
+    """Intra-op threads of the embedder's model, torch or ONNX Runtime (0: the
+    library's default, one per core).  1 keeps a batch of short queries at tens of ms
+    even on a busy host, where several OpenMP threads spin against each other and
+    take ~20x longer."""
+    embedder_backend: Literal["onnx", "onnx_int8", "torch"] = "onnx"
+    """What runs the embedder's model.  ``onnx`` (default): ONNX Runtime on a graph
+    exported once from the bundled weights (~2x less CPU per query than torch,
+    cosine >= 0.999 to torch's vectors, so it matches what the workers stored);
+    ``onnx_int8``: the same graph with int8 dynamic quantization (~2x less again,
+    but cosine ~0.99 to the stored vectors: see BENCHMARKS.md before choosing it);
+    ``torch``: sentence-transformers, as the workers run it."""
+    embedder_cache_dir: str = ""
+    """Where the exported ONNX graphs are kept (empty: ``$XDG_CACHE_HOME/sluice`` or
+    ``~/.cache/sluice``).  Exported at the first start, from the local weights only."""
     search_embedding_url: str = "http://127.0.0.1:8090/v1"
     """Base URL of the OpenAI-compatible endpoint the gateway embeds search queries
     with (``sluice embedder``); the gateway never loads the model itself."""

@@ -9,7 +9,9 @@ Invariants:
   ``invalid_request``, ``too_many_inputs``, ``input_too_long``, ``empty_input``;
   404 ``model_not_found``) before anything reaches the model;
 * every encode runs on the model's one thread via the micro-batcher; tokenising
-  for ``usage`` and building a large answer run off the event loop too.
+  a long request for ``usage`` and building a large answer run off the event loop
+  too (a query's few tokens are counted in place: cheaper than a thread hop);
+* ``EMBEDDER_BACKEND`` picks what runs the model (:func:`load_model`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from tokenizers import Tokenizer
 
-from app.core.embedding import MODEL_MAX_SEQ_LENGTH, LocalEmbedder, Vectors, load_tokenizer
+from app.core.embedding import (
+    MODEL_MAX_SEQ_LENGTH,
+    Embedder,
+    LocalEmbedder,
+    Vectors,
+    load_tokenizer,
+)
 from app.core.logging import get_logger
 from app.core.settings import Settings
 from app.embedder.batcher import MicroBatcher, Overloaded
@@ -45,6 +53,9 @@ log = get_logger("sluice.embedder")
 JSON = "application/json"
 LARGE_ANSWER = 16
 """Answers with more texts than this are serialised on a thread."""
+INLINE_TOKENS_CHARS = 2000
+"""Requests up to this many characters are tokenised for ``usage`` on the event loop
+(~50 us); longer ones on a thread."""
 
 
 @dataclass
@@ -151,7 +162,7 @@ def _answer(vectors: Vectors, model: str, tokens: int) -> bytes:
 
 
 def _count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
-    return sum(min(len(e.ids), MODEL_MAX_SEQ_LENGTH) for e in tokenizer.encode_batch(texts))
+    return sum(min(len(tokenizer.encode(t).ids), MODEL_MAX_SEQ_LENGTH) for t in texts)
 
 
 async def embeddings(request: Request) -> Response:
@@ -171,7 +182,10 @@ async def embeddings(request: Request) -> Response:
                 type_="server_error",
                 retry_after=1,
             ) from None
-        tokens = await asyncio.to_thread(_count_tokens, state.tokenizer, texts)
+        if sum(map(len, texts)) <= INLINE_TOKENS_CHARS:  # a query: cheaper than a thread hop
+            tokens = _count_tokens(state.tokenizer, texts)
+        else:
+            tokens = await asyncio.to_thread(_count_tokens, state.tokenizer, texts)
         model = state.settings.embedding_model
         if len(texts) > LARGE_ANSWER:
             payload = await asyncio.to_thread(_answer, vectors, model, tokens)
@@ -210,11 +224,27 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+async def load_model(settings: Settings) -> Embedder:
+    """The model ``EMBEDDER_BACKEND`` names, loaded (an ONNX graph exported first if needed)."""
+    if settings.embedder_backend == "torch":
+        model = await LocalEmbedder.load_async(batch_size=settings.embedder_max_batch_size)
+        await asyncio.to_thread(_set_threads, settings.embedder_threads)
+        return model
+    from app.embedder.onnx import OnnxEmbedder, cache_dir
+
+    return await OnnxEmbedder.load(
+        cache_dir(settings.embedder_cache_dir),
+        int8=settings.embedder_backend == "onnx_int8",
+        threads=settings.embedder_threads,
+        max_batch=settings.embedder_max_batch_size,
+        max_call_tokens=settings.embedding_max_call_tokens,
+    )
+
+
 async def _load(state: EmbedderState) -> None:
     settings = state.settings
     try:
-        model = await LocalEmbedder.load_async(batch_size=settings.embedder_max_batch_size)
-        await asyncio.to_thread(_set_threads, settings.embedder_threads)
+        model = await load_model(settings)
         state.tokenizer = await asyncio.to_thread(load_tokenizer)
         await model.embed(["warm up"])  # the first encode pays for lazy initialisation
     except Exception as exc:  # the process stays up, unready, and says why
@@ -231,7 +261,7 @@ async def _load(state: EmbedderState) -> None:
     batcher.start()
     state.batcher = batcher
     state.metrics.ready.set(1)
-    log.info("embedder_ready", model=settings.embedding_model)
+    log.info("embedder_ready", model=settings.embedding_model, backend=settings.embedder_backend)
 
 
 def create_app(settings: Settings) -> Starlette:

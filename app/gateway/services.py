@@ -19,11 +19,13 @@ from starlette.requests import Request
 
 from app.core.auth import TokenService
 from app.core.db import create_pool
-from app.core.embedding import Embedder, OpenAIEmbedder
+from app.core.embedclient import EmbeddingClient
+from app.core.embedding import Embedder
 from app.core.queue import JobQueue, connect_redis
 from app.core.settings import Settings
 from app.core.storage import S3Client, open_s3
 from app.gateway.metrics import GatewayMetrics
+from app.jobs.search import session_defaults
 
 
 @dataclass
@@ -50,7 +52,11 @@ async def open_services(
 ) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
         db = await create_pool(
-            settings.database_url.reveal(), max_size=settings.database_pool_size, wait=True
+            settings.database_url.reveal(),
+            max_size=settings.database_pool_size,
+            wait=True,
+            # A search at SEARCH_EF_SEARCH then needs no SET (app.jobs.search).
+            server_settings=session_defaults(settings.search_ef_search),
         )
         stack.push_async_callback(db.close)
         redis = await connect_redis(settings.redis_url.reveal(), wait=True)
@@ -74,8 +80,9 @@ async def open_services(
 
 def query_embedder_of(settings: Settings) -> Embedder:
     """The search-query embedder: the embedding service at ``SEARCH_EMBEDDING_URL``
-    (no connection is made until the first search)."""
-    return OpenAIEmbedder(
+    (no connection is made until the first search; aiohttp, not httpx: see
+    :mod:`app.core.embedclient`)."""
+    return EmbeddingClient(
         settings.search_embedding_url, model=settings.embedding_model, timeout_s=10.0
     )
 

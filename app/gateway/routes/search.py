@@ -28,6 +28,7 @@ async def search(request: Request) -> Response:
         identity(request).user_id,
         body,
         ef_search=svc.settings.search_ef_search,
+        preset_ef_search=svc.settings.search_ef_search,  # the services' pool starts at it
     )
     return json_response(found)
 
