@@ -12,7 +12,8 @@ the p50 of the time since the previous step (and the p50 of the cumulative
 time since the enqueue began), over ``--jobs`` jobs.
 
 "start" is what ``bench/wake.py`` counts: the ``ts`` of the job's ``running``
-event (``updated_at`` of the row, set by Postgres' ``clock_timestamp()``).
+event (``updated_at`` of the row, set by Postgres' ``clock_timestamp()`` while
+the statement runs, so it comes before that statement's reply).
 The wrappers cost a few microseconds each; the figures are for finding the
 expensive steps, ``bench/wake.py`` (a separate worker process, no wrappers)
 gives the latency itself.  Everything it starts is stopped at the end.
@@ -84,7 +85,7 @@ def instrument() -> None:
     _wrap(runtime.SluiceWorker, "run_job", "3 run_job entered", at_start=True)
     _wrap(run.JobRun, "run", "4 job function entered", at_start=True)
     _wrap(lease, "acquire", "5 lease taken")
-    _wrap(lease, "start", "5 lease + ledger + running")
+    _wrap(lease, "start", "8 statement returned (lease + ledger + running)")
     _wrap(run, "start_run", "6 ledger row")
 
 
