@@ -14,7 +14,14 @@ from typing import Any
 from app.gateway.services import Services
 from app.jobs.model import JobStatus, RunOutcome
 from app.jobs.transitions import change_job, job_snapshot, start_run
-from tests.fixtures_pipeline import MadeJob, MakeJob, make_pdf, page_sentence, wait_for_status
+from tests.fixtures_pipeline import (
+    MadeJob,
+    MakeJob,
+    make_pdf,
+    page_sentence,
+    stream_events,
+    wait_for_status,
+)
 from workers import lease
 from workers.context import WorkerContext
 from workers.endings import RetryLater
@@ -146,6 +153,34 @@ async def test_the_ledger_records_each_execution_with_its_worker_and_attempt(
         }
     ]
     assert rows[0]["lease_token"].startswith(f"{worker_ctx.worker_id}:")
+
+
+async def test_a_job_whose_cancel_came_before_it_started_is_cancelled_never_running(
+    services: Services, worker_ctx: WorkerContext, make_job: MakeJob
+) -> None:
+    """Taking the lease, opening the run and marking the job ``running`` are one
+    statement; a cancel asked for before that ends the job without it ever running."""
+    job = await make_job(b"cancelled before it started", "txt")
+    await services.db.execute(
+        "UPDATE jobs SET cancel_requested = true WHERE id = $1::uuid", job.job_id
+    )
+    assert await _attempt(worker_ctx, job.job_id) == Outcome.CANCELLED
+    assert await _runs(services, job) == ["cancelled"]
+    events = await stream_events(services.redis, job.job_id)
+    assert [e.status for e in events] == ["cancelled"]
+    row = await services.db.fetchrow(
+        "SELECT j.status, j.attempts, j.started_at, j.lease_owner, d.status AS doc "
+        "FROM jobs j JOIN documents d ON d.id = j.document_id WHERE j.id = $1::uuid",
+        job.job_id,
+    )
+    assert row is not None
+    assert (row["status"], row["attempts"], row["started_at"], row["lease_owner"]) == (
+        "cancelled",
+        1,
+        None,
+        None,
+    )
+    assert row["doc"] != "processing"
 
 
 async def test_a_run_resumed_past_its_claim_does_not_index_a_second_copy(

@@ -10,6 +10,7 @@ each test on its own queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,10 +22,14 @@ from arq import Retry
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
+from app.core.db import create_pool
 from app.core.promotion import QueuePoller, promote_key, rank_key
 from app.core.queue import HOUR_MS, PROCESS_FUNCTION, JobQueue, Priority
 from app.core.settings import Settings
 from app.gateway.services import Services
+from devstack.process import free_port
+from workers.context import WorkerContext
+from workers.run import OUTAGE_RETRY_SECONDS, process_document
 from workers.runtime import SluiceWorker
 
 Log = list[tuple[str, float]]
@@ -205,3 +210,63 @@ async def test_promotion_leaves_running_and_vanished_jobs_alone(
     remaining = await redis.zrange(promote_key(qname), 0, -1)
     assert remaining == [b"finishing"]
     assert await redis.hkeys(rank_key(qname)) == [b"finishing"]
+
+
+async def _job_meeting_an_outage(ctx: dict[str, Any], arq_id: str) -> None:
+    """``crit``'s first delivery goes through the real job function, whose Postgres is
+    unreachable; every other delivery is recorded and holds its slot a while."""
+    job_id = arq_id.split("@", 1)[0]
+    ctx["log"].append((job_id, time.time()))
+    if job_id == "crit" and not ctx["outages"]:
+        ctx["outages"].append(arq_id)
+        await process_document(ctx, arq_id)  # raises ARQ's Retry: handed back
+    await asyncio.sleep(ctx["holds"].get(job_id, 0.0))
+
+
+async def test_a_job_handed_back_by_a_postgres_outage_keeps_its_priority(
+    services: Services, settings: Settings, worker_ctx: WorkerContext, qname: str
+) -> None:
+    """One slot.  ``crit`` (critical) reaches a worker whose Postgres is unreachable:
+    it is handed back without an attempt and waits out the outage retry.  Meanwhile
+    ``low`` waits and ``blocker`` (high) holds the slot until after ``crit`` is due;
+    when the slot frees, ``crit`` goes first, at its own rank, not as a new ``low``
+    job (which is what it was once the worker, without Postgres, lost its priority)."""
+    log: Log = []
+    redis = services.redis
+    queue = JobQueue(redis, queue_name=qname)
+    dead = await create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
+    ctx = {
+        "log": log,
+        "outages": [],
+        "holds": {"blocker": OUTAGE_RETRY_SECONDS + 0.5},
+        "sluice": dataclasses.replace(worker_ctx, db=dead, queue=queue),
+    }
+    worker = SluiceWorker(
+        functions=[func(_job_meeting_an_outage, name=PROCESS_FUNCTION, max_tries=10)],
+        queue_name=qname,
+        redis_pool=redis,
+        max_jobs=1,
+        poll_delay=5.0,
+        handle_signals=False,
+        keep_result=0,
+        ctx=ctx,
+        wake_redis_url=settings.redis_url.reveal(),
+    )
+    crit = f"crit@{qname}"
+    try:
+        assert await queue.enqueue(crit, Priority.CRITICAL)
+        crit_score = await redis.zscore(qname, crit)
+        async with _running(worker):
+            await _wait_for(log, 1, timeout=5)
+            deadline = time.monotonic() + 5
+            while await redis.zscore(qname, crit) == crit_score:  # ARQ's re-score landed
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert await redis.hget(rank_key(qname), crit) == str(int(crit_score)).encode()
+            for job_id, priority in (("low", Priority.LOW), ("blocker", Priority.HIGH)):
+                assert await queue.enqueue(f"{job_id}@{qname}", priority)
+            await _wait_for(log, 4, timeout=OUTAGE_RETRY_SECONDS + 5)
+    finally:
+        await dead.close()
+    assert [job for job, _ in log] == ["crit", "blocker", "crit", "low"]
+    assert log[2][1] - log[0][1] >= OUTAGE_RETRY_SECONDS - 0.01  # it waited out the outage

@@ -29,6 +29,7 @@ lost, are the fleet's (``workers/fleet.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -36,8 +37,14 @@ import asyncpg
 from app.core.db import Queryable
 from app.core.logging import get_logger
 from app.core.queue import WORKERS_KEY
-from app.jobs.model import DocumentStatus, JobStatus
-from app.jobs.transitions import JobChanges, close_open_runs, job_transaction
+from app.jobs.model import DocumentStatus, JobStatus, ProgressEvent
+from app.jobs.transitions import (
+    JOB_EVENT_COLUMNS,
+    JobChanges,
+    close_open_runs,
+    event_from_row,
+    job_transaction,
+)
 from workers.context import WorkerContext
 
 log = get_logger("sluice.worker.lease")
@@ -85,6 +92,103 @@ async def acquire(
         owner,
         lease_seconds,
     )
+
+
+_RUNNABLE = """
+    id = $1::uuid
+    AND (status IN ('queued', 'retrying')
+         OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < now())))
+"""
+"""A job a worker may take: waiting, or running under a lapsed lease."""
+
+_DOCUMENT_COLUMNS = """
+    d.id::text AS id, d.owner_id, d.filename, d.document_type, d.content_type, d.size_bytes,
+    d.object_key, d.checksum_sha256, d.processing_options
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What :func:`start` wrote: the job and document columns (as :func:`acquire`
+    returns them), the ledger run it opened, and the ``running`` event to publish."""
+
+    row: asyncpg.Record
+    run_id: int
+    event: ProgressEvent | None
+    """None when a cancel was already asked for: the job was not made ``running``
+    (the attempt ends it ``cancelled``)."""
+
+
+async def start(
+    db: asyncpg.Pool,
+    job_id: str,
+    owner: str,
+    lease_seconds: float,
+    *,
+    worker_id: str,
+    max_attempts: int,
+) -> Started | None:
+    """Take the lease, open the ledger run and make the job ``running``: one statement.
+
+    The one round trip a worker makes to Postgres before a job's work begins,
+    atomic where :func:`acquire`, :func:`~app.jobs.transitions.start_run` and the
+    ``running`` change were three: the lease (the attempt counted), the run in
+    ``job_runs`` (an open run of the job closed ``lost``, as ``start_run`` does),
+    the document ``processing`` and the job ``running`` at stage ``validate``
+    (its ``seq`` bumped, ``overall_progress`` kept) all commit together or not at
+    all.  A job whose cancel was already asked for gets its lease and run but
+    keeps its status (no event).  None if the job is not runnable (finished,
+    cancelled, gone, or leased by a live worker).  The event is not published:
+    the caller does that (after the commit, as every change).
+    """
+    row = await db.fetchrow(
+        f"""
+        WITH j AS (
+            UPDATE jobs SET
+                lease_owner = $2,
+                lease_expires_at = now() + make_interval(secs => $3),
+                attempts = attempts + 1,
+                status = CASE WHEN cancel_requested THEN status ELSE 'running' END,
+                stage = CASE WHEN cancel_requested THEN stage ELSE 'validate' END,
+                stage_progress = CASE WHEN cancel_requested THEN stage_progress ELSE 0 END,
+                message = CASE WHEN cancel_requested THEN message
+                          ELSE 'started (attempt ' || (attempts + 1) || ' of ' || $5 || ')' END,
+                started_at = CASE WHEN cancel_requested THEN started_at
+                                  ELSE COALESCE(started_at, now()) END,
+                seq = seq + CASE WHEN cancel_requested THEN 0 ELSE 1 END,
+                updated_at = CASE WHEN cancel_requested THEN updated_at
+                                  ELSE clock_timestamp() END
+            WHERE {_RUNNABLE}
+            RETURNING {JOB_EVENT_COLUMNS}, attempts, priority, cancel_requested,
+                      document_id AS document_uuid
+        ), lost AS (
+            UPDATE job_runs SET ended_at = clock_timestamp(), outcome = 'lost'
+            WHERE job_id = $1::uuid AND ended_at IS NULL AND EXISTS (SELECT 1 FROM j)
+        ), run AS (
+            INSERT INTO job_runs (job_id, attempt, worker_id, lease_token)
+            SELECT $1::uuid, j.attempts, $4, $2 FROM j RETURNING id
+        ), mark AS (
+            UPDATE documents SET status = 'processing', updated_at = now()
+            FROM j WHERE documents.id = j.document_uuid AND NOT j.cancel_requested
+        )
+        SELECT j.attempts, j.priority, j.cancel_requested, j.overall_progress, run.id AS run_id,
+               j.job_id, j.seq, j.status, j.stage, j.stage_progress, j.message, j.ts,
+               j.owner_id AS job_owner_id, j.document_id, j.error_code, j.error_message,
+               {_DOCUMENT_COLUMNS}
+        FROM j CROSS JOIN run JOIN documents d ON d.id = j.document_uuid
+        """,
+        job_id,
+        owner,
+        lease_seconds,
+        worker_id,
+        str(max_attempts),
+    )
+    if row is None:
+        return None
+    event = None
+    if not row["cancel_requested"]:
+        event = event_from_row({**dict(row), "owner_id": row["job_owner_id"]})
+    return Started(row=row, run_id=int(row["run_id"]), event=event)
 
 
 async def renew(db: asyncpg.Pool, job_id: str, owner: str, lease_seconds: float) -> bool:

@@ -2,9 +2,10 @@
 
 :func:`process_document` is what ARQ runs.  For one attempt, :class:`JobRun`
 
-1. takes the job's lease (``workers/lease.py``); a job that is no longer
-   waiting (cancelled, finished, or running under a live lease elsewhere) is
-   skipped, so a duplicate delivery never runs a job twice;
+1. takes the job's lease (``workers/lease.py``), opening its run in the
+   ledger and making it ``running``, in one statement (:func:`workers.lease.start`);
+   a job that is no longer waiting (cancelled, finished, or running under a
+   live lease elsewhere) is skipped, so a duplicate delivery never runs a job twice;
 2. renews the lease in the background and runs the steps
    (``workers/steps.py``) under the ``MAX_PROCESSING_TIME_MINUTES`` bound;
    the steps record progress and check for cancellation (and for a lost lease)
@@ -26,8 +27,8 @@
    attempt.
 
 Every job state change goes through :mod:`app.jobs.transitions`, and so does
-the execution ledger: a run is opened once the lease is taken and closed with
-the ending's transaction (``job_runs``).  The
+the execution ledger: a run is opened with the lease and closed with the
+ending's transaction (``job_runs``).  The
 invariants of progress and timings are stated in ``workers/attempt.py``.
 """
 
@@ -43,10 +44,10 @@ from arq import Retry
 from app.core.errors import CancelRequested, PermanentError, TransientError
 from app.core.logging import get_logger
 from app.core.outage import is_database_outage, is_storage_outage
-from app.jobs.model import JobStatus, RunOutcome, Stage
-from app.jobs.transitions import change_job, end_run, start_run
+from app.jobs.model import RunOutcome
+from app.jobs.transitions import end_run, publish_events
 from workers import lease
-from workers.attempt import WAITING_OR_RUNNING, Attempt, Outcome
+from workers.attempt import Attempt, Outcome
 from workers.context import WorkerContext
 from workers.endings import (
     DuplicateRunning,
@@ -93,38 +94,28 @@ class JobRun:
             structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
     async def _start(self) -> Outcome | None:
-        """Take the lease and record the start; the outcome if the attempt ends there."""
+        """Take the lease and record the start; the outcome if the attempt ends there.
+
+        One statement (:func:`workers.lease.start`): lease, ledger run and the
+        ``running`` state; its event is published once it has committed."""
         ctx, attempt = self.ctx, self.attempt
-        row = await lease.acquire(ctx.db, self.job_id, attempt.token, ctx.lease_seconds)
-        if row is None:
-            log.info("job_not_runnable", job_id=self.job_id)
-            return Outcome.SKIPPED
-        attempt.take(row)
-        structlog.contextvars.bind_contextvars(job_id=self.job_id, attempt=attempt.number)
-        attempt.run_id = await start_run(
+        started = await lease.start(
             ctx.db,
             self.job_id,
-            attempt=attempt.number,
+            attempt.token,
+            ctx.lease_seconds,
             worker_id=ctx.worker_id,
-            lease_token=attempt.token,
-        )
-        if row["cancel_requested"]:
-            return await finish_cancelled(attempt, "cancelled before processing started")
-        max_attempts = ctx.settings.task_retry_max_attempts
-        started = await change_job(
-            ctx.db,
-            ctx.redis,
-            self.job_id,
-            status=JobStatus.RUNNING,
-            stage=Stage.VALIDATE,
-            stage_progress=0.0,
-            overall_progress=attempt.progress_floor,
-            message=f"started (attempt {attempt.number} of {max_attempts})",
-            only_if_status=WAITING_OR_RUNNING,
+            max_attempts=ctx.settings.task_retry_max_attempts,
         )
         if started is None:
-            await end_run(ctx.db, attempt.run_id, RunOutcome.SKIPPED)
+            log.info("job_not_runnable", job_id=self.job_id)
             return Outcome.SKIPPED
+        attempt.take(started.row)
+        attempt.run_id = started.run_id
+        structlog.contextvars.bind_contextvars(job_id=self.job_id, attempt=attempt.number)
+        if started.event is None:  # a cancel was asked for before it started
+            return await finish_cancelled(attempt, "cancelled before processing started")
+        await publish_events(ctx.redis, [started.event])
         return None
 
     async def _run_started(self) -> Outcome:
@@ -250,9 +241,13 @@ async def process_document(ctx: dict[str, Any], job_id: str) -> str:
         if not is_database_outage(exc):
             raise
         # Postgres was away before the job was taken (or its start recorded):
-        # leave it queued in ARQ; the table still says it is waiting.
+        # leave it queued in ARQ; the table still says it is waiting.  Once due it
+        # takes back its place (ARQ's score at pick-up: its priority and its age).
         log.warning("database_unavailable_job_deferred", job_id=job_id, error=type(exc).__name__)
         wctx.metrics.jobs.labels(Outcome.REQUEUED).inc()
-        raise Retry(defer=OUTAGE_RETRY_SECONDS) from None
+        defer = OUTAGE_RETRY_SECONDS
+        if isinstance(ctx.get("score"), int):
+            defer = await wctx.queue.hand_back(job_id, ctx["score"], defer)
+        raise Retry(defer=defer) from None
     wctx.metrics.jobs.labels(outcome).inc()
     return str(outcome)

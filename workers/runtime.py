@@ -164,11 +164,15 @@ class SluiceWorker(Worker):
     (``workers/wake.py``), a job ends while the worker was full or a job was
     retried (a slot for a waiting job, or a new ready time), the earliest
     deferred job becomes ready, or the fallback interval (``poll_delay``)
-    passes, whichever comes first.  Each poll reads
-    the queue once (the ready jobs and the next ready time in one command), and
-    checks aborts only while jobs run; an idle worker thus sends Redis about
-    one command per fallback interval plus one ``BLPOP`` per
-    :data:`~workers.wake.BLOCK_SECONDS`.
+    passes, whichever comes first.  A poll after a plain fallback interval
+    reads the head of the queue (one command); once a job is ready, or right
+    away when woken (a job is then most likely ready), one script promotes the
+    due retries and claims the ready jobs it has room for
+    (:meth:`~app.core.promotion.QueuePoller.claim`: ARQ's in-progress keys,
+    set atomically with the read, where ARQ's ``start_jobs`` spent four round
+    trips per job), and it checks aborts only while jobs run; an idle worker
+    thus sends Redis about one command per fallback interval plus one
+    ``BLPOP`` per :data:`~workers.wake.BLOCK_SECONDS`.
 
     Every poll (ARQ's loop too, ``WORKER_WAKE=false``) promotes the due
     retried jobs before it picks (``app/core/promotion.py``): a retry waits
@@ -186,6 +190,7 @@ class SluiceWorker(Worker):
         self.wake_listener: WakeListener | None = None
         self._retries_seen = 0
         self._queue_poller: QueuePoller | None = None
+        self._expect_ready = False
 
     @property
     def waiting_for_work(self) -> bool:
@@ -244,11 +249,15 @@ class SluiceWorker(Worker):
                     until_ready = (self.next_ready_ms - timestamp_ms() + 1) / 1000
                     timeout = max(0.0, min(timeout, until_ready))
                 self._armed.set()
+            # Woken (a token, a slot freed) or a deferred job's ready time come: a job
+            # is most likely startable, so the next poll claims at once (one command);
+            # after a plain fallback interval it looks first (one command when idle).
+            self._expect_ready = True
             try:
                 async with asyncio.timeout(timeout):
                     await self._nudge.wait()
             except TimeoutError:
-                pass
+                self._expect_ready = timeout < self.poll_delay_s
             finally:
                 self._armed.clear()
 
@@ -259,14 +268,7 @@ class SluiceWorker(Worker):
         self.next_ready_ms = None
         self._retries_seen = self.jobs_retried
         if self.allow_pick_jobs and self._has_room():
-            now = timestamp_ms()
-            entries = await self._poller.read(
-                now, offset=self._queue_read_offset, limit=self.queue_read_limit
-            )
-            ready = [job_id for job_id, score in entries if score <= now]
-            future = [int(score) for _, score in entries if score > now]
-            self.next_ready_ms = future[0] if future else None
-            await self.start_jobs(ready)
+            await self._pick()
         if self.allow_abort_jobs and self.job_tasks:
             await self._cancel_aborted_jobs()
         for job_id, task in list(self.tasks.items()):
@@ -274,6 +276,43 @@ class SluiceWorker(Worker):
                 del self.tasks[job_id]
                 task.result()  # errors in run_job propagate, as in ARQ's loop
         await self.heart_beat()
+
+    async def _pick(self) -> None:
+        """Start the ready jobs this worker has room for.
+
+        Unless a job is expected (:meth:`_wake_loop`), the head of the queue is
+        read first, so an idle worker's poll is one plain command; once a job is
+        ready, one script promotes the due retries and claims the jobs
+        (:meth:`~app.core.promotion.QueuePoller.claim`), where ARQ's
+        ``start_jobs`` spent four round trips per job.
+        """
+        now = timestamp_ms()
+        expected, self._expect_ready = self._expect_ready, False
+        if not expected:
+            entries = await self._poller.peek(
+                offset=self._queue_read_offset, limit=self.queue_read_limit
+            )
+            if not entries or entries[0][1] > now:
+                future = [int(score) for _, score in entries if score > now]
+                self.next_ready_ms = future[0] if future else None
+                return
+        claimed, self.next_ready_ms = await self._poller.claim(
+            now,
+            offset=self._queue_read_offset,
+            limit=self.queue_read_limit,
+            free=self.max_jobs - self.job_counter,
+            hold_ms=int(self.in_progress_timeout_s * 1000),
+        )
+        for job_id, score in claimed:
+            # The slot, as ARQ's start_jobs takes it: held exactly while the task exists.
+            # No await suspends between the claim's reply and here (the semaphore has
+            # room), so a claimed job always gets its task; a claim lost to a
+            # cancellation mid-reply is released by the fleet's resync, as ARQ's own.
+            await self.sem.acquire()
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         for job_id in job_ids:

@@ -1,8 +1,8 @@
 """Wake-ups: an idle worker blocks on the queue's wake list instead of polling.
 
 :meth:`~app.core.queue.JobQueue.enqueue` pushes one token per job onto the
-queue's wake list (:func:`~app.core.queue.wake_key`) once the job is in ARQ's
-sorted set.  Each worker runs one :class:`WakeListener`: a ``BLPOP`` on that
+queue's wake list (:func:`~app.core.queue.wake_key`) in the command that puts
+the job in ARQ's sorted set.  Each worker runs one :class:`WakeListener`: a ``BLPOP`` on that
 list over a connection of its own (a blocking call must not hold one of the
 pool's connections), which nudges the worker's poll loop
 (``workers/runtime.py``, :class:`~workers.runtime.SluiceWorker`) when a token

@@ -11,7 +11,8 @@ backoff; no worker starts it earlier) and recorded here:
   (``ready - OFFSET[priority]``, as if enqueued at its ready time).
 
 Each poll of a Sluice worker that finds a ready job first *promotes* the due
-ones (:data:`POLL_SCRIPT`, one atomic Lua script that also reads the queue):
+ones (:data:`CLAIM_SCRIPT`, one atomic Lua script that also claims the ready
+jobs; :data:`POLL_SCRIPT` reads the head instead):
 the job's score is lowered to its rank, so a due retried critical job starts
 before older waiting low jobs.  Invariants:
 
@@ -48,7 +49,7 @@ def rank_key(queue_name: str) -> str:
     return f"{queue_name}:promote:rank"
 
 
-POLL_SCRIPT = """
+_PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[5])
 for i = 1, #due, 2 do
   local id, ready = due[i], tonumber(due[i + 1])
@@ -70,14 +71,52 @@ for i = 1, #due, 2 do
     redis.call('HDEL', KEYS[3], id)
   end
 end
+"""
+"""Promotes up to ARGV[5] due retries (KEYS: queue, promote set, rank hash;
+ARGV[1]: now (ms), ARGV[2]: in-progress key prefix)."""
+
+POLL_SCRIPT = (
+    _PROMOTE
+    + """
 if tonumber(ARGV[4]) == 0 then
   return {}
 end
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '+inf', 'WITHSCORES', 'LIMIT', ARGV[3], ARGV[4])
 """
+)
 """KEYS: queue, promote set, rank hash; ARGV: now (ms), in-progress key prefix,
 read offset, read limit (0: promote only), promote batch.  Returns the queue's
 head after promotion as ``[id, score, id, score, ...]``."""
+
+CLAIM_SCRIPT = (
+    _PROMOTE
+    + """
+local claimed = {}
+local free = tonumber(ARGV[6])
+if free > 0 then
+  local head = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                          'LIMIT', ARGV[3], ARGV[4])
+  for i = 1, #head, 2 do
+    local key = ARGV[2] .. head[i]
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('PSETEX', key, ARGV[7], '1')
+      claimed[#claimed + 1] = head[i]
+      claimed[#claimed + 1] = head[i + 1]
+      if #claimed >= 2 * free then break end
+    end
+  end
+end
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+                         'LIMIT', 0, 1)
+return {claimed, later}
+"""
+)
+"""KEYS: queue, promote set, rank hash; ARGV: now (ms), in-progress key prefix,
+read offset, read limit, promote batch, free job slots, in-progress key TTL (ms).
+Promotes the due retries, then marks in progress (ARQ's in-progress key, as
+ARQ's ``start_jobs`` does) up to ``free`` ready jobs of the head read that no
+worker holds.  Returns ``{[id, score, ...] claimed, [id, score] of the earliest
+job not ready yet, or empty}``."""
 
 
 class QueuePoller:
@@ -88,6 +127,7 @@ class QueuePoller:
         self._queue = queue_name
         self._keys = [queue_name, promote_key(queue_name), rank_key(queue_name)]
         self._script = redis.register_script(POLL_SCRIPT)
+        self._claim = redis.register_script(CLAIM_SCRIPT)
 
     async def read(self, now_ms: int, *, offset: int, limit: int) -> list[tuple[bytes, float]]:
         """Up to ``limit`` entries (id, score) from ``offset``, lowest score first.
@@ -102,6 +142,14 @@ class QueuePoller:
             return entries
         return await self._run(now_ms, offset=offset, limit=limit)
 
+    async def peek(self, *, offset: int, limit: int) -> list[tuple[bytes, float]]:
+        """Up to ``limit`` entries (id, score) from ``offset``, lowest score first:
+        one plain command, nothing promoted (what an idle worker's poll costs)."""
+        entries: list[tuple[bytes, float]] = await self._redis.zrangebyscore(
+            self._queue, min="-inf", max="+inf", start=offset, num=limit, withscores=True
+        )
+        return entries
+
     async def promote(self, now_ms: int) -> None:
         """Promote the due retries only (for ARQ's own poll, which reads itself)."""
         await self._run(now_ms, offset=0, limit=0)
@@ -112,3 +160,23 @@ class QueuePoller:
             args=[now_ms, in_progress_key_prefix, offset, limit, PROMOTE_BATCH],
         )
         return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def claim(
+        self, now_ms: int, *, offset: int, limit: int, free: int, hold_ms: int
+    ) -> tuple[list[tuple[str, int]], int | None]:
+        """Promote the due retries and claim up to ``free`` ready jobs, in one command.
+
+        A claimed job is marked in progress for ``hold_ms`` (ARQ's in-progress
+        key, which ARQ's ``run_job`` and ``finish_job`` then own), atomically
+        with reading it, so no other worker starts it.  Returns the claimed
+        (job id, score) pairs, lowest score first, and the earliest score of a
+        job not ready yet (None if there is none).
+        """
+        claimed, later = await self._claim(
+            keys=self._keys,
+            args=[now_ms, in_progress_key_prefix, offset, limit, PROMOTE_BATCH, free, hold_ms],
+        )
+        jobs = [
+            (claimed[i].decode(), int(float(claimed[i + 1]))) for i in range(0, len(claimed), 2)
+        ]
+        return jobs, int(float(later[1])) if later else None

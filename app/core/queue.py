@@ -50,8 +50,9 @@ ARQ's workers find jobs by polling the sorted set.  Sluice's workers
 (``workers/wake.py``) block on a small per-queue *wake list* instead
 (:func:`wake_key`): every change that can make a job startable
 (:meth:`JobQueue.enqueue`, :meth:`~JobQueue.requeue_lost`, :meth:`~JobQueue.abort`)
-pushes one token per job after the job is in the sorted set, so a burst of N
-jobs wakes up to N idle workers.  The list is capped at :data:`WAKE_LIST_MAX`
+pushes one token per job after the job is in the sorted set (``enqueue`` in
+the same atomic command, :data:`ENQUEUE_SCRIPT`), so a burst of N jobs wakes
+up to N idle workers.  The list is capped at :data:`WAKE_LIST_MAX`
 tokens.  A token is only a hint: a lost one (the push failed, the list was
 flushed) costs at most the workers' slow fallback poll, never a job.
 """
@@ -61,14 +62,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 
 import asyncpg
 import redis.exceptions
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -139,6 +142,21 @@ def wake_key(queue_name: str) -> str:
     return f"{queue_name}:wake"
 
 
+ENQUEUE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+  return 0
+end
+redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('LPUSH', KEYS[4], ARGV[5])
+redis.call('LTRIM', KEYS[4], 0, ARGV[6] - 1)
+return 1
+"""
+"""ARQ's ``enqueue_job`` and the wake-up in one atomic command.  KEYS: the job
+key, its result key, the queue, its wake list; ARGV: the job key's expiry (ms),
+the serialized job, the score, the job id, the wake token, the wake list's cap.
+Returns 1 if enqueued, 0 if ARQ already holds the job id (or its result)."""
+
 JOB_EXPIRES = timedelta(days=7)
 """How long ARQ keeps a job that has not finished (queued, deferred or retried)."""
 
@@ -206,6 +224,7 @@ class JobQueue:
         self._wake_key = wake_key(queue_name)
         self._promote_key = promote_key(queue_name)
         self._rank_key = rank_key(queue_name)
+        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
 
     def _next_score(self, priority: Priority, delay_ms: int) -> int:
         score = priority_score(priority, int(self._clock() * 1000) + delay_ms)
@@ -217,19 +236,39 @@ class JobQueue:
         return score
 
     async def enqueue(self, job_id: str, priority: Priority | str, *, delay_s: float = 0) -> bool:
-        """Enqueue ``job_id``; False if ARQ already holds a job with that id."""
+        """Enqueue ``job_id``; False if ARQ already holds a job with that id.
+
+        One round trip (:data:`ENQUEUE_SCRIPT`): what ARQ's ``enqueue_job``
+        writes (the job, serialized as ARQ does, and its score), refused as ARQ
+        refuses it, plus its wake token, atomically: a worker woken by the token
+        finds the job, and a job is never queued without its token.
+        """
         score = self._next_score(Priority(priority), int(delay_s * 1000))
-        job = await self._redis.enqueue_job(
+        job = serialize_job(
             PROCESS_FUNCTION,
-            job_id,
-            _job_id=job_id,
-            _queue_name=self._queue_name,
-            _defer_until=datetime.fromtimestamp(score / 1000, UTC),
-            _expires=JOB_EXPIRES,
+            (job_id,),
+            {},
+            None,
+            timestamp_ms(),
+            serializer=getattr(self._redis, "job_serializer", None),
         )
-        if job is not None:
-            await self.wake()
-        return job is not None
+        added = await self._enqueue(
+            keys=[
+                job_key_prefix + job_id,
+                result_key_prefix + job_id,
+                self._queue_name,
+                self._wake_key,
+            ],
+            args=[
+                int(JOB_EXPIRES.total_seconds() * 1000),
+                job,
+                score,
+                job_id,
+                WAKE_TOKEN,
+                WAKE_LIST_MAX,
+            ],
+        )
+        return bool(added)
 
     async def wake(self, tokens: int = 1) -> None:
         """Push ``tokens`` wake tokens (one per job made startable), capped.
@@ -280,10 +319,31 @@ class JobQueue:
         enqueued at its ready time.
         """
         ready_ms = int(self._clock() * 1000) + int(backoff_s * 1000)
+        await self._record_rank(job_id, ready_ms, priority_score(priority, ready_ms))
+        return backoff_s
+
+    async def hand_back(self, job_id: str, score: int, backoff_s: float) -> float:
+        """Record that a job handed back unstarted keeps its place once due; returns
+        the ``Retry(defer=...)`` (seconds) to raise: ``backoff_s``.
+
+        For a job a worker could not even begin (Postgres unreachable before its
+        lease was taken): no attempt was spent, and neither should its rank be.
+        ``score`` is the job's ARQ score when it was picked (ARQ's ``ctx["score"]``),
+        which already holds its priority (and its age), so the worker needs no
+        database to know it: once due, a poll promotes the job back to that score.
+        Never raises for a Redis outage (logged; the job then ranks as a ``low``
+        job enqueued at its ready time, as :meth:`schedule_retry` says).
+        """
+        ready_ms = int(self._clock() * 1000) + int(backoff_s * 1000)
+        await self._record_rank(job_id, ready_ms, min(score, ready_ms))
+        return backoff_s
+
+    async def _record_rank(self, job_id: str, ready_ms: int, rank: int) -> None:
+        """Promote ``job_id`` to score ``rank`` once ``ready_ms`` has come."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zadd(self._promote_key, {job_id: ready_ms})
-                pipe.hset(self._rank_key, job_id, str(priority_score(priority, ready_ms)))
+                pipe.hset(self._rank_key, job_id, str(rank))
                 pipe.expire(self._promote_key, JOB_EXPIRES)
                 pipe.expire(self._rank_key, JOB_EXPIRES)
                 await pipe.execute()
@@ -291,7 +351,6 @@ class JobQueue:
             if not is_redis_outage(exc):
                 raise
             log.warning("retry_rank_lost", job_id=job_id, reason=type(exc).__name__)
-        return backoff_s
 
     async def is_queued(self, job_id: str) -> bool:
         """True while ARQ holds the job (waiting, deferred or running)."""

@@ -28,7 +28,7 @@ so the columns an event is made of are spelled once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict, Unpack
 
@@ -52,7 +52,9 @@ JOB_EVENT_COLUMNS = """
 select them from ``jobs`` unaliased."""
 
 
-def event_from_row(row: asyncpg.Record, details: dict[str, Any] | None = None) -> ProgressEvent:
+def event_from_row(
+    row: asyncpg.Record | Mapping[str, Any], details: dict[str, Any] | None = None
+) -> ProgressEvent:
     """Build the event (or snapshot) for a row selected with :data:`JOB_EVENT_COLUMNS`."""
     return ProgressEvent(
         job_id=row["job_id"],
