@@ -277,7 +277,7 @@ async def test_waiting_jobs_run_within_15_s_of_redis_losing_its_data_each_exactl
     assert proc.poll() is None
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 async def test_three_postgres_outages_during_one_job_cost_no_attempt(
     fault_stack: EmbeddedStack,
     fault_services: Services,
@@ -300,7 +300,7 @@ async def test_three_postgres_outages_during_one_job_cost_no_attempt(
     last_seq = 0
     async with gateway:
         for outage in range(3):
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 240  # patient under load: the work is real
             while True:  # the job moved on since the last outage (or started)
                 status, now_seq = await _eventually(seq, 60)
                 assert status in {"queued", "running"}, (outage, status)
@@ -329,7 +329,7 @@ async def test_three_postgres_outages_during_one_job_cost_no_attempt(
                     r = await gateway.get(f"/api/v1/jobs/{job.job_id}")
                 assert r.status_code == 200, r.text
 
-    status, attempts = await _wait_done(svc, job.job_id, timeout=180)
+    status, attempts = await _wait_done(svc, job.job_id, timeout=300)
     assert (status, attempts) == ("completed", 1), procs.log_of(proc)
     rows = await svc.db.fetch(
         "SELECT seq, text FROM chunks WHERE document_id = $1::uuid ORDER BY seq", job.document_id
