@@ -256,13 +256,17 @@ def _encode(item: tuple[Path, list[str]]) -> int:
     assert isinstance(model, LocalEmbedder)
     vectors = model.encode_sync(texts)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, digests=np.array([text_digest(t) for t in texts]), vectors=vectors)
+    digests = np.frombuffer(b"".join(map(text_digest, texts)), dtype=np.uint8)
+    np.savez(tmp, digests=digests.reshape(len(texts), DIGEST_BYTES), vectors=vectors)
     tmp.replace(path)
     return len(texts)
 
 
+DIGEST_BYTES = 16
+
+
 def text_digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
 
 
 def model_id() -> str:
@@ -282,7 +286,12 @@ def _cached(directory: Path) -> dict[bytes, np.ndarray]:
     found: dict[bytes, np.ndarray] = {}
     for part in sorted(directory.glob("part-*.npz")):
         with np.load(part) as data:
-            found.update(zip(data["digests"].tolist(), data["vectors"], strict=True))
+            digests = data["digests"]
+            if digests.dtype.kind == "S":  # numpy drops a bytes value's trailing NULs
+                keys = [d.ljust(DIGEST_BYTES, b"\0") for d in digests.tolist()]
+            else:
+                keys = [bytes(row) for row in digests]
+            found.update(zip(keys, data["vectors"], strict=True))
     return found
 
 
