@@ -34,8 +34,9 @@ import os
 import re
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def _chunks(docs: list[tuple[int, str]], want: int) -> Iterator[str]:
         ):
             body = chunk.text.strip()
             key = " ".join(body.split()).casefold()
-            if MIN_CHARS <= len(body) <= MAX_CHARS and key not in seen:
+            if MIN_CHARS <= len(body) <= MAX_CHARS and key not in seen and "\0" not in body:
                 seen.add(key)
                 yield body
                 if len(seen) >= want:
@@ -191,15 +192,20 @@ def _files_key(files: list[tuple[str, Path]]) -> str:
     return h.hexdigest()[:16]
 
 
-def build(n_chunks: int, n_queries: int, log: object = print) -> tuple[list[str], list[str]]:
+def build(
+    n_chunks: int, n_queries: int, say: Callable[[str], None] = print
+) -> tuple[list[str], list[str]]:
     """``n_chunks`` distinct real chunks and ``n_queries`` queries (cached).
 
     Raises SystemExit when this machine does not hold that much text."""
-    say = log if callable(log) else print
     files = source_files()
     cache = CACHE_DIR / f"search-corpus-{_files_key(files)}.json"
-    data = json.loads(cache.read_text()) if cache.exists() else {"chunks": [], "exhausted": False}
-    chunks, queries = data["chunks"], data.get("queries", [])
+    data: dict[str, Any] = (
+        json.loads(cache.read_text()) if cache.exists() else {"chunks": [], "exhausted": False}
+    )
+    # Postgres text cannot hold NUL (caches written before that rule may have one).
+    chunks = [c for c in data["chunks"] if "\0" not in c]
+    queries = data.get("queries", [])
     if len(chunks) < n_chunks and not data["exhausted"]:
         t = time.perf_counter()
         docs, corpus_summaries, query_lines = _documents(files)
@@ -220,14 +226,6 @@ def build(n_chunks: int, n_queries: int, log: object = print) -> tuple[list[str]
             f"only {len(chunks)} distinct chunks / {len(queries)} queries of real text here"
         )
     return chunks[:n_chunks], queries[:n_queries]
-
-
-def corpus_hash(texts: list[str], model: str) -> str:
-    """Key of the cached vectors: the model and every chunk's text, in order."""
-    h = hashlib.sha256(model.encode() + b"\0")
-    for text in texts:
-        h.update(text.encode() + b"\0")
-    return h.hexdigest()[:16]
 
 
 # --- vectors ----------------------------------------------------------------------------
@@ -295,13 +293,14 @@ def _cached(directory: Path) -> dict[bytes, np.ndarray]:
     return found
 
 
-def embed_cached(texts: list[str], processes: int = 2, log: object = print) -> np.ndarray:
+def embed_cached(
+    texts: list[str], processes: int = 2, say: Callable[[str], None] = print
+) -> np.ndarray:
     """float32 vectors of ``texts`` by the workers' local model, cached on disk by
     text (``search-vectors-<model>/part-*.npz``: digests and vectors of
     ``SHARD`` texts each), so an interrupted build resumes and a corpus that
     changed (packages installed or upgraded) embeds only its new texts; built by
     ``processes`` processes with one torch thread each."""
-    say = log if callable(log) else print
     directory = vector_dir()
     directory.mkdir(parents=True, exist_ok=True)
     cached = _cached(directory)
