@@ -30,8 +30,8 @@ from app.core.errors import (
 )
 from app.jobs.schemas import SearchHit, SearchRequest, SearchResponse
 
-DEFAULT_EF_SEARCH = 200
-"""HNSW ``ef_search`` when the caller does not choose (``SEARCH_EF_SEARCH``)."""
+DEFAULT_EF_SEARCH = 100
+"""HNSW ``ef_search`` when the caller does not choose (the ``SEARCH_EF_SEARCH`` default)."""
 
 
 def _document_ids(request: SearchRequest) -> list[uuid.UUID] | None:
