@@ -207,3 +207,29 @@ async def test_a_run_resumed_past_its_claim_does_not_index_a_second_copy(
     assert (await _doc(services, b))["dup"] == a.document_id
     assert (await _doc(services, b))["chunks"] == 0
     assert await _runs(services, b) == [RunOutcome.REQUEUED, RunOutcome.DEDUPLICATED]
+
+
+async def test_a_start_whose_reply_was_lost_is_taken_up_not_counted_twice(
+    services: Services, make_job: MakeJob
+) -> None:
+    """Postgres can go between a start's commit and its reply: the worker then
+    waits the outage out and takes up its own start (same attempt, same ledger
+    run, the ``running`` event rebuilt for it to publish) instead of starting
+    again, which would count a second attempt for one execution."""
+    job = await make_job(b"A start whose reply never came. " * 4, "txt")
+    token = "lost-reply-worker:0001"
+    assert await lease.started_by(services.db, job.job_id, token) is None  # nothing yet
+    first = await lease.start(
+        services.db, job.job_id, token, 30, worker_id="lost-reply-worker", max_attempts=3
+    )
+    assert first is not None and first.event is not None
+    again = await lease.started_by(services.db, job.job_id, token)
+    assert again is not None and again.run_id == first.run_id
+    assert again.row["attempts"] == first.row["attempts"] == 1
+    assert again.event is not None and again.event.status == "running"
+    assert again.event.seq == first.event.seq
+    assert await lease.started_by(services.db, job.job_id, "another-worker:0002") is None
+    runs = await services.db.fetchval(
+        "SELECT count(*) FROM job_runs WHERE job_id = $1::uuid", job.job_id
+    )
+    assert runs == 1

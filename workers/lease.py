@@ -191,6 +191,40 @@ async def start(
     return Started(row=row, run_id=int(row["run_id"]), event=event)
 
 
+async def started_by(db: asyncpg.Pool, job_id: str, owner: str) -> Started | None:
+    """What :func:`start` wrote for lease ``owner``, if it committed; None if not.
+
+    A start whose reply was lost (Postgres went away between its commit and the
+    answer) must not be taken again -- that would count a second attempt and
+    open a second run for one execution.  Its ``running`` event was never
+    published, so it is rebuilt here for the caller to publish.
+    """
+    row = await db.fetchrow(
+        f"""
+        WITH j AS (
+            SELECT {JOB_EVENT_COLUMNS}, attempts, priority, cancel_requested,
+                   document_id AS document_uuid
+            FROM jobs WHERE id = $1::uuid AND lease_owner = $2
+        )
+        SELECT j.attempts, j.priority, j.cancel_requested, j.overall_progress, r.id AS run_id,
+               j.job_id, j.seq, j.status, j.stage, j.stage_progress, j.message, j.ts,
+               j.owner_id AS job_owner_id, j.document_id, j.error_code, j.error_message,
+               {_DOCUMENT_COLUMNS}
+        FROM j JOIN job_runs r ON r.job_id = $1::uuid AND r.lease_token = $2
+                               AND r.ended_at IS NULL
+        JOIN documents d ON d.id = j.document_uuid
+        """,
+        job_id,
+        owner,
+    )
+    if row is None:
+        return None
+    event = None
+    if not row["cancel_requested"]:
+        event = event_from_row({**dict(row), "owner_id": row["job_owner_id"]})
+    return Started(row=row, run_id=int(row["run_id"]), event=event)
+
+
 async def renew(db: asyncpg.Pool, job_id: str, owner: str, lease_seconds: float) -> bool:
     """Extend our lease; False if it is no longer ours."""
     row = await db.fetchval(

@@ -99,14 +99,17 @@ class JobRun:
         One statement (:func:`workers.lease.start`): lease, ledger run and the
         ``running`` state; its event is published once it has committed."""
         ctx, attempt = self.ctx, self.attempt
-        started = await lease.start(
-            ctx.db,
-            self.job_id,
-            attempt.token,
-            ctx.lease_seconds,
-            worker_id=ctx.worker_id,
-            max_attempts=ctx.settings.task_retry_max_attempts,
-        )
+        try:
+            started = await self._take()
+        except Exception as exc:
+            if not is_database_outage(exc):
+                raise
+            # The start may have committed before the connection went (its reply
+            # lost): wait the outage out, then take up our own start if it did.
+            await await_database(ctx, self.job_id, exc)
+            started = await lease.started_by(ctx.db, self.job_id, attempt.token)
+            if started is None:
+                started = await self._take()
         if started is None:
             log.info("job_not_runnable", job_id=self.job_id)
             return Outcome.SKIPPED
@@ -117,6 +120,17 @@ class JobRun:
             return await finish_cancelled(attempt, "cancelled before processing started")
         await publish_events(ctx.redis, [started.event])
         return None
+
+    async def _take(self) -> lease.Started | None:
+        ctx = self.ctx
+        return await lease.start(
+            ctx.db,
+            self.job_id,
+            self.attempt.token,
+            ctx.lease_seconds,
+            worker_id=ctx.worker_id,
+            max_attempts=ctx.settings.task_retry_max_attempts,
+        )
 
     async def _run_started(self) -> Outcome:
         ctx = self.ctx
