@@ -191,6 +191,20 @@ async def start(
     return Started(row=row, run_id=int(row["run_id"]), event=event)
 
 
+def reply_may_be_lost(exc: BaseException) -> bool:
+    """True if ``exc`` means the connection went *during* a statement (asyncpg's
+    ``ConnectionDoesNotExistError``), so the statement may have committed; not
+    for a Postgres that refused the connection (nothing was sent)."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if isinstance(current, asyncpg.ConnectionDoesNotExistError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 async def started_by(db: asyncpg.Pool, job_id: str, owner: str) -> Started | None:
     """What :func:`start` wrote for lease ``owner``, if it committed; None if not.
 

@@ -102,8 +102,8 @@ class JobRun:
         try:
             started = await self._take()
         except Exception as exc:
-            if not is_database_outage(exc):
-                raise
+            if not lease.reply_may_be_lost(exc):
+                raise  # Postgres unreachable before the start was sent: hand the job back
             # The start may have committed before the connection went (its reply
             # lost): wait the outage out, then take up our own start if it did.
             await await_database(ctx, self.job_id, exc)
