@@ -308,7 +308,9 @@ async def recall_sweep(
         await pool.close()
 
 
-async def bare_sql(dsn: str, qvecs: list[str], ef: int, clients: int, total: int) -> dict[str, Any]:
+async def bare_sql(
+    dsn: str, qvecs: list[str], ef: int, clients: int, total: int, meter: CpuMeter
+) -> dict[str, Any]:
     pool = await create_pool(dsn, max_size=clients)
     try:
 
@@ -318,10 +320,12 @@ async def bare_sql(dsn: str, qvecs: list[str], ef: int, clients: int, total: int
                 await conn.fetch(HNSW_SQL, qvecs[n % len(qvecs)], USER, TOP_K)
 
         await closed_loop(clients, min(total, 200), one)  # warm the index into memory
+        meter.start()
         lat, wall = await closed_loop(clients, total, one)
+        cpu = meter.per_call(total)
     finally:
         await pool.close()
-    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "per_s": total / wall}
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "per_s": total / wall, "cpu_ms": cpu}
 
 
 class Conn:
@@ -357,6 +361,68 @@ def rss_mib(pid: int) -> dict[str, float]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
     )
     return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat``'s fields after the command name (field 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_s(pid: int, *, children: bool = False) -> float:
+    """CPU seconds (user + system) of ``pid``; with ``children``, also of its
+    reaped children (how a postmaster's exited backends are counted)."""
+    try:
+        f = _stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_s(data_dir: Path) -> float:
+    """CPU seconds of the embedded PostgreSQL whose data lives under ``data_dir``:
+    its postmaster (with reaped backends) and every live child."""
+    ppid: dict[int, int] = {}
+    postmaster = None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid[int(entry.name)] = int(_stat(int(entry.name))[1])
+            if (
+                postmaster is None
+                and (entry / "comm").read_text().strip() == "postgres"
+                and str(data_dir) in (entry / "cmdline").read_text()
+            ):
+                postmaster = int(entry.name)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    if postmaster is None:
+        return 0.0
+    kids = [pid for pid, parent in ppid.items() if parent == postmaster]
+    return _cpu_s(postmaster, children=True) + sum(_cpu_s(pid) for pid in kids)
+
+
+class CpuMeter:
+    """CPU seconds spent per process role between :meth:`start` and :meth:`per_call`."""
+
+    def __init__(self, roles: dict[str, Callable[[], float]]) -> None:
+        self.roles = roles
+        self.before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.before = {name: read() for name, read in self.roles.items()}
+
+    def per_call(self, calls: int) -> dict[str, float]:
+        """Milliseconds of CPU per call, per role, since :meth:`start`."""
+        return {
+            name: (read() - self.before[name]) * 1000 / calls for name, read in self.roles.items()
+        }
+
+
+def self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def embedder_counts(url: str) -> dict[str, float]:
@@ -400,7 +466,7 @@ def lag_summary(before: dict[float, float], after: dict[float, float]) -> str:
 
 
 async def through_gateway(
-    port: int, queries: list[str], clients: int, total: int, embedder_url: str
+    port: int, queries: list[str], clients: int, total: int, embedder_url: str, meter: CpuMeter
 ) -> dict[str, Any]:
     token = TokenService(JWT_SECRET).mint(USER)
     conns = [Conn(port, token) for _ in range(clients)]
@@ -422,7 +488,9 @@ async def through_gateway(
     await closed_loop(clients, min(total, 200), one)  # warm-up
     before = embedder_counts(embedder_url)
     lag_before = lag_buckets(port)
+    meter.start()
     lat, wall = await closed_loop(clients, total, one)
+    cpu = meter.per_call(total)
     lag = lag_summary(lag_before, lag_buckets(port))
     after = embedder_counts(embedder_url)
     for c in conns:
@@ -440,6 +508,7 @@ async def through_gateway(
         "short": len(short),
         "queries_per_encode": texts / calls if calls else float("nan"),
         "loop_lag": lag,
+        "cpu_ms": cpu,
     }
 
 
@@ -531,19 +600,37 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if args.recall_only:
                 return summary(args, info, index, load, recall, qvecs, {}, {}, {})
             say("bare SQL baseline")
-            bare = await bare_sql(dsn, qvecs, args.ef, args.clients, args.requests)
+            pg_cpu = lambda: postgres_cpu_s(tmp / "stack")  # noqa: E731
+            bare_meter = CpuMeter({"postgres": pg_cpu, "client": self_cpu_s})
+            bare = await bare_sql(dsn, qvecs, args.ef, args.clients, args.requests, bare_meter)
             say("searching through the gateway")
             gw_env = {**env, "SEARCH_EMBEDDING_URL": embedder.api_url}
             gateway, port = start_gateway(gw_env, tmp / "gateway.log")
             try:
                 rss_idle = rss_mib(gateway.pid)
+                embedder_pid = embedder.pid
+                assert embedder_pid is not None
+                meter = CpuMeter(
+                    {
+                        "gateway": lambda: _cpu_s(gateway.pid),
+                        "embedder": lambda: _cpu_s(embedder_pid),
+                        "postgres": pg_cpu,
+                        "client": self_cpu_s,
+                    }
+                )
                 search = await through_gateway(
-                    port, queries, args.clients, args.requests, embedder.url
+                    port, queries, args.clients, args.requests, embedder.url, meter
                 )
                 rss = {"ready": rss_idle, "after": rss_mib(gateway.pid)}
             finally:
                 stop(gateway)
     return summary(args, info, index, load, recall, qvecs, bare, search, rss)
+
+
+def _rounded(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return round(v, 2) if isinstance(v, float) else v
 
 
 def summary(
@@ -567,8 +654,8 @@ def summary(
         **{k: round(v, 1) for k, v in load.items()},
         "recall_at_10": {str(k): round(v[0], 4) for k, v in recall.items()},
         "recall_at_10_by_distance": {str(k): round(v[1], 4) for k, v in recall.items()},
-        "bare_sql": {k: round(v, 2) for k, v in bare.items()},
-        "gateway": {k: round(v, 2) if isinstance(v, float) else v for k, v in search.items()},
+        "bare_sql": {k: _rounded(v) for k, v in bare.items()},
+        "gateway": {k: _rounded(v) for k, v in search.items()},
         "gateway_rss_mib": rss,
         "load_average": os.getloadavg(),
     }
@@ -603,6 +690,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"    = {gw['p50'] / bare['p50']:.1f}x / {gw['p99'] / bare['p99']:.1f}x the bare SQL "
         f"p50/p99; {gw['queries_per_encode']:.1f} queries per encode call; "
         f"gateway loop lag {gw['loop_lag']}",
+        "  CPU ms per search: bare SQL "
+        + " / ".join(f"{k} {v:.2f}" for k, v in bare["cpu_ms"].items())
+        + "; through the gateway "
+        + " / ".join(f"{k} {v:.2f}" for k, v in gw["cpu_ms"].items()),
         f"  gateway RSS peak {rss:.0f} MiB (ready: {r['gateway_rss_mib']['ready']['VmRSS']:.0f})",
         f"  targets: p50 <= 50 ms {'ok' if gw['p50'] <= 50 else 'MISSED'}, "
         f"p99 <= 150 ms {'ok' if gw['p99'] <= 150 else 'MISSED'}, "

@@ -134,18 +134,21 @@ async def _nearest(
     ef_search: int,
     preset: int | None = None,
 ) -> list[asyncpg.Record]:
-    """Two round trips in the common case: the query and the pool's reset.
+    """One round trip in the common case: the query alone.
 
-    ``hnsw.ef_search`` is the connection's own when it equals ``preset``;
-    otherwise it is set for the session, not a transaction (one more round trip):
-    releasing the connection to the pool runs ``RESET ALL`` (asyncpg's reset),
-    so it never outlives this search, and no ``BEGIN``/``COMMIT`` are paid.
+    ``hnsw.ef_search`` is the connection's own when it equals ``preset`` (the pool's
+    connections start at it, :func:`session_defaults`); otherwise the query runs in a
+    transaction with ``SET LOCAL``, so the setting ends with it (pooled connections
+    carry no session state: :func:`app.core.db.create_pool`).
     """
     async with db.acquire() as conn:
         if doc_ids is None:
-            if ef_search != preset:
-                await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
-            rows = await conn.fetch(_HNSW, vec, owner, top_k)
+            if ef_search == preset:
+                rows = await conn.fetch(_HNSW, vec, owner, top_k)
+            else:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+                    rows = await conn.fetch(_HNSW, vec, owner, top_k)
             if len(rows) >= top_k:
                 return list(rows)
         return list(await conn.fetch(_EXACT, vec, owner, top_k, doc_ids))

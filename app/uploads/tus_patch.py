@@ -3,9 +3,10 @@
 * **The lock.**  A PATCH (and a termination) holds a Postgres advisory lock on
   the upload for its whole duration, on a pool connection that it also uses
   for its own statements; a second one, on any replica, is refused with 423.
-  The lock is released with the connection: asyncpg's pool resets every
-  connection it takes back (``pg_advisory_unlock_all()``), and a gateway that
-  dies drops its connections, so a lock never outlives its holder.
+  The lock is released before the connection goes back to the pool
+  (``pg_advisory_unlock_all()``; if that fails or is cancelled, the connection
+  is terminated instead, which drops it: the pools run no reset query), and a
+  gateway that dies drops its connections, so a lock never outlives its holder.
   :class:`TusRuntime` bounds the lock holders of a process to half the pool:
   each also needs one more connection briefly (to record a part), so holders
   can never take every connection and wait on each other.
@@ -73,6 +74,20 @@ class BodyInterrupted(Exception):
     """
 
 
+async def _unlock(conn: PoolConnectionProxy) -> None:
+    """Release the connection's advisory locks before the pool takes it back; if
+    that fails (an outage, a cancellation), terminate it: the server drops a
+    connection's locks with it, and the pool replaces it."""
+    try:
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise
+    except Exception as exc:  # whatever failed, the lock must go
+        log.warning("tus_unlock_failed", error=repr(exc)[:200])
+        conn.terminate()
+
+
 class TusRuntime:
     """What a gateway process shares between its tus requests: lock slots, the
     segment cache, and the folds running in the background (one per upload at
@@ -108,17 +123,20 @@ class TusRuntime:
                 headers={"Retry-After": "1"},
             ) from None
         try:
-            async with ctx.db.acquire() as conn:  # released (and so unlocked) on exit
-                if not await conn.fetchval(
-                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                    f"sluice:tus:{upload_id}",
-                ):
-                    raise Locked(
-                        "another request is writing to this upload; retry when it ends",
-                        details={"upload_id": upload_id},
-                        headers={"Retry-After": "1"},
-                    )
-                yield conn
+            async with ctx.db.acquire() as conn:
+                try:
+                    if not await conn.fetchval(
+                        "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                        f"sluice:tus:{upload_id}",
+                    ):
+                        raise Locked(
+                            "another request is writing to this upload; retry when it ends",
+                            details={"upload_id": upload_id},
+                            headers={"Retry-After": "1"},
+                        )
+                    yield conn
+                finally:
+                    await _unlock(conn)
         finally:
             self._slots.release()
 
