@@ -36,7 +36,10 @@ Measured in the same run:
 3. search through the gateway (``POST /api/v1/search``, top_k 10) by
    ``--clients`` closed-loop keep-alive clients: p50/p99/max, searches/s, the
    gateway's event-loop lag and RSS, and how many queries the embedder coalesced
-   per encode call.
+   per encode call;
+4. the CPU each process spent per search (``/proc``: the gateway, the embedder,
+   PostgreSQL's backends, this client; Redis's one rate-limit script is left out),
+   and the ceiling that puts on searches/s and on closed-loop latency here.
 """
 
 from __future__ import annotations
@@ -694,6 +697,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         + " / ".join(f"{k} {v:.2f}" for k, v in bare["cpu_ms"].items())
         + "; through the gateway "
         + " / ".join(f"{k} {v:.2f}" for k, v in gw["cpu_ms"].items()),
+        capacity_line(gw, args.clients),
         f"  gateway RSS peak {rss:.0f} MiB (ready: {r['gateway_rss_mib']['ready']['VmRSS']:.0f})",
         f"  targets: p50 <= 50 ms {'ok' if gw['p50'] <= 50 else 'MISSED'}, "
         f"p99 <= 150 ms {'ok' if gw['p99'] <= 150 else 'MISSED'}, "
@@ -702,6 +706,20 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"RSS < 150 MiB {'ok' if rss < 150 else 'MISSED'}",
     ]
     return "\n".join(head + lines)
+
+
+def capacity_line(gw: dict[str, Any], clients: int) -> str:
+    """What the CPU per search allows on this machine: with every process on its cores,
+    searches/s cannot exceed cores x 1000 / (CPU ms per search), and ``clients`` closed-loop
+    clients then wait at least ``clients`` / that rate (Little's law) on average."""
+    cpu = sum(gw["cpu_ms"].values())
+    cores = os.cpu_count() or 1
+    most = cores * 1000 / cpu
+    return (
+        f"  CPU bound: {cpu:.1f} ms of CPU per search on {cores} cores -> at most "
+        f"{most:.0f} searches/s, so {clients} closed-loop clients average >= "
+        f"{clients / most * 1000:.0f} ms per search (measured {gw['per_s']:.0f}/s)"
+    )
 
 
 def default_ef() -> int:

@@ -351,3 +351,51 @@ async def test_the_queue_is_bounded_and_one_encode_runs_at_a_time() -> None:
     assert not overlapped
     assert sizes == [1, 4]  # the two waiting requests went into one encode
     assert [r[:, 0].tolist() for r in rows] == [[1.0], [2.0, 12.0], [3.0, 13.0]]
+
+
+THREADS_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os
+    import torch
+    from app.core.embedding import create_embedder
+    from app.core.settings import Settings
+
+    async def main():
+        embedder = await create_embedder(Settings.from_environ(os.environ))
+        vectors = await embedder.embed(["a query"])
+        print(torch.get_num_threads(), vectors.shape[1])
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_embedding_threads_sets_a_workers_model_threads(settings_env: dict[str, str]) -> None:
+    """``EMBEDDING_THREADS`` is what a worker's in-process model runs on; 0 leaves
+    torch's default (one per core), which is what a lone worker wants."""
+    base = {**settings_env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    seen = {}
+    for threads in ("1", "0"):
+        out = subprocess.run(
+            [sys.executable, "-c", THREADS_SCRIPT],
+            env={**base, "EMBEDDING_PROVIDER": "local", "EMBEDDING_THREADS": threads},
+            cwd=ROOT,
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr.decode()[-3000:]
+        seen[threads] = out.stdout.decode().split()
+    assert seen["1"] == ["1", "384"]
+    assert seen["0"] == [str(torch_default_threads()), "384"]
+
+
+def torch_default_threads() -> int:
+    """torch's own default in a fresh process (its cores, as it counts them)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return int(out.stdout)

@@ -93,6 +93,7 @@ WORKER_ENV = {
     "JOB_LEASE_SECONDS": "3",
     "MAX_CONCURRENT_TASKS": "4",
     "MAX_PROCESSING_TIME_MINUTES": "10",
+    "EMBEDDING_THREADS": "1",  # six workers on a few cores (README: sizing a fleet)
 }
 GATEWAY_ENV = {"RATE_LIMIT_UPLOADS_PER_MINUTE": "100000"}
 TERMINAL = {"completed", "failed", "cancelled"}

@@ -87,16 +87,22 @@ class LocalEmbedder:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, *, batch_size: int = 64, device: str = "cpu") -> LocalEmbedder:
-        """Load the bundled model (blocking: call from a thread or at startup)."""
+    def load(cls, *, batch_size: int = 64, device: str = "cpu", threads: int = 0) -> LocalEmbedder:
+        """Load the bundled model (blocking: call from a thread or at startup);
+        ``threads`` > 0 sets torch's intra-op threads for this process."""
         from sentence_transformers import SentenceTransformer
+
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
 
         model = SentenceTransformer(str(model_dir()), device=device, local_files_only=True)
         return cls(model, batch_size=batch_size)
 
     @classmethod
-    async def load_async(cls, *, batch_size: int = 64) -> LocalEmbedder:
-        return await asyncio.to_thread(cls.load, batch_size=batch_size)
+    async def load_async(cls, *, batch_size: int = 64, threads: int = 0) -> LocalEmbedder:
+        return await asyncio.to_thread(cls.load, batch_size=batch_size, threads=threads)
 
     def encode_sync(self, texts: list[str]) -> Vectors:
         with self._lock:
@@ -201,7 +207,9 @@ async def create_embedder(settings: Settings) -> Embedder:
             model=settings.embedding_model,
             api_key=settings.embedding_api_key.reveal(),
         )
-    return await LocalEmbedder.load_async(batch_size=settings.embedding_batch_size)
+    return await LocalEmbedder.load_async(
+        batch_size=settings.embedding_batch_size, threads=settings.embedding_threads
+    )
 
 
 def vector_literal(vec: Vectors | list[float]) -> str:

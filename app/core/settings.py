@@ -67,6 +67,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     long chunks is split into calls under it.  Bounds a worker's embedding memory
     (local model): ~225 MB above idle at 8192 (32 chunks of 256 tokens), ~475 MB
     at 16384 (64)."""
+    embedding_threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    """Intra-op threads of a worker's in-process model (``embedding_provider=local``;
+    0: torch's default, one per core).  Keep the default for one worker per host; set
+    it to cores / workers when several workers share a host: on 2 cores, 256 chunks
+    took 7.9 s of CPU with 1 thread against 9.6-10.6 s with 2, so a full host embeds
+    ~25% more per core with 1 (a lone worker on idle cores finishes 1.6x sooner
+    with 2)."""
     embedding_api_url: str = ""
     """Base URL of an OpenAI-compatible API (``.../v1``) when ``embedding_provider=openai``."""
     embedding_api_key: Secret = Secret("")
@@ -210,10 +217,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Base URL of the OpenAI-compatible endpoint the gateway embeds search queries
     with (``sluice embedder``); the gateway never loads the model itself."""
     search_ef_search: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
-    """HNSW ``ef_search`` set per search transaction (raised to ``2 * top_k`` when
-    that is larger): the recall/latency dial of the ANN search.  100 gave recall@10
-    0.982 against an exact scan on 27,900 real chunks (0.987 on 10,900; 64 gave only
-    0.963), projected ~0.975 at 100,000 (``bench/search.py``, BENCHMARKS.md)."""
+    """HNSW ``ef_search`` of a search (raised to ``2 * top_k`` when that is larger): the
+    recall/latency dial of the ANN search.  On 100,000 real chunks, with the index of
+    migration 0008, 100 gives recall@10 0.98 against an exact scan and 64 gives 0.96, for
+    ~20% less PostgreSQL CPU per search (``bench/search.py``, BENCHMARKS.md)."""
 
     # --- WebSocket server ---------------------------------------------------------------
     websocket_host: str = "localhost"
