@@ -181,10 +181,15 @@ async def test_other_request_shapes_store_the_same_bytes(
 ) -> None:
     """tus-js-client's other ways to send the file: the first chunk in the creation POST,
     PATCH as ``POST`` + ``X-HTTP-Method-Override``, and a stream of unknown length
-    (``Upload-Defer-Length``, the length sent with the last PATCH)."""
+    (``Upload-Defer-Length``, the length sent with the last PATCH; with a path's
+    ``fs.ReadStream`` tus-js-client 4.3.1 declares a whole chunk for the last PATCH and
+    stalls, so a deferred length takes a stream)."""
     gw = gateway_factory()
     token = tokens.mint(user)
+    # not a multiple of the 1 MiB chunk: a deferred-length stream of such a size stalls
+    # in tus-js-client 4.3.1 itself (tus/tus-js-client#779)
     data = report_pdf(tmp_path / "report.pdf", noise=3 * MiB + 999, seed=4)
+    assert len(data) % MiB
 
     seen = await tus_js("plain", gw.url, token, tmp_path / "report.pdf", source=source, **options)
 
