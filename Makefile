@@ -14,11 +14,18 @@ TORCH_PIP_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# tests/js: the real tus-js-client for tests/test_tus_js_client.py, installed where npm
+# exists (without it those tests are skipped, saying how to install it).
+$(STAMP): pyproject.toml tests/js/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/js --no-audit --no-fund; \
+	else \
+		echo "npm not found: tests/test_tus_js_client.py will be skipped"; \
+	fi
 	touch $(STAMP)
 
 dev: install
