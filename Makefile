@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml tests/js/package-lock.json
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	if command -v npm >/dev/null 2>&1; then \
-		npm ci --prefix tests/js --no-audit --no-fund; \
+		npm ci --prefix tests/js --no-audit --no-fund \
+			|| echo "npm ci failed: tests/test_tus_js_client.py will be skipped"; \
 	else \
 		echo "npm not found: tests/test_tus_js_client.py will be skipped"; \
 	fi
