@@ -3,6 +3,7 @@
     python bench/search.py [--chunks 100000] [--queries 300] [--clients 20]
                            [--requests 2000] [--ef N] [--sweep 20,40,64,100,200]
                            [--m M --ef-construction E] [--real N [--bulk neighbours|mixture]]
+                           [--rates 25,50,100 --open-seconds 20]
 
 Everything runs on an embedded stack, a real ``sluice embedder`` and a real
 ``sluice gateway`` (uvicorn) started here and stopped at the end.
@@ -39,7 +40,9 @@ Measured in the same run:
    per encode call;
 4. the CPU each process spent per search (``/proc``: the gateway, the embedder,
    PostgreSQL's backends, this client; Redis's one rate-limit script is left out),
-   and the ceiling that puts on searches/s and on closed-loop latency here.
+   and the ceiling that puts on searches/s and on closed-loop latency here;
+5. latency below saturation: searches arriving as a Poisson process at each of
+   ``--rates`` per second (latency counted from the planned arrival).
 """
 
 from __future__ import annotations
@@ -515,6 +518,50 @@ async def through_gateway(
     }
 
 
+async def open_loop(port: int, queries: list[str], rate: float, total: int) -> dict[str, float]:
+    """``total`` searches arriving as a Poisson process at ``rate``/s, whatever the answers'
+    pace (no coordinated omission: each latency counts from its planned arrival)."""
+    token = TokenService(JWT_SECRET).mint(USER)
+    free: list[Conn] = []
+    every: list[Conn] = []
+    latencies: list[float] = []
+    bad: list[int] = []
+    rng = np.random.default_rng(7)
+
+    async def one(n: int, planned: float) -> None:
+        if free:
+            conn = free.pop()
+        else:
+            conn = Conn(port, token)
+            every.append(conn)
+        try:
+            status, _ = await conn.search(queries[n % len(queries)])
+        finally:
+            free.append(conn)
+        latencies.append((time.perf_counter() - planned) * 1000)
+        if status != 200:
+            bad.append(status)
+
+    tasks = []
+    start = time.perf_counter()
+    planned = start
+    for n in range(total):
+        planned += float(rng.exponential(1 / rate))
+        await asyncio.sleep(max(0.0, planned - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(n, planned)))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    for c in every:
+        c.close()
+    return {
+        "p50": pct(latencies, 50),
+        "p99": pct(latencies, 99),
+        "per_s": total / wall,
+        "connections": float(len(every)),
+        "errors": float(len(bad)),
+    }
+
+
 # --- processes ---------------------------------------------------------------------------
 
 
@@ -625,6 +672,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     port, queries, args.clients, args.requests, embedder.url, meter
                 )
                 rss = {"ready": rss_idle, "after": rss_mib(gateway.pid)}
+                for rate in [float(r) for r in args.rates.split(",") if r]:
+                    say(f"open loop at {rate:g} searches/s")
+                    total = max(200, int(rate * args.open_seconds))
+                    search[f"open_{rate:g}"] = await open_loop(port, queries, rate, total)
             finally:
                 stop(gateway)
     return summary(args, info, index, load, recall, qvecs, bare, search, rss)
@@ -698,6 +749,13 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         + "; through the gateway "
         + " / ".join(f"{k} {v:.2f}" for k, v in gw["cpu_ms"].items()),
         capacity_line(gw, args.clients),
+        *(
+            f"  open loop (Poisson arrivals) at {k[5:]}/s: p50 {v['p50']:.1f} ms  "
+            f"p99 {v['p99']:.1f} ms  ({v['per_s']:.0f}/s served, {v['connections']:.0f} "
+            f"connections, errors {v['errors']:.0f})"
+            for k, v in gw.items()
+            if k.startswith("open_")
+        ),
         f"  gateway RSS peak {rss:.0f} MiB (ready: {r['gateway_rss_mib']['ready']['VmRSS']:.0f})",
         f"  targets: p50 <= 50 ms {'ok' if gw['p50'] <= 50 else 'MISSED'}, "
         f"p99 <= 150 ms {'ok' if gw['p99'] <= 150 else 'MISSED'}, "
@@ -747,6 +805,12 @@ def main() -> int:
         help="the gateway's SEARCH_EF_SEARCH (default: the setting's default)",
     )
     parser.add_argument("--sweep", default="20,40,64,100,200")
+    parser.add_argument(
+        "--rates",
+        default="25,50,100",
+        help="open-loop arrival rates (searches/s) through the gateway after the closed loop",
+    )
+    parser.add_argument("--open-seconds", type=float, default=20.0, help="per open-loop rate")
     parser.add_argument("--m", type=int, default=None, help="HNSW m (default: the migration's)")
     parser.add_argument("--ef-construction", type=int, default=None)
     parser.add_argument("--processes", type=int, default=2, help="for the first embedding")
