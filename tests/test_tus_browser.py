@@ -6,8 +6,11 @@ gateway's ``CORS_ORIGINS`` names the page's origin.
 
 - tus-js-client's browser build (``tests/js/node_modules/tus-js-client/dist/tus.min.js``)
   uploads a PDF Blob in 1 MiB chunks with the README's options; ``onAfterResponse`` reads
-  ``Sluice-Job-Id`` (only possible when CORS exposes it);
+  ``Sluice-Job-Id`` (only possible when CORS exposes it) and follows the job over the
+  WebSocket server, as the README's ``follow()`` does;
 - the same with ``parallelUploads: 2`` (``Upload-Concat`` through the preflight);
+- an upload cut off by a page reload, found again in localStorage by ``findPreviousUploads()``
+  and resumed after a cross-origin ``HEAD``;
 - a page from an origin not in ``CORS_ORIGINS``: the browser blocks it and the gateway made
   nothing for it;
 - Uppy's standalone bundle (``uppy``, pinned in tests/js/package.json) with the Tus plugin.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from tests.fixtures_ws import WsProcess
 from tests.test_tus_js_client import assert_one_document, report_pdf
 
 try:
-    from playwright.async_api import Browser, async_playwright
+    from playwright.async_api import Browser, Page, async_playwright
 except ImportError:  # pragma: no cover - the dev extras install it
     async_playwright = None
 
@@ -110,6 +113,46 @@ async def browser() -> AsyncIterator[Browser]:
             await chromium.close()
 
 
+@asynccontextmanager
+async def page_at(browser: Browser, origin: str) -> AsyncIterator[tuple[Page, list[str]]]:
+    """A fresh browser context (its own localStorage) on the page at ``origin``, and the
+    page's console lines; the context is closed at the end, also on failure."""
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        await page.goto(f"{origin}/")
+        yield page, console
+    finally:
+        await context.close()
+
+
+async def upload_in(
+    page: Page,
+    client: str,
+    gateway: str,
+    token: str,
+    ws_url: str | None = None,
+    abort_after: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Run one upload with ``client`` (a function of tests/js/tus_browser.js) against
+    ``gateway``; ``extra``: client options over the README's.  What the client saw."""
+    seen: dict[str, Any] = await page.evaluate(
+        f"(args) => {client}(args)",
+        {
+            "endpoint": f"{gateway}/api/v1/tus/",
+            "token": token,
+            "path": "/report.pdf",
+            "wsUrl": ws_url,
+            "abortAfter": abort_after,
+            "extra": extra,
+        },
+    )
+    return seen
+
+
 async def run_in_page(
     browser: Browser,
     origin: str,
@@ -119,27 +162,9 @@ async def run_in_page(
     ws_url: str | None = None,
     **extra: Any,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Open the page at ``origin``, run one upload with ``client`` (a function of
-    tests/js/tus_browser.js) against ``gateway``; return what it saw and the console."""
-    context = await browser.new_context()
-    try:
-        page = await context.new_page()
-        console: list[str] = []
-        page.on("console", lambda message: console.append(message.text))
-        await page.goto(f"{origin}/")
-        seen: dict[str, Any] = await page.evaluate(
-            f"(args) => {client}(args)",
-            {
-                "endpoint": f"{gateway}/api/v1/tus/",
-                "token": token,
-                "path": "/report.pdf",
-                "wsUrl": ws_url,
-                "extra": extra,
-            },
-        )
-        return seen, console
-    finally:
-        await context.close()
+    """One upload on a fresh page at ``origin``: what the client saw, and the console."""
+    async with page_at(browser, origin) as (page, console):
+        return await upload_in(page, client, gateway, token, ws_url, **extra), console
 
 
 def assert_followed_until_queued(seen: dict[str, Any]) -> None:
@@ -221,6 +246,38 @@ async def test_parallel_uploads_from_another_origin_pass_the_preflight(
         "SELECT concat FROM tus_uploads WHERE owner_id = $1", user
     )
     assert [k["concat"] for k in kinds] == ["final"]  # two partials joined, then removed
+
+
+async def test_an_upload_cut_off_by_a_reload_resumes_from_local_storage(
+    gateway_factory: Callable[..., Any],
+    upload_services: Services,
+    browser: Browser,
+    tokens: Any,
+    user: str,
+    tmp_path: Path,
+) -> None:
+    """The README's ``findPreviousUploads()``: the browser's URL storage (localStorage)
+    finds the upload after a reload; a cross-origin ``HEAD`` (its ``Upload-Offset``
+    exposed) says where to go on, and only the missing bytes are sent."""
+    data = report_pdf(tmp_path / "report.pdf", noise=3 * MiB + 555, seed=15)
+    token = tokens.mint(user)
+    with page_origin(site(data)) as origin:
+        gw = gateway_factory(CORS_ORIGINS=origin)
+        async with page_at(browser, origin) as (page, console):
+            first = await upload_in(
+                page, "uploadWithTusJsClient", gw.url, token, abort_after=2 * MiB, chunkSize=MiB
+            )
+            assert first["aborted"] and first["error"] is None, (first, console)
+            await page.reload()
+            second = await upload_in(page, "uploadWithTusJsClient", gw.url, token, chunkSize=MiB)
+
+    assert second["ok"] and second["error"] is None, (second, console)
+    assert second["url"] == first["url"]
+    assert second["requests"][0][:3] == ["HEAD", 200, str(2 * MiB)], second["requests"]
+    methods = [r[0] for r in second["requests"]]
+    assert methods == ["HEAD"] + ["PATCH"] * -(-(len(data) - 2 * MiB) // MiB), methods
+    assert second["jobIds"] == first["jobIds"]  # the last PATCH names the same job
+    await assert_one_document(upload_services, user, second, data)
 
 
 async def test_a_page_from_an_origin_not_allowed_is_blocked_and_creates_nothing(

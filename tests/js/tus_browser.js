@@ -6,7 +6,7 @@
 // the page can read only if the gateway's CORS answer exposes them.
 
 function recorder() {
-  const seen = { ok: false, error: null, url: null, requests: [], jobIds: [], documentIds: [] };
+  const seen = { ok: false, aborted: false, error: null, url: null, requests: [], jobIds: [], documentIds: [] };
   seen.onAfterResponse = (req, res) => {
     const jobId = res.getHeader("Sluice-Job-Id");
     const offset = res.getHeader("Upload-Offset");
@@ -25,7 +25,8 @@ function done(seen) {
 
 async function pdfFile(path) {
   const blob = await (await fetch(path)).blob(); // same origin as the page
-  return new File([blob], "report.pdf", { type: "application/pdf" });
+  // a file on disk keeps its lastModified, which is part of tus-js-client's fingerprint
+  return new File([blob], "report.pdf", { type: "application/pdf", lastModified: 1764460800000 });
 }
 
 // README's follow(): the job's events over the WebSocket server, collected in seen.events.
@@ -53,7 +54,8 @@ async function eventOf(seen, status, ms) {
 
 // README's tus-js-client snippet; `extra` adds or overrides tus-js-client options; with
 // `wsUrl`, the job named by Sluice-Job-Id is followed as the README's follow() does.
-globalThis.uploadWithTusJsClient = async ({ endpoint, token, path, wsUrl, extra }) => {
+// With `abortAfter`, the upload is aborted once that many bytes were accepted.
+globalThis.uploadWithTusJsClient = async ({ endpoint, token, path, wsUrl, abortAfter, extra }) => {
   const file = await pdfFile(path);
   const seen = recorder();
   const follow = wsUrl ? follower(seen, wsUrl, token) : () => {};
@@ -82,6 +84,13 @@ globalThis.uploadWithTusJsClient = async ({ endpoint, token, path, wsUrl, extra 
       onError: (err) => {
         seen.error = String(err);
         resolve();
+      },
+      onChunkComplete: (chunk, accepted) => {
+        if (abortAfter != null && accepted >= abortAfter) {
+          seen.aborted = true;
+          seen.url = upload.url;
+          upload.abort().then(resolve); // as a reload would: the URL stays in localStorage
+        }
       },
       ...extra,
     });
