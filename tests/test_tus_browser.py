@@ -13,6 +13,7 @@ gateway's ``CORS_ORIGINS`` names the page's origin.
   and resumed after a cross-origin ``HEAD``;
 - a page from an origin not in ``CORS_ORIGINS``: the browser blocks it and the gateway made
   nothing for it;
+- refusals (401, 415) carry the CORS headers too: the page reads their status and code;
 - Uppy's standalone bundle (``uppy``, pinned in tests/js/package.json) with the Tus plugin.
 
 The static server and the browser are stopped at the end of each test, also on failure.
@@ -20,6 +21,7 @@ The static server and the browser are stopped at the end of each test, also on f
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -295,13 +297,50 @@ async def test_a_page_from_an_origin_not_allowed_is_blocked_and_creates_nothing(
             browser, other, "uploadWithTusJsClient", gw.url, tokens.mint(user), retryDelays=None
         )
 
-    assert not seen["ok"] and seen["error"], seen
+    assert not seen["ok"] and seen["error"] and seen["errorStatus"] is None, seen
     assert seen["requests"] == [] and seen["jobIds"] == [], seen  # no answer reached the page
     assert any("blocked by CORS policy" in line for line in console), console
     for table in ("tus_uploads", "upload_sessions", "jobs", "documents"):
         count = await upload_services.db.fetchval(
             f"SELECT count(*) FROM {table} WHERE owner_id = $1",
             user,
+        )
+        assert count == 0, table
+
+
+async def test_refusals_reach_the_page_with_their_status_and_code(
+    gateway_factory: Callable[..., Any],
+    upload_services: Services,
+    browser: Browser,
+    tokens: Any,
+    user: str,
+    tmp_path: Path,
+) -> None:
+    """An error answer carries the CORS headers too: the page reads 401 and 415 and the
+    error code (not a bare network error), and nothing was created."""
+    data = report_pdf(tmp_path / "report.pdf", noise=MiB, seed=16)
+    with page_origin(site(data)) as origin:
+        gw = gateway_factory(CORS_ORIGINS=origin)
+        bad_token, _ = await run_in_page(
+            browser, origin, "uploadWithTusJsClient", gw.url, "not-a-token", retryDelays=None
+        )
+        odd_type, _ = await run_in_page(
+            browser,
+            origin,
+            "uploadWithTusJsClient",
+            gw.url,
+            tokens.mint(user),
+            retryDelays=None,
+            metadata={"filename": "report.exe", "filetype": "application/x-msdownload"},
+        )
+
+    assert bad_token["errorStatus"] == 401 and not bad_token["ok"], bad_token
+    assert odd_type["errorStatus"] == 415 and not odd_type["ok"], odd_type
+    assert json.loads(odd_type["errorBody"])["error"] == "unsupported_file_type", odd_type
+    assert odd_type["requests"] == [["POST", 415, None, None]]
+    for table in ("tus_uploads", "upload_sessions", "jobs"):
+        count = await upload_services.db.fetchval(
+            f"SELECT count(*) FROM {table} WHERE owner_id = $1", user
         )
         assert count == 0, table
 

@@ -83,6 +83,8 @@ globalThis.uploadWithTusJsClient = async ({ endpoint, token, path, wsUrl, abortA
       },
       onError: (err) => {
         seen.error = String(err);
+        seen.errorStatus = err.originalResponse?.getStatus() ?? null; // null: no answer readable
+        seen.errorBody = err.originalResponse?.getBody() ?? null;
         resolve();
       },
       onChunkComplete: (chunk, accepted) => {
