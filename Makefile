@@ -14,8 +14,9 @@ TORCH_PIP_ARGS ?=
 
 install: $(STAMP)
 
-# tests/js: the real tus-js-client for tests/test_tus_js_client.py, installed where npm
-# exists (without it those tests are skipped, saying how to install it).
+# tests/js: the real tus-js-client for tests/test_tus_js_client.py (and its browser build and
+# Uppy's bundle for tests/test_tus_browser.py), installed where npm exists (without it those
+# tests are skipped, saying how to install it).
 $(STAMP): pyproject.toml tests/js/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -23,9 +24,9 @@ $(STAMP): pyproject.toml tests/js/package-lock.json
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	if command -v npm >/dev/null 2>&1; then \
 		npm ci --prefix tests/js --no-audit --no-fund \
-			|| echo "npm ci failed: tests/test_tus_js_client.py will be skipped"; \
+			|| echo "npm ci failed: tests/test_tus_js_client.py and test_tus_browser.py will be skipped"; \
 	else \
-		echo "npm not found: tests/test_tus_js_client.py will be skipped"; \
+		echo "npm not found: tests/test_tus_js_client.py and test_tus_browser.py will be skipped"; \
 	fi
 	touch $(STAMP)
 
