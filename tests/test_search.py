@@ -3,6 +3,7 @@ embedded by a real ``sluice embedder`` subprocess (``search_embedder``)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from app.core.db import create_pool
 from app.core.settings import Settings
 from app.gateway.services import Services
 from app.jobs.search import _HNSW, _nearest, session_defaults
+from devstack.embedder import EmbedderProcess
 from tests.fixtures_pipeline import (
     TOPIC_PAGES,
     MakeJob,
@@ -150,3 +152,55 @@ async def test_the_search_query_uses_the_index_and_its_ef_search_does_not_leak(
         await plain.close()
         await pool.close()
     assert "chunks_embedding_hnsw" in "\n".join(r[0] for r in plan)
+
+
+async def _texts_embedded(embedder: EmbedderProcess) -> float:
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{embedder.url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sluice_embedder_texts_total ")
+    )
+
+
+async def test_a_search_waits_for_a_database_slot_after_embedding(
+    services: Services,
+    search_embedder: EmbedderProcess,
+    worker_ctx: WorkerContext,
+    make_job: MakeJob,
+    client: httpx.AsyncClient,
+    auth_headers: dict[str, str],
+) -> None:
+    """While every ``SEARCH_MAX_CONCURRENT_QUERIES`` slot is taken, a search is embedded
+    and then waits; it is answered as soon as a slot frees."""
+    await _index(worker_ctx, make_job, TOPIC_PAGES)
+    slots, held = services.search_slots, services.settings.search_max_concurrent_queries
+    for _ in range(held):
+        await slots.acquire()
+    released = False
+    try:
+        before = await _texts_embedded(search_embedder)
+        pending = asyncio.create_task(
+            client.post(
+                "/api/v1/search",
+                headers=auth_headers,
+                json={"query": "baking bread with wild yeast", "top_k": 1},
+            )
+        )
+        for _ in range(600):  # the query reaches the embedder first
+            if await _texts_embedded(search_embedder) > before:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the search never reached the embedder")
+        await asyncio.sleep(0.5)
+        assert not pending.done(), "a search ran its query with every slot taken"
+        slots.release()
+        released = True
+        r = await asyncio.wait_for(pending, 30)
+    finally:
+        for _ in range(held - 1 if released else held):
+            slots.release()
+    assert r.status_code == 200, r.text
+    assert "Sourdough" in r.json()["results"][0]["text"]

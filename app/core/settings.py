@@ -216,6 +216,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     search_embedding_url: str = "http://127.0.0.1:8090/v1"
     """Base URL of the OpenAI-compatible endpoint the gateway embeds search queries
     with (``sluice embedder``); the gateway never loads the model itself."""
+    search_max_concurrent_queries: PositiveInt = 4
+    """Nearest-neighbour queries one gateway process runs in PostgreSQL at once; more
+    searches wait for a slot (after their query is embedded).  An HNSW scan is CPU work:
+    past the database's cores, more at once only contend.  On 2 shared cores, 3 instead
+    of 20 at once gave p99 98 ms instead of 537 at 100 searches/s and 11% more
+    throughput at saturation (``bench/search.py``, BENCHMARKS.md).  Size it to about the
+    database's cores divided by the gateway processes."""
     search_ef_search: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     """HNSW ``ef_search`` of a search (raised to ``2 * top_k`` when that is larger): the
     recall/latency dial of the ANN search.  On 100,000 real chunks, with the index of

@@ -8,6 +8,7 @@ embedded stack.  Handlers reach them through :func:`services`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -44,6 +45,12 @@ class Services:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     """The gateway's Prometheus series (built once; apps sharing these services share them)."""
     clock: Callable[[], float] = time.time
+    search_slots: asyncio.Semaphore = field(init=False)
+    """``SEARCH_MAX_CONCURRENT_QUERIES`` slots for the nearest-neighbour queries of this
+    process's searches (:func:`app.jobs.search.search`)."""
+
+    def __post_init__(self) -> None:
+        self.search_slots = asyncio.Semaphore(self.settings.search_max_concurrent_queries)
 
 
 @asynccontextmanager

@@ -16,6 +16,8 @@ search), and it does not depend on which type codecs a pooled connection has.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 
@@ -59,6 +61,7 @@ async def search(
     *,
     ef_search: int = DEFAULT_EF_SEARCH,
     preset_ef_search: int | None = None,
+    slots: asyncio.Semaphore | None = None,
 ) -> SearchResponse:
     """The caller's ``top_k`` chunks nearest to ``request.query``, best first.
 
@@ -67,6 +70,8 @@ async def search(
     The HNSW search runs with ``hnsw.ef_search = max(ef_search, 2 * top_k)``,
     set for this search only (see :func:`_nearest`); not set at all when it equals
     ``preset_ef_search``, what ``db``'s connections start with (:func:`session_defaults`).
+    With ``slots``, the database query waits for one of them (the embedding does not):
+    CPU-bound scans beyond the database's cores only slow each other down.
     """
     started = time.perf_counter()
     doc_ids = _document_ids(request)
@@ -78,9 +83,10 @@ async def search(
         raise ServiceUnavailable(exc.message, code="embedding_unavailable") from exc
     ef = max(ef_search, request.top_k * 2)
     vec = vectors[0].tolist()  # a binary float4[] parameter: no text to format or parse
-    rows = await _nearest(
-        db, vec, owner_id, request.top_k, doc_ids, ef_search=ef, preset=preset_ef_search
-    )
+    async with slots if slots is not None else contextlib.nullcontext():
+        rows = await _nearest(
+            db, vec, owner_id, request.top_k, doc_ids, ef_search=ef, preset=preset_ef_search
+        )
     hits = [SearchHit(**{**dict(r), "score": round(float(r["score"]), 6)}) for r in rows]
     return SearchResponse(
         query=request.query,

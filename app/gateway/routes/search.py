@@ -29,6 +29,7 @@ async def search(request: Request) -> Response:
         body,
         ef_search=svc.settings.search_ef_search,
         preset_ef_search=svc.settings.search_ef_search,  # the services' pool starts at it
+        slots=svc.search_slots,
     )
     return json_response(found)
 
